@@ -1,0 +1,273 @@
+"""The ledger: one row per item a pull attempted (done, failed, skipped) and why.
+
+:class:`LedgerSink` is the core's implementation of :class:`connectors.base.Sink`: bytes go to
+the case's blob store, rows go to ``ledger_items``. Rows are written in batches with an upsert
+keyed by (source, kind, key), so a re-pull updates a row instead of adding a duplicate, the
+attempt count goes up, and resume can skip what is already done. Gap reasons in the checklist
+come from here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import orjson
+from sqlalchemy import func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from aggregator.blobs import BlobRef, BlobStore
+from aggregator.store.db import Database
+from aggregator.store.models import LedgerItem, Pull, Source, utcnow
+from connectors.base import KIND_BINARY, KIND_DICOM, KIND_RESOURCE, Data
+
+DONE = "done"
+FAILED = "failed"
+SKIPPED = "skipped"
+STATES = (DONE, FAILED, SKIPPED)
+
+FLUSH_ROWS = 500
+FLUSH_SECONDS = 2.0
+
+
+def canonical_json(obj: Any) -> bytes:
+    """Deterministic JSON bytes (sorted keys) so the same resource always hashes the same."""
+    return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+
+
+@dataclass
+class Row:
+    kind: str
+    key: str
+    state: str
+    reason: str | None = None
+    status: str | None = None
+    sha256: str | None = None
+    size: int | None = None
+    content_type: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _upsert(session: Session, source_id: int, pull_id: int | None, rows: list[Row]) -> None:
+    if not rows:
+        return
+    # The last row per key wins inside one batch (a resource seen twice in one page).
+    latest: dict[tuple[str, str], Row] = {}
+    for r in rows:
+        latest[(r.kind, r.key)] = r
+    now = utcnow()
+    values = [
+        {
+            "source_id": source_id,
+            "pull_id": pull_id,
+            "kind": r.kind,
+            "key": r.key,
+            "state": r.state,
+            "reason": r.reason,
+            "status": r.status,
+            "attempts": 1,
+            "sha256": r.sha256,
+            "size": r.size,
+            "content_type": r.content_type,
+            "meta": r.meta,
+            "updated_at": now,
+        }
+        for r in latest.values()
+    ]
+    dialect = session.get_bind().dialect.name
+    ins: Any = postgresql.insert(LedgerItem) if dialect == "postgresql" else sqlite.insert(LedgerItem)
+    table = LedgerItem.__table__
+    stmt = ins.on_conflict_do_update(
+        index_elements=["source_id", "kind", "key"],
+        set_={
+            "pull_id": ins.excluded.pull_id,
+            "state": ins.excluded.state,
+            "reason": ins.excluded.reason,
+            "status": ins.excluded.status,
+            "attempts": table.c.attempts + 1,
+            "sha256": ins.excluded.sha256,
+            "size": ins.excluded.size,
+            "content_type": ins.excluded.content_type,
+            "meta": ins.excluded.meta,
+            "updated_at": ins.excluded.updated_at,
+        },
+    )
+    for start in range(0, len(values), 500):
+        session.execute(stmt, values[start : start + 500])
+
+
+class LedgerSink:
+    """Streams connector output into the blob store and the ledger of one source and pull."""
+
+    def __init__(self, db: Database, blobs: BlobStore, source_id: int, pull_id: int | None) -> None:
+        self.db = db
+        self.blobs = blobs
+        self.source_id = source_id
+        self.pull_id = pull_id
+        self.method = ""
+        self.counts: dict[str, int] = {DONE: 0, FAILED: 0, SKIPPED: 0}
+        self._pending: list[Row] = []
+        self._last_flush = time.monotonic()
+        with db.session() as s:
+            self._done: set[tuple[str, str]] = {
+                (k, key)
+                for k, key in s.execute(
+                    select(LedgerItem.kind, LedgerItem.key).where(
+                        LedgerItem.source_id == source_id, LedgerItem.state == DONE
+                    )
+                )
+            }
+
+    # -- Sink protocol ----------------------------------------------------------------------
+
+    def is_done(self, kind: str, key: str) -> bool:
+        return (kind, key) in self._done
+
+    def set_method(self, method: str) -> None:
+        self.method = method
+
+    def resource(
+        self, resource: Mapping[str, Any], *, key: str | None = None, meta: Mapping[str, Any] | None = None
+    ) -> None:
+        rtype = str(resource.get("resourceType") or "Unknown")
+        rid = resource.get("id")
+        if key is None:
+            key = f"{rtype}/{rid}" if rid else "sha256:" + content_hash(resource)
+        ref = self.blobs.put_bytes(canonical_json(resource))
+        m = {"resourceType": rtype, **({"id": str(rid)} if rid else {}), **dict(meta or {})}
+        self._add(Row(KIND_RESOURCE, key, DONE, sha256=ref.sha256, size=ref.size,
+                      content_type="application/fhir+json", meta=m))
+
+    def binary(
+        self,
+        key: str,
+        data: Data,
+        content_type: str,
+        *,
+        meta: Mapping[str, Any] | None = None,
+        expected_sha256: str | None = None,
+    ) -> BlobRef:
+        ref = self._put(data, expected_sha256)
+        self._add(Row(KIND_BINARY, key, DONE, sha256=ref.sha256, size=ref.size,
+                      content_type=content_type, meta=dict(meta or {})))
+        return ref
+
+    def dicom(self, sop_instance_uid: str, data: Data, *, meta: Mapping[str, Any] | None = None) -> BlobRef:
+        ref = self._put(data, None)
+        self._add(Row(KIND_DICOM, sop_instance_uid, DONE, sha256=ref.sha256, size=ref.size,
+                      content_type="application/dicom", meta=dict(meta or {})))
+        return ref
+
+    def failed(
+        self,
+        kind: str,
+        key: str,
+        reason: str,
+        *,
+        status: int | str | None = None,
+        meta: Mapping[str, Any] | None = None,
+    ) -> None:
+        self._add(Row(kind, key, FAILED, reason=reason, status=None if status is None else str(status),
+                      meta=dict(meta or {})))
+
+    def skipped(self, kind: str, key: str, reason: str, *, meta: Mapping[str, Any] | None = None) -> None:
+        self._add(Row(kind, key, SKIPPED, reason=reason, meta=dict(meta or {})))
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _put(self, data: Data, expected: str | None) -> BlobRef:
+        if isinstance(data, bytes | bytearray | memoryview):
+            return self.blobs.put_chunks([bytes(data)], expected_sha256=expected)
+        if hasattr(data, "read"):
+            return self.blobs.put_stream(data, expected_sha256=expected)  # type: ignore[arg-type]
+        return self.blobs.put_chunks(data, expected_sha256=expected)  # type: ignore[arg-type]
+
+    def _add(self, row: Row) -> None:
+        self._pending.append(row)
+        self.counts[row.state] = self.counts.get(row.state, 0) + 1
+        if row.state == DONE:
+            self._done.add((row.kind, row.key))
+        if len(self._pending) >= FLUSH_ROWS or time.monotonic() - self._last_flush > FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self, session: Session | None = None) -> None:
+        """Write pending rows and a heartbeat; pass ``session`` to join a larger transaction."""
+        rows, self._pending = self._pending, []
+        self._last_flush = time.monotonic()
+        if session is not None:
+            self._write(session, rows)
+            return
+        with self.db.session() as s:
+            self._write(s, rows)
+
+    def _write(self, s: Session, rows: list[Row]) -> None:
+        _upsert(s, self.source_id, self.pull_id, rows)
+        if self.pull_id is not None:
+            pull = s.get(Pull, self.pull_id)
+            if pull is not None:
+                pull.heartbeat_at = utcnow()
+                pull.counts = dict(self.counts)
+
+
+def content_hash(obj: Any) -> str:
+    """SHA-256 of the canonical JSON of ``obj``."""
+    return hashlib.sha256(canonical_json(obj)).hexdigest()
+
+
+# --- reading the ledger ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    source_id: int
+    kind: str
+    key: str
+    state: str
+    reason: str | None
+    status: str | None
+    attempts: int
+    sha256: str | None
+    size: int | None
+    content_type: str | None
+    meta: dict[str, Any]
+    updated_at: datetime | None = None
+
+
+def _entry(row: LedgerItem) -> LedgerEntry:
+    return LedgerEntry(row.source_id, row.kind, row.key, row.state, row.reason, row.status, row.attempts,
+                       row.sha256, row.size, row.content_type, dict(row.meta or {}), row.updated_at)
+
+
+def entries_for_case(db: Database, case_id: str, *, state: str | None = None) -> Iterator[LedgerEntry]:
+    """All ledger rows of a case's sources, in a stable order (source, kind, key)."""
+    with db.session() as s:
+        q = (
+            select(LedgerItem)
+            .join(Source, Source.id == LedgerItem.source_id)
+            .where(Source.case_id == case_id)
+            .order_by(LedgerItem.source_id, LedgerItem.kind, LedgerItem.key)
+        )
+        if state:
+            q = q.where(LedgerItem.state == state)
+        for row in s.scalars(q).yield_per(2000):
+            yield _entry(row)
+
+
+def counts_for_source(db: Database, source_id: int) -> dict[str, int]:
+    with db.session() as s:
+        rows = s.execute(
+            select(LedgerItem.state, func.count()).where(LedgerItem.source_id == source_id)
+            .group_by(LedgerItem.state)
+        )
+        return {state: int(n) for state, n in rows}
+
+
+def record_rows(db: Database, source_id: int, rows: Iterable[Row], pull_id: int | None = None) -> None:
+    """Write rows outside a pull (normalization quarantine, for instance)."""
+    with db.session() as s:
+        _upsert(s, source_id, pull_id, list(rows))

@@ -1,0 +1,109 @@
+"""Tables: endpoints, cases, sources, pulls, ledger items, cursors.
+
+The schema is created and evolved only by Alembic migrations (``migrations/versions``); these
+classes describe it for the ORM. Types are chosen to behave the same on SQLite and PostgreSQL
+(JSON, timezone-aware timestamps stored as UTC).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, datetime: DateTime(timezone=True)}
+
+
+class Endpoint(Base):
+    """A place records come from: a FHIR server, a PACS. Holds no secrets, only where to find them."""
+
+    __tablename__ = "endpoints"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    kind: Mapped[str] = mapped_column(String(40))
+    config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Case(Base):
+    """One patient's second-opinion request."""
+
+    __tablename__ = "cases"
+    id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    checklist: Mapped[str] = mapped_column(String(200))
+    patient_name: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    birth_date: Mapped[str | None] = mapped_column(String(10), nullable=True)
+    case_date: Mapped[str | None] = mapped_column(String(10), nullable=True)
+    status: Mapped[str] = mapped_column(String(20), default="open")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    sources: Mapped[list[Source]] = relationship(back_populates="case", order_by="Source.id")
+
+
+class Source(Base):
+    """Where one case's records come from: an endpoint plus the patient's id there, or a media path."""
+
+    __tablename__ = "sources"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    case_id: Mapped[str] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), index=True)
+    endpoint_id: Mapped[int | None] = mapped_column(ForeignKey("endpoints.id"), nullable=True)
+    kind: Mapped[str] = mapped_column(String(40))
+    patient_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    label: Mapped[str] = mapped_column(String(300), default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    case: Mapped[Case] = relationship(back_populates="sources")
+    endpoint: Mapped[Endpoint | None] = relationship()
+
+
+class Pull(Base):
+    """One run of a connector for one source. ``deadline`` bounds how long it may stay running."""
+
+    __tablename__ = "pulls"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source_id: Mapped[int] = mapped_column(ForeignKey("sources.id", ondelete="CASCADE"), index=True)
+    state: Mapped[str] = mapped_column(String(20), default="running")
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    method: Mapped[str] = mapped_column(String(40), default="")
+    counts: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class LedgerItem(Base):
+    """Every item a pull attempted: fetched (done), failed or skipped, and why."""
+
+    __tablename__ = "ledger_items"
+    __table_args__ = (UniqueConstraint("source_id", "kind", "key", name="uq_ledger_source_kind_key"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source_id: Mapped[int] = mapped_column(ForeignKey("sources.id", ondelete="CASCADE"), index=True)
+    pull_id: Mapped[int | None] = mapped_column(ForeignKey("pulls.id", ondelete="SET NULL"), nullable=True)
+    kind: Mapped[str] = mapped_column(String(20))
+    key: Mapped[str] = mapped_column(String(1000))
+    state: Mapped[str] = mapped_column(String(20))
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    status: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    size: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    content_type: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Cursor(Base):
+    """Incremental state of one source and stream (e.g. a resource type), committed with its data."""
+
+    __tablename__ = "cursors"
+    source_id: Mapped[int] = mapped_column(ForeignKey("sources.id", ondelete="CASCADE"), primary_key=True)
+    stream: Mapped[str] = mapped_column(String(100), primary_key=True)
+    value: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)

@@ -1,0 +1,1 @@
+"""Schemas, checklists and code tables: data shipped as package data."""
