@@ -85,7 +85,9 @@ class Quarantined:
 @dataclass
 class NormalizedRecord:
     bundle: dict[str, Any]
-    """A FHIR R4 ``collection`` Bundle; every entry has a ``fullUrl`` of the form ``Type/id``."""
+    """A FHIR R4 ``collection`` Bundle. Ids are deterministic UUIDs; each entry's ``fullUrl`` is
+    ``urn:uuid:<id>`` and references between entries are written as ``urn:uuid:<id>``. Gap
+    reports and logs cite resources as ``Type/<id>``."""
     documents: list[DocumentFile] = field(default_factory=list)
     images: list[ImageRef] = field(default_factory=list)
     quarantine: list[Quarantined] = field(default_factory=list)
