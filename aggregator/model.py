@@ -92,9 +92,11 @@ class NormalizedRecord:
     images: list[ImageRef] = field(default_factory=list)
     quarantine: list[Quarantined] = field(default_factory=list)
     unresolved: list[dict[str, Any]] = field(default_factory=list)
-    """References that do not resolve inside the bundle: {"from": "Type/id", "reference": ..., "source_id": n}."""
+    """References that do not resolve inside the bundle:
+    ``{"from": "Type/id", "reference": ..., "source_id": n}``."""
     conflicts: list[dict[str, Any]] = field(default_factory=list)
-    """Identity conflicts for a navigator: {"field": "birthDate", "values": [...], "sources": [...]}; values go to reports, never to logs."""
+    """Identity conflicts for a navigator: ``{"field": "birthDate", "values": [...], "sources": [...]}``.
+    The values go to reports, never to logs."""
     patient_ref: str | None = None
     """``Patient/<id>`` of the record's patient in the bundle."""
 

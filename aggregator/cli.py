@@ -1,0 +1,534 @@
+"""The ``aggregator`` command.
+
+Every command prints human-readable text by default and one JSON document with ``--json``
+(the names in that JSON are a contract for users' scripts). Errors are one line on stderr
+(or a JSON ``{"error": ...}`` with ``--json``) and a non-zero exit: 2 for bad usage, 3 for an
+unknown case/endpoint/source, 1 otherwise. Secrets are never options: options name the
+environment variable or file that holds them.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from aggregator import __version__
+from aggregator.errors import AggregatorError, NotImplementedYet, UsageError
+
+F = TypeVar("F", bound=Callable[..., Any])
+log = logging.getLogger("aggregator")
+
+
+class State:
+    """Per-invocation state: the home directory and a lazily opened App."""
+
+    def __init__(self, home: str | None) -> None:
+        self.home = home
+        self._app: Any = None
+
+    @property
+    def app(self) -> Any:
+        if self._app is None:
+            from aggregator.app import App
+
+            self._app = App.open(self.home)
+        return self._app
+
+
+def _emit(as_json: bool, data: Any, text: str | Callable[[], str]) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+    else:
+        click.echo(text() if callable(text) else text)
+
+
+def json_option(f: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")(f)
+
+
+def with_app(f: F) -> F:
+    @functools.wraps(f)
+    @click.pass_obj
+    def wrapper(state: State, *args: Any, **kwargs: Any) -> Any:
+        return f(state.app, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--home", type=click.Path(file_okay=False), default=None,
+              help="Home directory (default: $AGGREGATOR_HOME or ~/.aggregator).")
+@click.version_option(__version__, prog_name="aggregator")
+@click.pass_context
+def cli(ctx: click.Context, home: str | None) -> None:
+    """Gather a patient's records for a second opinion: pull, normalize, check, package."""
+    ctx.obj = State(home)
+
+
+# --- endpoints ------------------------------------------------------------------------------
+
+# CLI option -> config field, per connector kind where the names differ.
+_KIND_RENAMES: dict[str, dict[str, list[str]]] = {
+    "dimse": {"timeout": ["dimse_timeout", "network_timeout"]},
+}
+
+
+@cli.group()
+def endpoint() -> None:
+    """FHIR servers and imaging archives that records are pulled from."""
+
+
+@endpoint.command("add")
+@click.argument("name")
+@click.option("--kind", required=True, help="Connector kind: fhir, fhir-bulk, dimse, dicomweb, ...")
+@click.option("--url", help="FHIR base URL or DICOMweb root.")
+@click.option("--auth", help="none | bearer | basic | client-credentials | smart-backend")
+@click.option("--token-env", help="Environment variable holding a bearer token.")
+@click.option("--token-file", help="File holding a bearer token.")
+@click.option("--client-id")
+@click.option("--client-id-env", help="Environment variable holding the client id.")
+@click.option("--client-secret-env", help="Environment variable holding the client secret.")
+@click.option("--client-secret-file", help="File holding the client secret.")
+@click.option("--private-key", type=click.Path(dir_okay=False), help="PEM private key for SMART Backend Services.")
+@click.option("--kid", help="Key id for the JWT header.")
+@click.option("--alg", type=click.Choice(["RS384", "ES384"]))
+@click.option("--token-url", help="Token endpoint (default: discovered from .well-known/smart-configuration).")
+@click.option("--scope")
+@click.option("--strategy", help="fhir: auto | everything | crawl")
+@click.option("--page-size", type=int)
+@click.option("--concurrency", type=int, help="Requests in flight at once (default 4).")
+@click.option("--rps", type=float, help="Requests per second limit.")
+@click.option("--timeout", type=float, help="Read timeout in seconds.")
+@click.option("--group-id", help="fhir-bulk: export a Group instead of one Patient.")
+@click.option("--types", help="fhir-bulk: comma-separated _type list.")
+@click.option("--host", help="dimse: archive host.")
+@click.option("--port", type=int, help="dimse: archive port.")
+@click.option("--called-ae", help="dimse: the archive's AE title.")
+@click.option("--calling-ae", help="dimse: our AE title.")
+@click.option("--retrieve", type=click.Choice(["get", "move"]), help="dimse: C-GET or C-MOVE.")
+@click.option("--move-ae", help="dimse: AE title C-MOVE sends to (our storage SCP).")
+@click.option("--store-port", type=int, help="dimse: port of our storage SCP for C-MOVE.")
+@click.option("--store-host", help="dimse: address our storage SCP binds to.")
+@click.option("--username", help="dicomweb basic auth user.")
+@click.option("--password-env", help="Environment variable holding the basic-auth password.")
+@click.option("--password-file", help="File holding the basic-auth password.")
+@click.option("--modalities", help="Only these modalities, e.g. CT,MR.")
+@click.option("--date-from", help="Only studies on or after YYYYMMDD.")
+@click.option("--date-to", help="Only studies on or before YYYYMMDD.")
+@click.option("--option", "extra", multiple=True, metavar="KEY=VALUE",
+              help="Any other connector option (for third-party connectors).")
+@json_option
+@with_app
+def endpoint_add(app: Any, name: str, kind: str, extra: tuple[str, ...], as_json: bool, **options: Any) -> None:
+    """Define an endpoint NAME of the given kind."""
+    from aggregator.cases import add_endpoint
+
+    config = {k: v for k, v in options.items() if v is not None}
+    for old, new_names in _KIND_RENAMES.get(kind, {}).items():
+        if old in config:
+            value = config.pop(old)
+            for n in new_names:
+                config[n] = value
+    for item in extra:
+        if "=" not in item:
+            raise UsageError(f"--option expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        config[k.strip().replace("-", "_")] = v
+    data = add_endpoint(app, name, kind, config)
+    _emit(as_json, data, f"endpoint {name} added ({kind})")
+
+
+@endpoint.command("list")
+@json_option
+@with_app
+def endpoint_list(app: Any, as_json: bool) -> None:
+    """List endpoints."""
+    from aggregator.cases import list_endpoints
+
+    eps = list_endpoints(app)
+    _emit(as_json, eps, lambda: "\n".join(
+        f"{e['name']:<20} {e['kind']:<10} {e['config'].get('url') or e['config'].get('host') or ''}" for e in eps
+    ) or "no endpoints")
+
+
+@endpoint.command("check")
+@click.argument("name")
+@json_option
+@with_app
+def endpoint_check(app: Any, name: str, as_json: bool) -> None:
+    """Test connectivity and authentication; report what the endpoint supports."""
+    from aggregator.cases import check_endpoint
+
+    result = check_endpoint(app, name)
+
+    def text() -> str:
+        lines = [f"endpoint {name}: {'OK' if result['ok'] else 'NOT OK'}"]
+        lines += [f"  {k}: {v}" for k, v in sorted(result["details"].items())]
+        return "\n".join(lines)
+
+    _emit(as_json, result, text)
+    if not result["ok"]:
+        sys.exit(1)
+
+
+# --- cases ----------------------------------------------------------------------------------
+
+
+@cli.group()
+def case() -> None:
+    """Second-opinion cases."""
+
+
+@case.command("create")
+@click.argument("case_id", metavar="CASE")
+@click.option("--checklist", required=True, help="Checklist name (see `aggregator checklist list`) or YAML path.")
+@click.option("--patient-name", help="The patient's name, for identity matching.")
+@click.option("--birth-date", help="YYYY-MM-DD, for identity matching.")
+@click.option("--case-date", help="YYYY-MM-DD reference date for freshness windows (default: today).")
+@json_option
+@with_app
+def case_create(app: Any, case_id: str, checklist: str, patient_name: str | None, birth_date: str | None,
+                case_date: str | None, as_json: bool) -> None:
+    """Open a case CASE."""
+    from aggregator.cases import create_case
+
+    data = create_case(app, case_id, checklist, patient_name=patient_name, birth_date=birth_date,
+                       case_date=case_date)
+    _emit(as_json, data, f"case {case_id} created (checklist {checklist})")
+
+
+@case.command("list")
+@json_option
+@with_app
+def case_list(app: Any, as_json: bool) -> None:
+    """List cases."""
+    from aggregator.cases import list_cases
+
+    rows = list_cases(app)
+    _emit(as_json, rows, lambda: "\n".join(
+        f"{r['case']:<24} {r['status']:<8} {r['checklist']:<12} sources: {r['sources']}" for r in rows
+    ) or "no cases")
+
+
+@case.command("show")
+@click.argument("case_id", metavar="CASE")
+@json_option
+@with_app
+def case_show(app: Any, case_id: str, as_json: bool) -> None:
+    """Show a case, its sources and their last pulls."""
+    from aggregator.cases import case_summary
+    from aggregator.jobs.pull import reap_stale_pulls
+
+    reap_stale_pulls(app)
+    data = case_summary(app, case_id)
+
+    def text() -> str:
+        lines = [f"case {data['case']}  checklist: {data['checklist']}  status: {data['status']}  "
+                 f"case date: {data['case_date']}", f"folder: {data['folder']}"]
+        if not data["sources"]:
+            lines.append("no sources yet: add one with `aggregator source add`")
+        for src in data["sources"]:
+            items = ", ".join(f"{k} {v}" for k, v in sorted(src["items"].items())) or "nothing pulled yet"
+            lp = src["last_pull"]
+            last = f"last pull {lp['state']} ({lp['method'] or '-'})" if lp else "never pulled"
+            lines.append(f"  [{src['id']}] {src['kind']:<9} {src['label']:<24} {last}; {items}")
+            if lp and lp.get("error"):
+                lines.append(f"      error: {lp['error']}")
+        return "\n".join(lines)
+
+    _emit(as_json, data, text)
+
+
+@case.command("delete")
+@click.argument("case_id", metavar="CASE")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@json_option
+@with_app
+def case_delete(app: Any, case_id: str, yes: bool, as_json: bool) -> None:
+    """Delete a case, its ledger and its raw records."""
+    from aggregator.cases import delete_case
+
+    if not yes and not click.confirm(f"Delete case {case_id} and all its records?", default=False):
+        raise click.Abort()
+    delete_case(app, case_id)
+    _emit(as_json, {"case": case_id, "deleted": True}, f"case {case_id} deleted")
+
+
+# --- sources --------------------------------------------------------------------------------
+
+
+@cli.group()
+def source() -> None:
+    """Where a case's records come from."""
+
+
+@source.command("add")
+@click.argument("case_id", metavar="CASE")
+@click.option("--endpoint", help="An endpoint defined with `endpoint add`.")
+@click.option("--patient-id", help="The patient's id at that endpoint (FHIR Patient id, DICOM PatientID).")
+@click.option("--patient-identifier", help="FHIR identifier SYSTEM|VALUE to look the patient up by.")
+@click.option("--issuer", help="DICOM IssuerOfPatientID.")
+@click.option("--media", type=click.Path(), help="A folder or zip the patient downloaded, or a DICOM disc.")
+@json_option
+@with_app
+def source_add(app: Any, case_id: str, endpoint: str | None, patient_id: str | None,
+               patient_identifier: str | None, issuer: str | None, media: str | None, as_json: bool) -> None:
+    """Add a source to CASE."""
+    from aggregator.cases import add_source
+
+    data = add_source(app, case_id, endpoint=endpoint, patient_id=patient_id,
+                      patient_identifier=patient_identifier, issuer=issuer, media=media)
+    _emit(as_json, data, f"source {data['id']} added to case {case_id} ({data['kind']}: {data['label']})")
+
+
+@source.command("list")
+@click.argument("case_id", metavar="CASE")
+@json_option
+@with_app
+def source_list(app: Any, case_id: str, as_json: bool) -> None:
+    """List a case's sources."""
+    from aggregator.cases import list_sources
+
+    rows = list_sources(app, case_id)
+    _emit(as_json, rows, lambda: "\n".join(f"[{r['id']}] {r['kind']:<9} {r['label']}" for r in rows)
+          or "no sources")
+
+
+# --- pull, check, package, verify -----------------------------------------------------------
+
+
+def _pull_text(summaries: list[Any]) -> str:
+    lines = []
+    for s in summaries:
+        items = ", ".join(f"{k} {v}" for k, v in sorted(s.counts.items()) if v) or "no items"
+        lines.append(f"[{s.source_id}] {s.label}: {s.state} ({s.method or '-'}); {items}")
+        if s.error:
+            lines.append(f"    error: {s.error}")
+    return "\n".join(lines) or "no sources to pull"
+
+
+@cli.command()
+@click.argument("case_id", metavar="CASE")
+@click.option("--source", "source_ids", type=int, multiple=True, help="Only this source id (repeatable).")
+@json_option
+@with_app
+def pull(app: Any, case_id: str, source_ids: tuple[int, ...], as_json: bool) -> None:
+    """Fetch everything for CASE from its sources (in parallel, resumable)."""
+    from aggregator.jobs.pull import pull_case
+    from aggregator.progress import ProgressBoard
+
+    board = ProgressBoard(enabled=None if not as_json else False)
+    try:
+        summaries = pull_case(app, case_id, source_ids=source_ids or None, progress_for=board.source)
+    finally:
+        board.close()
+    _emit(as_json, [s.to_dict() for s in summaries], lambda: _pull_text(summaries))
+    if any(s.state == "failed" for s in summaries):
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("case_id", metavar="CASE")
+@click.option("--strict", is_flag=True, help="Exit non-zero when gaps remain.")
+@json_option
+@with_app
+def check(app: Any, case_id: str, strict: bool, as_json: bool) -> None:
+    """Check CASE against its checklist and print the gap report."""
+    from aggregator.checklist import render_text
+    from aggregator.pipeline import check_case
+
+    report, _ = check_case(app, case_id)
+    _emit(as_json, report, lambda: render_text(report))
+    if strict and _has_gaps(report):
+        sys.exit(4)
+
+
+def _has_gaps(report: dict[str, Any]) -> bool:
+    return any(item.get("status") in ("missing", "partial") for item in report.get("items", []))
+
+
+@cli.command()
+@click.argument("case_id", metavar="CASE")
+@click.option("--out", required=True, type=click.Path(), help="Folder (or .zip with --zip) to write.")
+@click.option("--zip", "as_zip", is_flag=True, help="Write the package as one zip file.")
+@json_option
+@with_app
+def package(app: Any, case_id: str, out: str, as_zip: bool, as_json: bool) -> None:
+    """Write the consultant package for CASE."""
+    from aggregator.pipeline import package_case
+
+    path, report = package_case(app, case_id, Path(out), as_zip=as_zip)
+    data = {"case": case_id, "package": str(path), "zip": as_zip, "completeness": report.get("score")}
+    _emit(as_json, data, f"package written: {path}")
+
+
+@cli.command()
+@click.argument("package_path", metavar="PACKAGE", type=click.Path())
+@json_option
+def verify(package_path: str, as_json: bool) -> None:
+    """Check every file of PACKAGE against its manifest."""
+    from aggregator.package import verify_package
+
+    path = Path(package_path)
+    if not path.exists():
+        raise UsageError("package not found", item=package_path)
+    problems = verify_package(path)
+    data = {"package": str(path), "ok": not problems,
+            "problems": [{"file": f, "problem": p} for f, p in problems]}
+    _emit(as_json, data, lambda: "package OK: every file matches the manifest" if not problems else
+          "package FAILED verification:\n" + "\n".join(f"  {f}: {p}" for f, p in problems))
+    if problems:
+        sys.exit(1)
+
+
+# --- checklists -----------------------------------------------------------------------------
+
+
+@cli.group()
+def checklist() -> None:
+    """Second-opinion checklists."""
+
+
+@checklist.command("list")
+@json_option
+def checklist_list(as_json: bool) -> None:
+    """List the built-in checklists."""
+    from aggregator.checklist import list_checklists
+
+    names = list_checklists()
+    _emit(as_json, names, "\n".join(names))
+
+
+@checklist.command("show")
+@click.argument("name")
+@json_option
+def checklist_show(name: str, as_json: bool) -> None:
+    """Show a checklist's items."""
+    from aggregator.checklist import load_checklist
+
+    cl = load_checklist(name)
+    data = cl.to_dict() if hasattr(cl, "to_dict") else cl
+    _emit(as_json, data, lambda: _checklist_text(data))
+
+
+def _checklist_text(data: Any) -> str:
+    if not isinstance(data, dict):
+        return str(data)
+    lines = [f"{data.get('name', '')}: {data.get('title', '')}"]
+    for item in data.get("items", []):
+        lines.append(f"  - {item.get('id')}: {item.get('title', '')}")
+    return "\n".join(lines)
+
+
+@checklist.command("validate")
+@click.argument("file", type=click.Path())
+@json_option
+def checklist_validate(file: str, as_json: bool) -> None:
+    """Validate a checklist YAML file against the schema."""
+    from aggregator.checklist import validate_checklist_file
+
+    if not Path(file).is_file():
+        raise UsageError("checklist file not found", item=file)
+    errors = validate_checklist_file(Path(file))
+    _emit(as_json, {"file": file, "valid": not errors, "errors": errors},
+          "valid" if not errors else "invalid:\n" + "\n".join(f"  {e}" for e in errors))
+    if errors:
+        sys.exit(1)
+
+
+# --- sync, serve, demo ----------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--case", "case_ids", multiple=True, help="Only this case (repeatable).")
+@json_option
+@with_app
+def sync(app: Any, case_ids: tuple[str, ...], as_json: bool) -> None:
+    """Re-pull what changed for every open case, re-check, and report filled and new gaps."""
+    from aggregator.jobs.sync import render_sync, sync_cases
+
+    results = sync_cases(app, list(case_ids) or None)
+    _emit(as_json, results, lambda: render_sync(results))
+    if any(r.get("failed_sources") for r in results):
+        sys.exit(1)
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1")
+@click.option("--port", default=8080, type=int)
+def serve(host: str, port: int) -> None:
+    """Run the HTTP API (not available in this version)."""
+    raise NotImplementedYet(
+        "the HTTP API and web page (`aggregator serve`) are not implemented in this version; "
+        "use the CLI commands"
+    )
+
+
+@cli.command()
+@click.option("--out", type=click.Path(), help="Where to write the package (default: HOME/demo/package).")
+@json_option
+@with_app
+def demo(app: Any, out: str | None, as_json: bool) -> None:
+    """Run a whole case on built-in synthetic data and print where the package is."""
+    from aggregator.demo import run_demo
+
+    result = run_demo(app, Path(out) if out else None, progress=not as_json)
+    _emit(as_json, result, lambda: "\n".join([
+        f"demo case '{result['case']}': {result['sources']} source(s) pulled",
+        f"checklist '{result['checklist']}': completeness {result['completeness']:.0%}, "
+        f"{result['gaps']} gap(s)",
+        f"package: {result['package']}",
+        f"verify:  {'OK' if result['verified'] else 'FAILED'}",
+        f"open {result['package']}/INDEX.HTM in a browser, or run: aggregator verify {result['package']}",
+    ]))
+
+
+# --- entry point ----------------------------------------------------------------------------
+
+
+def _setup_logging() -> None:
+    level = os.environ.get("AGGREGATOR_LOG_LEVEL", "WARNING").upper()
+    logging.basicConfig(level=getattr(logging, level, logging.WARNING), stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    _setup_logging()
+    args = sys.argv[1:] if argv is None else argv
+    as_json = "--json" in args
+    try:
+        rv = cli.main(args=args, prog_name="aggregator", standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code)
+    except click.ClickException as exc:
+        if as_json:
+            click.echo(json.dumps({"error": {"type": "UsageError", "message": exc.format_message()}}))
+        else:
+            exc.show()
+        return int(exc.exit_code)
+    except click.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except AggregatorError as exc:
+        if as_json:
+            click.echo(json.dumps({"error": {"type": type(exc).__name__, "message": exc.message,
+                                             "item": exc.item}}))
+        else:
+            click.echo(f"error: {exc}", err=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Run a connector's pull for one source: ledger, heartbeat, cursor, final state.
+
+The cursor is written in the same transaction as the last ledger rows and the pull's final
+state, so a crash can cause a re-fetch but never a gap. While a pull runs, a heartbeat thread
+touches ``pulls.heartbeat_at``; any pull whose heartbeat is older than ``STALE_AFTER`` is
+marked failed ("interrupted") by the next command that looks, so no pull stays "running"
+forever after its process died.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+
+from aggregator.app import App
+from aggregator.cases import connector_config, get_case
+from aggregator.errors import AggregatorError, NotFound
+from aggregator.ledger import LedgerSink
+from aggregator.store.models import Cursor as CursorRow
+from aggregator.store.models import Pull, Source, utcnow
+from connectors.base import Cursor, NullProgress, PatientRef, Progress, create_connector
+
+log = logging.getLogger(__name__)
+
+STALE_AFTER = timedelta(minutes=10)
+HEARTBEAT_EVERY = 20.0
+
+
+@dataclass
+class PullSummary:
+    source_id: int
+    label: str
+    pull_id: int
+    state: str
+    method: str
+    counts: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source_id,
+            "label": self.label,
+            "pull": self.pull_id,
+            "state": self.state,
+            "method": self.method,
+            "items": self.counts,
+            "error": self.error,
+        }
+
+
+def reap_stale_pulls(app: App, *, now: datetime | None = None) -> int:
+    """Mark pulls that stopped sending heartbeats as failed; returns how many."""
+    now = now or utcnow()
+    cutoff = now - STALE_AFTER
+    with app.db.session() as s:
+        # SQLite returns naive datetimes; compare in UTC without tzinfo there.
+        if app.db.engine.dialect.name == "sqlite":
+            cutoff = cutoff.replace(tzinfo=None)
+        result = s.execute(
+            update(Pull)
+            .where(Pull.state == "running", Pull.heartbeat_at < cutoff)
+            .values(state="failed", finished_at=now, error="interrupted: the pull stopped sending heartbeats")
+        )
+        return int(getattr(result, "rowcount", 0) or 0)
+
+
+def load_cursor(app: App, source_id: int) -> Cursor:
+    with app.db.session() as s:
+        rows = s.scalars(select(CursorRow).where(CursorRow.source_id == source_id))
+        return {r.stream: dict(r.value) for r in rows}
+
+
+def _save_cursor(s: Any, source_id: int, cursor: Cursor) -> None:
+    for stream, value in cursor.items():
+        row = s.get(CursorRow, (source_id, stream))
+        if row is None:
+            s.add(CursorRow(source_id=source_id, stream=stream, value=value))
+        else:
+            row.value = value
+            row.updated_at = utcnow()
+
+
+def _patient_ref(app: App, src: Source) -> PatientRef:
+    case = get_case(app, src.case_id)
+    return PatientRef(
+        id=src.patient_id,
+        identifier=src.config.get("patient_identifier"),
+        issuer=src.config.get("issuer"),
+        name=case.patient_name,
+        birth_date=case.birth_date,
+    )
+
+
+class _Heartbeat(threading.Thread):
+    def __init__(self, app: App, pull_id: int) -> None:
+        super().__init__(daemon=True, name=f"heartbeat-{pull_id}")
+        self.app = app
+        self.pull_id = pull_id
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_event.wait(HEARTBEAT_EVERY):
+            try:
+                with self.app.db.session() as s:
+                    s.execute(update(Pull).where(Pull.id == self.pull_id).values(heartbeat_at=utcnow()))
+            except Exception:  # a missed heartbeat is not fatal; the next one may succeed
+                log.warning("heartbeat for pull %s failed", self.pull_id)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+
+def run_pull(app: App, source_id: int, progress: Progress | None = None) -> PullSummary:
+    """Pull one source now, in this thread."""
+    progress = progress or NullProgress()
+    reap_stale_pulls(app)
+    kind, config, src = connector_config(app, source_id)
+    case_id = src.case_id
+    with app.db.session() as s:
+        pull = Pull(source_id=source_id, state="running", method="", counts={})
+        s.add(pull)
+        s.flush()
+        pull_id = pull.id
+    since = load_cursor(app, source_id)
+    sink = LedgerSink(app.db, app.blobs(case_id), source_id, pull_id)
+    beat = _Heartbeat(app, pull_id)
+    beat.start()
+    state, error = "done", None
+    try:
+        connector = create_connector(kind, config)
+        try:
+            new_cursor = connector.pull(_patient_ref(app, src), since or None, sink, progress)
+        finally:
+            connector.close()
+        state = "partial" if sink.counts.get("failed") else "done"
+        with app.db.session() as s:
+            sink.flush(s)
+            _save_cursor(s, source_id, new_cursor)
+            s.execute(
+                update(Pull).where(Pull.id == pull_id).values(
+                    state=state, finished_at=utcnow(), method=sink.method, counts=dict(sink.counts)
+                )
+            )
+    except BaseException as exc:
+        state = "failed"
+        # Our own errors are written PHI-free; anything else is reported by type only.
+        error = str(exc) if isinstance(exc, AggregatorError) else f"unexpected {type(exc).__name__}"
+        log.error("pull %s of source %s failed: %s", pull_id, source_id, error)
+        try:
+            sink.flush()
+        finally:
+            with app.db.session() as s:
+                s.execute(
+                    update(Pull).where(Pull.id == pull_id).values(
+                        state="failed", finished_at=utcnow(), method=sink.method, counts=dict(sink.counts),
+                        error=error,
+                    )
+                )
+        if not isinstance(exc, Exception):
+            raise
+    finally:
+        beat.stop()
+    return PullSummary(source_id, src.label, pull_id, state, sink.method, dict(sink.counts), error)
+
+
+def pull_case(
+    app: App,
+    case_id: str,
+    *,
+    source_ids: Sequence[int] | None = None,
+    progress_for: Any = None,
+    max_parallel: int = 4,
+) -> list[PullSummary]:
+    """Pull the case's sources in parallel (one thread each, up to ``max_parallel``)."""
+    get_case(app, case_id)
+    with app.db.session() as s:
+        q = select(Source.id, Source.label).where(Source.case_id == case_id).order_by(Source.id)
+        rows = [(int(sid), str(label)) for sid, label in s.execute(q)]
+    if source_ids:
+        wanted = set(source_ids)
+        missing = wanted - {sid for sid, _ in rows}
+        if missing:
+            raise NotFound(f"case {case_id!r} has no source with id {sorted(missing)[0]}")
+        rows = [(sid, label) for sid, label in rows if sid in wanted]
+    if not rows:
+        return []
+
+    def one(row: tuple[int, str]) -> PullSummary:
+        sid, label = row
+        progress = progress_for(label) if progress_for else None
+        return run_pull(app, sid, progress)
+
+    with ThreadPoolExecutor(max_workers=max(1, min(max_parallel, len(rows)))) as pool:
+        return list(pool.map(one, rows))

@@ -1,0 +1,79 @@
+"""Normalize -> check -> package for one case, from the raw store and the ledger.
+
+Normalization is a pure function of the raw store, so these functions can be re-run at any time;
+the same raw inputs give the same bundle and package. Items that normalization leaves out of the
+bundle (invalid, another patient, duplicate, unsupported) are written back to the ledger as
+``quarantine`` rows with their reason, so nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, select
+
+from aggregator.app import App
+from aggregator.cases import case_info, source_infos
+from aggregator.ledger import DONE, SKIPPED, LedgerEntry, Row, entries_for_case, record_rows
+from aggregator.model import CaseInfo, NormalizedRecord, SourceInfo
+from aggregator.store.models import LedgerItem, Source
+
+KIND_QUARANTINE = "quarantine"
+
+
+@dataclass
+class CaseRecord:
+    case: CaseInfo
+    sources: list[SourceInfo]
+    ledger: list[LedgerEntry]
+    record: NormalizedRecord
+
+
+def build_record(app: App, case_id: str) -> CaseRecord:
+    from aggregator.normalize import normalize
+
+    case = case_info(app, case_id)
+    sources = source_infos(app, case_id)
+    raw = [e for e in entries_for_case(app.db, case_id) if e.kind != KIND_QUARANTINE]
+    record = normalize(case, sources, (e for e in raw if e.state == DONE), app.blobs(case_id))
+    _write_quarantine(app, case_id, record)
+    ledger = list(entries_for_case(app.db, case_id))
+    return CaseRecord(case, sources, ledger, record)
+
+
+def _write_quarantine(app: App, case_id: str, record: NormalizedRecord) -> None:
+    with app.db.session() as s:
+        source_ids = list(s.scalars(select(Source.id).where(Source.case_id == case_id)))
+        s.execute(
+            delete(LedgerItem).where(LedgerItem.source_id.in_(source_ids), LedgerItem.kind == KIND_QUARANTINE)
+        )
+    by_source: dict[int, list[Row]] = {}
+    for q in record.quarantine:
+        by_source.setdefault(q.source_id, []).append(
+            Row(KIND_QUARANTINE, f"{q.kind}:{q.key}", SKIPPED, reason=q.reason, meta={"item_kind": q.kind})
+        )
+    for sid, rows in by_source.items():
+        record_rows(app.db, sid, rows)
+
+
+def check_case(app: App, case_id: str) -> tuple[dict[str, Any], CaseRecord]:
+    from aggregator.checklist import evaluate, load_checklist
+
+    cr = build_record(app, case_id)
+    checklist = load_checklist(cr.case.checklist)
+    report = evaluate(checklist, cr.record, cr.ledger, cr.case, cr.sources)
+    folder = app.case_dir(case_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "gap-report.json").write_text(json.dumps(report, indent=2, sort_keys=True), encoding="utf-8")
+    return report, cr
+
+
+def package_case(app: App, case_id: str, out: Path, *, as_zip: bool = False) -> tuple[Path, dict[str, Any]]:
+    from aggregator.package import write_package
+
+    report, cr = check_case(app, case_id)
+    path = write_package(out, cr.case, cr.record, report, app.blobs(case_id), cr.sources, as_zip=as_zip)
+    return path, report
