@@ -158,13 +158,17 @@ def case_summary(app: App, case_id: str) -> dict[str, Any]:
     with app.db.session() as s:
         sources = []
         for src in s.scalars(select(Source).where(Source.case_id == case_id).order_by(Source.id)):
-            counts = dict(
-                s.execute(
-                    select(LedgerItem.state, func.count())
-                    .where(LedgerItem.source_id == src.id)
-                    .group_by(LedgerItem.state)
-                ).all()
-            )
+            counts: dict[str, int] = {}
+            quarantined = 0
+            for kind, state, n in s.execute(
+                select(LedgerItem.kind, LedgerItem.state, func.count())
+                .where(LedgerItem.source_id == src.id)
+                .group_by(LedgerItem.kind, LedgerItem.state)
+            ):
+                if kind == "quarantine":  # written by normalization, not by the pull
+                    quarantined += int(n)
+                else:
+                    counts[state] = counts.get(state, 0) + int(n)
             last = s.scalar(select(Pull).where(Pull.source_id == src.id).order_by(Pull.id.desc()).limit(1))
             sources.append(
                 {
@@ -172,7 +176,8 @@ def case_summary(app: App, case_id: str) -> dict[str, Any]:
                     "kind": src.kind,
                     "label": src.label,
                     "endpoint": src.endpoint.name if src.endpoint else None,
-                    "items": {k: int(v) for k, v in counts.items()},
+                    "items": counts,
+                    "quarantined": quarantined,
                     "last_pull": None
                     if last is None
                     else {
