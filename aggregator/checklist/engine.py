@@ -1,0 +1,826 @@
+"""The checklist rule engine: a normalized record + the ledger -> a gap report.
+
+Three rules cover what a second opinion needs (see ``schemas/checklist.schema.json``):
+
+* ``presence``: at least ``min`` resources of a class, fresh enough, with real content;
+  optionally several ``components`` that must each be present (ER, PR and HER2).
+* ``each``: every subject X has a linked Y with content ("each biopsy has a pathology report with
+  text"). Links are declared per item: references in either direction, shared basedOn,
+  same encounter, shared identifiers (accession number, StudyInstanceUID), date proximity (with
+  modality agreement for imaging), and undated subjects. Explicit links win: a report that
+  references one biopsy is not borrowed by another biopsy through date proximity, and a report
+  linked by date goes to the nearest subject only.
+* ``identity``: identity conflicts found by normalization.
+
+Content means the underlying document, not a summary: an attachment whose bytes are in the
+record, a report with results, DICOM instances whose counts match the ImagingStudy. The engine
+is deterministic (sorted output, no clock: freshness is measured from the case date, or from the
+newest date in the record when the case has none).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import date
+from typing import Any
+
+from aggregator.checklist import reasons as R
+from aggregator.checklist.loader import Checklist, Item, Link, Selector
+from aggregator.ledger import LedgerEntry
+from aggregator.model import CaseInfo, NormalizedRecord, SourceInfo
+from aggregator.normalize.classify import classify
+
+REPORT_SCHEMA = "gap-report/1"
+FINAL = frozenset({"final", "amended", "corrected", "appended", "current", "completed"})
+PENDING_STATUS = frozenset({"registered", "partial", "preliminary", "in-progress", "draft"})
+IGNORED_STATUS = frozenset({"entered-in-error", "cancelled", "superseded", "not-done", "planned"})
+_SKIP_TYPES = frozenset({"Provenance", "Bundle", "OperationOutcome"})
+
+#: where the date of a resource lives, per type (first found wins)
+_DATE_PATHS: dict[str, tuple[str, ...]] = {
+    "Procedure": ("performedDateTime", "performedPeriod.start", "performedPeriod.end"),
+    "Specimen": ("collection.collectedDateTime", "collection.collectedPeriod.start", "receivedTime"),
+    "DiagnosticReport": ("effectiveDateTime", "effectivePeriod.start", "issued"),
+    "DocumentReference": ("context.period.start", "date", "content.attachment.creation"),
+    "Composition": ("date",),
+    "Observation": ("effectiveDateTime", "effectivePeriod.start", "effectiveInstant", "issued"),
+    "ImagingStudy": ("started", "series.started"),
+    "Encounter": ("period.start", "period.end"),
+    "Condition": ("onsetDateTime", "onsetPeriod.start", "recordedDate"),
+    "MedicationRequest": ("authoredOn",),
+    "MedicationStatement": ("effectiveDateTime", "effectivePeriod.start", "dateAsserted"),
+    "MedicationAdministration": ("effectiveDateTime", "effectivePeriod.start"),
+    "MedicationDispense": ("whenHandedOver", "whenPrepared"),
+    "AllergyIntolerance": ("recordedDate", "onsetDateTime"),
+    "Immunization": ("occurrenceDateTime", "recorded"),
+    "Media": ("createdDateTime", "createdPeriod.start", "issued"),
+}
+_ENCOUNTER_PATHS = ("encounter", "context.encounter", "context")
+
+#: resource types that can hold a class, to find ledger failures that explain a missing item
+_TYPES_FOR_PREFIX: dict[str, tuple[str, ...]] = {
+    "pathology-report": ("DiagnosticReport", "DocumentReference", "Binary", "Composition"),
+    "radiology-report": ("DiagnosticReport", "DocumentReference", "Binary"),
+    "cardiology-report": ("DiagnosticReport", "DocumentReference", "Binary", "Observation"),
+    "genomics-report": ("DiagnosticReport", "DocumentReference", "Observation"),
+    "lab-report": ("DiagnosticReport", "Observation"),
+    "lab-result": ("Observation", "DiagnosticReport"),
+    "lab": ("Observation", "DiagnosticReport"),
+    "biomarker": ("Observation", "DiagnosticReport"),
+    "staging": ("Observation", "Condition"),
+    "gleason": ("Observation", "DiagnosticReport"),
+    "note": ("DocumentReference", "DiagnosticReport", "Composition", "Binary"),
+    "problem": ("Condition",),
+    "cancer": ("Condition",),
+    "medication": ("MedicationRequest", "MedicationStatement", "MedicationAdministration",
+                   "MedicationDispense", "Medication"),
+    "allergy": ("AllergyIntolerance",),
+    "imaging-study": ("ImagingStudy",),
+    "procedure": ("Procedure",),
+    "encounter": ("Encounter",),
+    "specimen": ("Specimen",),
+    "ecg": ("Observation", "DiagnosticReport", "DocumentReference", "Procedure"),
+    "echo": ("Observation", "DiagnosticReport", "DocumentReference", "Procedure", "ImagingStudy"),
+    "cardiac-imaging": ("DiagnosticReport", "DocumentReference", "ImagingStudy", "Procedure"),
+}
+_SUBJECT_LABELS = (
+    ("procedure:biopsy", "biopsy"),
+    ("procedure:resection", "resection"),
+    ("procedure:surgery", "operation"),
+    ("specimen", "specimen"),
+    ("radiology-report", "imaging report"),
+    ("echo", "echocardiogram"),
+    ("encounter", "visit"),
+)
+
+
+# --- small helpers ------------------------------------------------------------------------
+
+
+def _values(node: Any, path: Sequence[str]) -> Iterable[Any]:
+    if not path:
+        if isinstance(node, list):
+            yield from node
+        elif node is not None:
+            yield node
+        return
+    if isinstance(node, list):
+        for n in node:
+            yield from _values(n, path)
+    elif isinstance(node, Mapping) and path[0] in node:
+        yield from _values(node[path[0]], path[1:])
+
+
+def parse_date(value: Any) -> date | None:
+    """The calendar date of a FHIR date/dateTime/instant (partial dates: first day)."""
+    if not isinstance(value, str) or len(value) < 4:
+        return None
+    text = value[:10]
+    if len(text) == 4:
+        text += "-01-01"
+    elif len(text) == 7:
+        text += "-01"
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        return None
+
+
+def _ref_strings(res: Mapping[str, Any], path: str) -> list[str]:
+    out = []
+    for v in _values(res, path.split(".")):
+        if isinstance(v, Mapping) and isinstance(v.get("reference"), str):
+            out.append(v["reference"])
+    return out
+
+
+def _display(res: Mapping[str, Any]) -> str:
+    for key in ("code", "type"):
+        v = res.get(key)
+        if isinstance(v, list):
+            v = v[0] if v else None
+        if isinstance(v, Mapping):
+            if isinstance(v.get("text"), str) and v["text"]:
+                return str(v["text"])
+            for c in v.get("coding") or []:
+                if isinstance(c, Mapping) and c.get("display"):
+                    return str(c["display"])
+    return ""
+
+
+@dataclass
+class Res:
+    ref: str
+    type: str
+    id: str
+    data: Mapping[str, Any]
+    classes: frozenset[str]
+    date: date | None
+    sources: frozenset[int] = frozenset()
+
+
+@dataclass
+class State:
+    """Whether one candidate resource satisfies a target, and if not, why."""
+
+    ok: bool
+    code: str = ""
+    detail: str = ""
+    reason: R.Reason | None = None
+
+
+# --- the record index ---------------------------------------------------------------------
+
+
+class RecordIndex:
+    """The bundle's resources with classes, dates, sources; reference resolution both ways."""
+
+    def __init__(self, record: NormalizedRecord, sources: Sequence[SourceInfo],
+                 classify_fn: Callable[[Mapping[str, Any]], frozenset[str]] = classify) -> None:
+        self.record = record
+        self.items: list[Res] = []
+        self.by_key: dict[str, Res] = {}
+        provenances = []
+        for entry in record.bundle.get("entry") or []:
+            res = entry.get("resource") if isinstance(entry, Mapping) else None
+            if not isinstance(res, Mapping):
+                continue
+            rtype = str(res.get("resourceType") or "")
+            rid = str(res.get("id") or "")
+            full = str(entry.get("fullUrl") or "")
+            if not rid and full.startswith("urn:uuid:"):
+                rid = full[len("urn:uuid:"):]
+            if rtype == "Provenance":
+                provenances.append(res)
+            if not rtype or rtype in _SKIP_TYPES or not rid:
+                continue
+            if str(res.get("status") or "") in IGNORED_STATUS:
+                continue
+            r = Res(f"{rtype}/{rid}", rtype, rid, res, classify_fn(res), self._date(rtype, res))
+            self.items.append(r)
+            for key in (r.ref, f"urn:uuid:{rid}", full):
+                if key:
+                    self.by_key[key] = r
+        self.items.sort(key=lambda r: r.ref)
+        self._attach_sources(provenances, sources)
+        self.doc_refs = {d.resource_ref for d in record.documents if d.size > 0}
+        self.images_by_study: dict[str, list[Any]] = {}
+        for img in record.images:
+            self.images_by_study.setdefault(img.study_instance_uid, []).append(img)
+
+    @staticmethod
+    def _date(rtype: str, res: Mapping[str, Any]) -> date | None:
+        for p in _DATE_PATHS.get(rtype, ()):
+            for v in _values(res, p.split(".")):
+                d = parse_date(v)
+                if d is not None:
+                    return d
+        return None
+
+    def _attach_sources(self, provenances: list[Mapping[str, Any]], sources: Sequence[SourceInfo]) -> None:
+        """Map resources to the sources they came from, through Provenance and meta.source."""
+        names: dict[str, int] = {}
+        for s in sources:
+            names[f"urn:aggregator:source:{s.id}"] = s.id
+            for v in (s.label, s.endpoint_name, s.base_url, s.organization):
+                if v:
+                    names.setdefault(v, s.id)
+        got: dict[str, set[int]] = {}
+        for prov in provenances:
+            ids = {names[t] for t in _strings(prov) if t in names}
+            ids |= {s.id for s in sources for ident in _values(prov, ["entity", "what", "identifier"])
+                    if isinstance(ident, Mapping) and "source" in str(ident.get("system") or "")
+                    and str(ident.get("value")) == str(s.id)}
+            if not ids:
+                continue
+            for ref in _ref_strings(prov, "target"):
+                r = self.resolve(ref)
+                if r is not None:
+                    got.setdefault(r.ref, set()).update(ids)
+        for r in self.items:
+            meta = r.data.get("meta")
+            src = meta.get("source") if isinstance(meta, Mapping) else None
+            if isinstance(src, str):
+                for name, sid in names.items():
+                    if src == name or (name.startswith("http") and src.startswith(name)):
+                        got.setdefault(r.ref, set()).add(sid)
+            r.sources = frozenset(got.get(r.ref, ()))
+
+    def resolve(self, reference: str) -> Res | None:
+        if reference in self.by_key:
+            return self.by_key[reference]
+        parts = reference.split("/_history/")[0].rstrip("/").split("/")
+        if len(parts) >= 2:
+            return self.by_key.get(f"{parts[-2]}/{parts[-1]}")
+        return None
+
+    def resolved(self, res: Res, path: str) -> set[str]:
+        out = set()
+        for s in _ref_strings(res.data, path):
+            r = self.resolve(s)
+            out.add(r.ref if r is not None else s)
+        return out
+
+    def select(self, sel: Selector) -> list[Res]:
+        return [r for r in self.items if sel.matches(r.type, r.classes)]
+
+
+def _strings(node: Any) -> Iterable[str]:
+    if isinstance(node, str):
+        yield node
+    elif isinstance(node, Mapping):
+        for v in node.values():
+            yield from _strings(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _strings(v)
+
+
+# --- content -------------------------------------------------------------------------------
+
+
+def _attachments(res: Res) -> list[Mapping[str, Any]]:
+    if res.type == "DiagnosticReport":
+        raw = list(res.data.get("presentedForm") or [])
+    elif res.type == "DocumentReference":
+        raw = [c.get("attachment") for c in res.data.get("content") or [] if isinstance(c, Mapping)]
+    elif res.type == "Media":
+        raw = [res.data.get("content")]
+    else:
+        raw = []
+    return [a for a in raw if isinstance(a, Mapping)]
+
+
+def _has_bytes(att: Mapping[str, Any]) -> bool:
+    if isinstance(att.get("data"), str) and att["data"].strip():
+        return True
+    url = att.get("url")
+    size = att.get("size")
+    return isinstance(url, str) and url.startswith("documents/") and isinstance(size, int) and size > 0
+
+
+def _composition_text(res: Res) -> bool:
+    for div in _values(res.data, ["section", "text", "div"]):
+        if isinstance(div, str) and len(div) > 40:
+            return True
+    return False
+
+
+def study_uid(res: Mapping[str, Any]) -> str:
+    for ident in res.get("identifier") or []:
+        if isinstance(ident, Mapping) and ident.get("system") == "urn:dicom:uid":
+            value = str(ident.get("value") or "")
+            return value[len("urn:oid:"):] if value.startswith("urn:oid:") else value
+    return ""
+
+
+class Content:
+    """Judges whether a candidate carries the underlying data a target asks for."""
+
+    def __init__(self, index: RecordIndex, ledger: R.LedgerIndex) -> None:
+        self.index = index
+        self.ledger = ledger
+
+    def state(self, res: Res, sel: Selector) -> State:
+        status = str(res.data.get("status") or "")
+        if sel.final_only and status in PENDING_STATUS:
+            return State(False, R.PENDING, f"{res.ref} is {status}: the final report is pending")
+        need = sel.content
+        if need == "any":
+            return State(True)
+        if need == "images":
+            return self._images(res)
+        return self._document(res, allow_results=need == "full")
+
+    def _document(self, res: Res, *, allow_results: bool) -> State:
+        atts = _attachments(res)
+        if any(_has_bytes(a) for a in atts) or (res.ref in self.index.doc_refs and atts):
+            return State(True)
+        if res.type == "Composition" and _composition_text(res):
+            return State(True)
+        results = [r for r in _ref_strings(res.data, "result")]
+        if allow_results and results:
+            return State(True)
+        urls = [str(a.get("url")) for a in atts if a.get("url")]
+        failure = self.ledger.for_keys(urls) if urls else None
+        if failure is not None:
+            return State(False, failure.code, f"{res.ref}: the document was not received - {failure.detail}", failure)
+        if urls:
+            return State(False, R.RETRIEVAL_FAILED,
+                         f"{res.ref} points at a document that was not retrieved ({len(urls)} attachment(s))")
+        what = []
+        if res.data.get("conclusion") or res.data.get("conclusionCode"):
+            what.append("a conclusion line")
+        if results:
+            what.append(f"{len(results)} structured result(s)")
+        if not what:
+            what.append("metadata")
+        return State(False, R.SUMMARY_ONLY, f"{res.ref} has only {' and '.join(what)}, no report text")
+
+    def _images(self, res: Res) -> State:
+        if res.type != "ImagingStudy":
+            return State(False, R.IMAGES_NOT_RETRIEVED, f"{res.ref} is not an imaging study")
+        uid = study_uid(res.data)
+        images = self.index.images_by_study.get(uid, []) if uid else []
+        listed = {str(i.get("uid")) for i in _values(res.data, ["series", "instance"]) if isinstance(i, Mapping)}
+        have = {i.sop_instance_uid for i in images}
+        if not images:
+            failure = self.ledger.for_study(uid, sorted(listed)) if uid else None
+            if failure is not None:
+                return State(False, failure.code, f"{res.ref}: images not received - {failure.detail}", failure)
+            return State(False, R.IMAGES_NOT_RETRIEVED, f"{res.ref}: no DICOM instances of this study in the record")
+        problems = []
+        expected = res.data.get("numberOfInstances")
+        if isinstance(expected, int) and len(have) < expected:
+            problems.append(f"{len(have)} of {expected} instances")
+        n_series = res.data.get("numberOfSeries")
+        got_series = {i.series_instance_uid for i in images}
+        if isinstance(n_series, int) and len(got_series) < n_series:
+            problems.append(f"{len(got_series)} of {n_series} series")
+        for s in res.data.get("series") or []:
+            if not isinstance(s, Mapping):
+                continue
+            n = s.get("numberOfInstances")
+            got = sum(1 for i in images if i.series_instance_uid == s.get("uid"))
+            if isinstance(n, int) and got < n:
+                problems.append(f"series {s.get('uid')}: {got} of {n} instances")
+        missing = sorted(listed - have)
+        if missing and not problems:
+            problems.append(f"{len(missing)} listed instance(s) absent")
+        if problems:
+            failure = self.ledger.for_study(uid, missing)
+            detail = f"{res.ref}: incomplete images ({'; '.join(problems[:4])})"
+            if failure is not None:
+                return State(False, failure.code, f"{detail} - {failure.detail}", failure)
+            return State(False, R.IMAGES_NOT_RETRIEVED, detail)
+        return State(True)
+
+
+# --- evaluation ----------------------------------------------------------------------------
+
+
+@dataclass
+class Gap:
+    reason: str
+    detail: str
+    next_action: str
+    subject: str | None = None
+    resource: str | None = None
+    source: str | None = None
+    component: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"reason": self.reason, "detail": self.detail, "next_action": self.next_action}
+        for k in ("subject", "resource", "source", "component"):
+            v = getattr(self, k)
+            if v is not None:
+                d[k] = v
+        return d
+
+
+@dataclass
+class ItemResult:
+    item: Item
+    status: str
+    score: float
+    detail: str = ""
+    evidence: set[str] = field(default_factory=set)
+    gaps: list[Gap] = field(default_factory=list)
+    subjects: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "id": self.item.id,
+            "title": self.item.title,
+            "rule": self.item.rule,
+            "status": self.status,
+            "score": round(self.score, 4),
+            "detail": self.detail,
+            "evidence": sorted(self.evidence),
+            "gaps": [g.to_dict() for g in self.gaps],
+        }
+        if self.subjects:
+            d["subjects"] = self.subjects
+        return d
+
+
+class Evaluator:
+    def __init__(self, record: NormalizedRecord, ledger: Sequence[LedgerEntry], case: CaseInfo,
+                 sources: Sequence[SourceInfo]) -> None:
+        self.record = record
+        self.case = case
+        self.sources = sorted(sources, key=lambda s: s.id)
+        self.source_by_id = {s.id: s for s in self.sources}
+        self.index = RecordIndex(record, self.sources)
+        self.ledger = R.LedgerIndex(ledger, self.sources)
+        self.content = Content(self.index, self.ledger)
+        case_date = parse_date(case.case_date) if case.case_date else None
+        if case_date is not None:
+            self.reference_date: date | None = case_date
+            self.reference_basis = "case-date"
+        else:
+            dates = [r.date for r in self.index.items if r.date is not None and r.type != "Patient"]
+            self.reference_date = max(dates) if dates else None
+            self.reference_basis = "newest-record-date" if dates else "none"
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def fresh(self, res: Res, sel: Selector) -> bool:
+        if sel.within_days is None or self.reference_date is None:
+            return True
+        if res.date is None:
+            return False
+        return (self.reference_date - res.date).days <= sel.within_days
+
+    def where(self, res: Res | None, *, images: bool = False) -> str:
+        if res is not None and res.sources:
+            return R.names([self.source_by_id[i] for i in sorted(res.sources) if i in self.source_by_id])
+        capable = [s for s in self.sources if s.kind in (R.IMAGE_KINDS if images else R.FHIR_KINDS)]
+        return R.names(capable or self.sources)
+
+    def about(self, res: Res, sel: Selector | None) -> str:
+        label = sel.label if sel and sel.label else ""
+        if not label:
+            for cls, name in _SUBJECT_LABELS:
+                if cls in res.classes or any(c.startswith(cls + ":") for c in res.classes):
+                    label = name
+                    break
+        label = label or res.type
+        when = f" of {res.date.isoformat()}" if res.date else ""
+        disp = _display(res.data)
+        return f"the {label}{when}" + (f" ({disp})" if disp and disp.lower() != label.lower() else "")
+
+    def target_types(self, sel: Selector) -> set[str]:
+        if sel.resource_types:
+            return set(sel.resource_types) | ({"Binary"} if sel.content in ("document", "full") else set())
+        out: set[str] = set()
+        for c in sel.classes_any | sel.classes_all:
+            out.update(_TYPES_FOR_PREFIX.get(c, _TYPES_FOR_PREFIX.get(c.split(":")[0], ())))
+        return out or {"DiagnosticReport", "DocumentReference", "Observation", "Binary"}
+
+    def absent_reason(self, sel: Selector, item: Item, near: Res | None, stale: list[Res]) -> R.Reason:
+        """Why nothing usable was found: summaries, ledger failures, pending sources, not found."""
+        images = sel.content == "images"
+        if item.summaries:
+            summaries = [r for r in self.index.items if r.classes & item.summaries
+                         and (near is None or near.date is None or r.date is None
+                              or abs((r.date - near.date).days) <= 60)]
+            if summaries:
+                refs = ", ".join(r.ref for r in summaries[:3])
+                return R.Reason(R.SUMMARY_ONLY, f"only a summary document was found ({refs})")
+        failure = self.ledger.for_types(self.target_types(sel), images=images)
+        if failure is not None:
+            return failure
+        pending = self.ledger.pending_sources(images=images)
+        if pending:
+            return R.Reason(R.PENDING, f"source {R.names(pending)} has not been pulled yet", pending[0].id)
+        if images:
+            return R.Reason(R.IMAGES_NOT_RETRIEVED, "no imaging study with DICOM instances is linked to this report")
+        if stale:
+            newest = max(r.date for r in stale if r.date is not None)
+            return R.Reason(R.NOT_FOUND, f"nothing recent at any source: the newest is from {newest.isoformat()}, "
+                                         f"older than {sel.within_days} days before {self.ref_text()}")
+        return R.Reason(R.NOT_FOUND, "not found at any source")
+
+    def ref_text(self) -> str:
+        return self.reference_date.isoformat() if self.reference_date else "the case date"
+
+    def make_gap(self, reason: R.Reason, item: Item, request: str, about: str, *, where_res: Res | None,
+                 subject: Res | None = None, resource: Res | None = None, component: str | None = None,
+                 images: bool = False) -> Gap:
+        src = self.source_by_id.get(reason.source_id) if reason.source_id is not None else None
+        where = R.source_name(src) if src is not None else self.where(where_res, images=images)
+        action = R.next_action(reason.code, request or item.request or item.title.lower(), about, where,
+                               reason.detail, source_label=src.label if src is not None else "")
+        return Gap(reason.code, reason.detail, action, subject.ref if subject else None,
+                   resource.ref if resource else None, src.label if src is not None else None, component)
+
+    def applies(self, item: Item) -> bool:
+        if item.applies_if is None:
+            return True
+        return any(True for _ in self.index.select(item.applies_if))
+
+    # -- rules -----------------------------------------------------------------------------
+
+    def evaluate(self, item: Item) -> ItemResult:
+        if item.rule == "identity":
+            return self.identity(item)
+        if not self.applies(item):
+            return ItemResult(item, "not-applicable", 1.0, "no matching condition in the record")
+        if item.rule == "each":
+            return self.each(item)
+        return self.presence(item)
+
+    def identity(self, item: Item) -> ItemResult:
+        conflicts = sorted(self.record.conflicts or [], key=lambda c: str(c.get("field")))
+        if not conflicts:
+            return ItemResult(item, "complete", 1.0, "demographics agree across sources")
+        res = ItemResult(item, "missing", 0.0, f"{len(conflicts)} identity conflict(s) to confirm")
+        for c in conflicts:
+            fieldname = str(c.get("field") or "demographics")
+            values = " / ".join(str(v) for v in c.get("values") or [])
+            srcs = []
+            for s in c.get("sources") or []:
+                if isinstance(s, int) and s in self.source_by_id:
+                    srcs.append(R.source_name(self.source_by_id[s]))
+                elif s is not None:
+                    srcs.append(str(s))
+            where = " and ".join(sorted(set(srcs))) or "the sources"
+            detail = f"{fieldname} differs across sources: {values}" if values else f"{fieldname} differs"
+            res.gaps.append(Gap(R.IDENTITY_CONFLICT, detail,
+                                R.next_action(R.IDENTITY_CONFLICT, "", "", where, f"{fieldname} differs")))
+        return res
+
+    def presence(self, item: Item) -> ItemResult:
+        parts = list(item.components) if item.components else [item.target] if item.target else []
+        res = ItemResult(item, "complete", 1.0)
+        got = 0.0
+        for sel in parts:
+            assert sel is not None
+            ok, gap, evidence, partial = self.present(item, sel, component=sel.label if item.components else None)
+            res.evidence |= evidence
+            if ok:
+                got += 1
+            else:
+                got += 0.5 if partial else 0.0
+                if gap:
+                    res.gaps.append(gap)
+        res.score = got / len(parts) if parts else 1.0
+        if not res.gaps:
+            res.status = "complete"
+            res.detail = f"{len(res.evidence)} resource(s)"
+        elif res.score > 0:
+            res.status = "partial"
+        else:
+            res.status = "missing"
+        if res.gaps and not res.detail:
+            res.detail = "; ".join(g.detail for g in res.gaps[:3])
+        return res
+
+    def present(self, item: Item, sel: Selector, component: str | None) -> tuple[bool, Gap | None, set[str], bool]:
+        candidates = self.index.select(sel)
+        fresh = [r for r in candidates if self.fresh(r, sel)]
+        stale = [r for r in candidates if not self.fresh(r, sel)]
+        good: list[Res] = []
+        bad: list[tuple[Res, State]] = []
+        for r in fresh:
+            st = self.content.state(r, sel)
+            (good.append(r) if st.ok else bad.append((r, st)))
+        request = sel.request or item.request
+        if len(good) >= sel.min:
+            return True, None, {r.ref for r in good}, False
+        if bad:
+            r, st = sorted(bad, key=lambda b: (_STATE_ORDER.get(b[1].code, 9), b[0].ref))[0]
+            reason = st.reason or R.Reason(st.code, st.detail)
+            if st.reason is not None:
+                reason = R.Reason(st.reason.code, st.detail, st.reason.source_id, st.reason.key)
+            gap = self.make_gap(reason, item, request, "", where_res=r, resource=r, component=component)
+            return False, gap, {g.ref for g in good}, True
+        reason = self.absent_reason(sel, item, None, stale)
+        gap = self.make_gap(reason, item, request, "", where_res=None, component=component,
+                            images=sel.content == "images")
+        return False, gap, {g.ref for g in good}, bool(good)
+
+    def each(self, item: Item) -> ItemResult:
+        assert item.subjects is not None and item.target is not None
+        subjects = [s for s in self.index.select(item.subjects) if self.fresh(s, item.subjects)]
+        if not subjects:
+            if item.otherwise == "presence":
+                return self.presence(item)
+            if item.otherwise == "check-existing" and self.index.select(item.target):
+                return self.presence(item)
+            return ItemResult(item, "not-applicable", 1.0, "nothing in the record that needs it")
+        targets = [t for t in self.index.select(item.target)]
+        links = self.link(item, subjects, targets)
+        res = ItemResult(item, "complete", 1.0)
+        satisfied = 0
+        for s in subjects:
+            linked = links.get(s.ref, [])
+            states = [(t, self.content.state(t, item.target)) for t in linked]
+            good = [t for t, st in states if st.ok]
+            entry: dict[str, Any] = {"ref": s.ref, "about": self.about(s, item.subjects),
+                                     "linked": [t.ref for t in linked]}
+            if good:
+                satisfied += 1
+                res.evidence |= {t.ref for t in good}
+                res.evidence.add(s.ref)
+                entry["status"] = "complete"
+                res.subjects.append(entry)
+                continue
+            about = self.about(s, item.subjects)
+            images = item.target.content == "images"
+            if states:
+                t, st = sorted(states, key=lambda b: (_STATE_ORDER.get(b[1].code, 9), b[0].ref))[0]
+                base = st.reason or R.Reason(st.code, st.detail)
+                reason = R.Reason(base.code, st.detail, base.source_id, base.key)
+                gap = self.make_gap(reason, item, item.target.request or item.request, about,
+                                    where_res=s, subject=s, resource=t, images=images)
+            else:
+                reason = self.absent_reason(item.target, item, s, [])
+                gap = self.make_gap(reason, item, item.target.request or item.request, about,
+                                    where_res=s, subject=s, images=images)
+            res.gaps.append(gap)
+            entry["status"] = "missing"
+            entry["reason"] = gap.reason
+            res.subjects.append(entry)
+        res.score = satisfied / len(subjects)
+        res.status = "complete" if satisfied == len(subjects) else "partial" if satisfied else "missing"
+        noun = item.subjects.label or "item"
+        res.detail = f"{satisfied} of {len(subjects)} {noun}(s) covered"
+        return res
+
+    # -- linkage ---------------------------------------------------------------------------
+
+    def link(self, item: Item, subjects: list[Res], targets: list[Res]) -> dict[str, list[Res]]:
+        """Subject ref -> linked targets: explicit links first, then date proximity to the nearest."""
+        explicit: dict[str, set[str]] = {s.ref: set() for s in subjects}
+        claimed: dict[str, set[str]] = {}
+        date_links = [lk for lk in item.links if lk.via == "date"]
+        undated = any(lk.via == "undated" for lk in item.links)
+        for s in subjects:
+            for t in targets:
+                if any(self.explicit(lk, s, t) for lk in item.links if lk.via not in ("date", "undated")):
+                    explicit[s.ref].add(t.ref)
+                    claimed.setdefault(t.ref, set()).add(s.ref)
+        by_ref = {s.ref: s for s in subjects}
+        by_date: dict[str, set[str]] = {s.ref: set() for s in subjects}
+        for t in targets:
+            if t.date is None:
+                continue
+            cands: list[tuple[int, Res]] = []
+            for s in subjects:
+                if s.date is None or t.ref in explicit[s.ref]:
+                    continue
+                owners = [by_ref[o] for o in sorted(claimed.get(t.ref, ()))]
+                if owners and not any(self.same_episode(o, s) for o in owners):
+                    continue
+                # a target claimed explicitly by another subject goes to the subject nearest that owner
+                dated_owners = [o for o in owners if o.date is not None]
+                for lk in date_links:
+                    delta = (t.date - s.date).days
+                    if -lk.days_before <= delta <= lk.days_after and self.modality_ok(lk, s, t):
+                        dist = (min(abs((o.date - s.date).days) for o in dated_owners if o.date)
+                                if dated_owners else abs(delta))
+                        cands.append((dist, s))
+                        break
+            if cands:
+                best = min(d for d, _ in cands)
+                for d, s in cands:
+                    if d == best:
+                        by_date[s.ref].add(t.ref)
+        out: dict[str, list[Res]] = {}
+        tmap = {t.ref: t for t in targets}
+        for s in subjects:
+            refs = explicit[s.ref] | by_date[s.ref]
+            if undated and s.date is None:
+                refs |= set(tmap)
+            out[s.ref] = [tmap[r] for r in sorted(refs)]
+        return out
+
+    @staticmethod
+    def same_episode(a: Res, b: Res) -> bool:
+        if a.ref == b.ref or a.date is None or b.date is None:
+            return True
+        return abs((a.date - b.date).days) <= 3
+
+    @staticmethod
+    def modality_ok(lk: Link, s: Res, t: Res) -> bool:
+        if not lk.same_modality:
+            return True
+        ms = {c for c in s.classes if c.startswith("modality:")}
+        mt = {c for c in t.classes if c.startswith("modality:")}
+        return not ms or not mt or bool(ms & mt)
+
+    def explicit(self, lk: Link, s: Res, t: Res) -> bool:
+        idx = self.index
+        if lk.via == "reference":
+            holder, other = (t, s) if lk.from_ == "target" else (s, t)
+            return other.ref in idx.resolved(holder, lk.path)
+        if lk.via == "shared-reference":
+            return bool(idx.resolved(s, lk.path) & idx.resolved(t, lk.path))
+        if lk.via == "encounter":
+            enc_t = set().union(*(idx.resolved(t, p) for p in _ENCOUNTER_PATHS))
+            if s.type == "Encounter":
+                return s.ref in enc_t
+            enc_s = set().union(*(idx.resolved(s, p) for p in _ENCOUNTER_PATHS))
+            return bool(enc_s & enc_t)
+        if lk.via == "shared-identifier":
+            return bool(_identifiers(s.data) & _identifiers(t.data))
+        return False
+
+
+def _identifiers(res: Mapping[str, Any]) -> set[str]:
+    """Comparable identifiers: system|value, accession numbers by value, DICOM UIDs without urn:oid."""
+    out = set()
+    for ident in res.get("identifier") or []:
+        if not isinstance(ident, Mapping) or not ident.get("value"):
+            continue
+        value = str(ident["value"])
+        system = str(ident.get("system") or "")
+        if system == "urn:dicom:uid" or value.startswith("urn:oid:"):
+            out.add("uid|" + value.removeprefix("urn:oid:"))
+            continue
+        codes = {str(c.get("code")) for c in _values(ident, ["type", "coding"]) if isinstance(c, Mapping)}
+        if "ACSN" in codes:
+            out.add("acsn|" + value)
+        out.add(f"{system}|{value}")
+    # an extension or identifier may carry the StudyInstanceUID of the report's study
+    for ext in res.get("extension") or []:
+        if isinstance(ext, Mapping) and "studyinstanceuid" in str(ext.get("url", "")).lower():
+            v = ext.get("valueString") or ext.get("valueOid") or ext.get("valueId")
+            if isinstance(v, str):
+                out.add("uid|" + v.removeprefix("urn:oid:"))
+    return out
+
+
+_STATE_ORDER = {R.ACCESS_DENIED: 0, R.NOT_FOUND_AT_SOURCE: 1, R.RETRIEVAL_FAILED: 2, R.PENDING: 3,
+                R.IMAGES_NOT_RETRIEVED: 4, R.SUMMARY_ONLY: 5}
+
+
+def evaluate(checklist: Checklist, record: NormalizedRecord, ledger: Sequence[LedgerEntry], case: CaseInfo,
+             sources: Sequence[SourceInfo]) -> dict[str, Any]:
+    """The gap report of ``record`` against ``checklist`` (valid against gap-report.schema.json)."""
+    ev = Evaluator(record, ledger, case, sources)
+    items = list(checklist.items)
+    if not any(i.rule == "identity" for i in items):
+        items.insert(0, Item(id="identity", title="One patient, identity confirmed", rule="identity"))
+    results = [ev.evaluate(i) for i in items]
+    applicable = [r for r in results if r.status != "not-applicable"]
+    score = sum(r.score for r in applicable) / len(applicable) if applicable else 1.0
+    counts: dict[str, Any] = {s: sum(1 for r in results if r.status == s)
+                              for s in ("complete", "partial", "missing", "not-applicable")}
+    counts["items"] = len(results)
+    gaps = [g for r in results for g in r.gaps]
+    counts["gaps"] = len(gaps)
+    by_reason: dict[str, int] = {}
+    for g in gaps:
+        by_reason[g.reason] = by_reason.get(g.reason, 0) + 1
+    counts["by_reason"] = dict(sorted(by_reason.items()))
+    return {
+        "schema": REPORT_SCHEMA,
+        "case": case.id,
+        "checklist": checklist.name,
+        "checklist_title": checklist.title,
+        "case_date": case.case_date,
+        "reference_date": ev.reference_date.isoformat() if ev.reference_date else None,
+        "reference_date_basis": ev.reference_basis,
+        "patient": record.patient_ref,
+        "score": round(score, 4),
+        "complete": not gaps,
+        "counts": counts,
+        "items": [r.to_dict() for r in results],
+        "sources": [
+            {"id": s.id, "label": s.label, "kind": s.kind, "organization": s.organization,
+             "pulled_at": s.pulled_at}
+            for s in ev.sources
+        ],
+        "record": {
+            "resources": len(ev.index.items),
+            "documents": len(record.documents),
+            "images": len(record.images),
+            "quarantined": len(record.quarantine),
+            "unresolved_references": len(record.unresolved),
+            "identity_conflicts": len(record.conflicts),
+        },
+    }

@@ -1,0 +1,225 @@
+"""Why a gap exists, from the ledger and the sources, and what a navigator should do about it.
+
+A gap report that only says "missing" leaves the navigator guessing. The ledger knows better: a
+Binary that answered 403, a study the PACS refused with 0xA702, a source never pulled. This
+module indexes the failed rows once and answers, for a gap, the most specific reason:
+
+1. a failure of exactly the bytes the record points at (the attachment URL, the study's SOP
+   instances, the study UID);
+2. what the data itself shows (only a summary, a preliminary report, images not retrieved) -
+   decided by the engine;
+3. a failure of a whole query for the resource types the item needs, at a source;
+4. a source that has not been pulled yet (pending);
+5. otherwise: not found at any source.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from aggregator.ledger import LedgerEntry
+from aggregator.model import SourceInfo
+
+NOT_FOUND = "not-found"
+ACCESS_DENIED = "access-denied"
+NOT_FOUND_AT_SOURCE = "not-found-at-source"
+RETRIEVAL_FAILED = "retrieval-failed"
+PENDING = "pending"
+SUMMARY_ONLY = "summary-only"
+IMAGES_NOT_RETRIEVED = "images-not-retrieved"
+IDENTITY_CONFLICT = "identity-conflict"
+REASONS = (NOT_FOUND, ACCESS_DENIED, NOT_FOUND_AT_SOURCE, RETRIEVAL_FAILED, PENDING, SUMMARY_ONLY,
+           IMAGES_NOT_RETRIEVED, IDENTITY_CONFLICT)
+
+#: which connector kinds can deliver FHIR data / DICOM instances
+FHIR_KINDS = frozenset({"media", "fhir", "fhir-bulk"})
+IMAGE_KINDS = frozenset({"media", "dimse", "dicomweb"})
+
+_TYPE_IN_KEY = re.compile(r"(?:^|[/:?])([A-Z][A-Za-z]+)(?:[/?]|$)")
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)+$")
+# DIMSE statuses that mean "not allowed" rather than "broken"
+_DIMSE_DENIED = frozenset({"0x0124", "0x0122"})
+
+
+@dataclass(frozen=True)
+class Reason:
+    code: str
+    detail: str
+    source_id: int | None = None
+    key: str | None = None
+
+
+def classify_failure(entry: LedgerEntry) -> Reason:
+    """The gap reason one failed ledger row stands for (HTTP and DIMSE statuses)."""
+    status = (entry.status or "").strip()
+    text = (entry.reason or "").strip()
+    low = text.lower()
+    shown = f"{'status ' + status + ': ' if status else ''}{text}".strip() or "no error text"
+    if status in ("401", "403") or status.lower() in _DIMSE_DENIED or "forbidden" in low or "access denied" in low:
+        return Reason(ACCESS_DENIED, f"access denied ({shown})", entry.source_id, entry.key)
+    if status in ("404", "410") or low.startswith("not found"):
+        return Reason(NOT_FOUND_AT_SOURCE, f"the source says it does not exist ({shown})", entry.source_id, entry.key)
+    if status == "202" or "in progress" in low or "pending" in low:
+        return Reason(PENDING, f"still being prepared by the source ({shown})", entry.source_id, entry.key)
+    return Reason(RETRIEVAL_FAILED, f"retrieval failed ({shown})", entry.source_id, entry.key)
+
+
+def _types_of(entry: LedgerEntry) -> frozenset[str]:
+    """Resource types a failed row may have held; ``*`` when it could be anything."""
+    if entry.kind == "dicom":
+        return frozenset({"DICOM"})
+    if entry.kind == "binary":
+        return frozenset({"Binary"})
+    rt = entry.meta.get("resourceType") if isinstance(entry.meta, dict) else None
+    if isinstance(rt, str) and rt:
+        return frozenset({rt})
+    key = entry.key
+    if entry.kind == "file":
+        return _file_types(key)
+    if "$everything" in key or "$export" in key:
+        return frozenset({"*"})
+    if _UID.match(key):
+        return frozenset({"DICOM"})
+    found = {m.group(1) for m in _TYPE_IN_KEY.finditer(key.split("?", 1)[0].replace("query:", "/"))}
+    found |= {m.group(1) for m in _TYPE_IN_KEY.finditer(key.replace("query:", "/"))} if not found else set()
+    if entry.kind == "query" and found & {"Study", "Series", "Instance", "STUDY", "SERIES"}:
+        found.add("DICOM")
+    return frozenset(found) if found else frozenset({"*"})
+
+
+_DOC_TYPES = frozenset({"Binary", "DocumentReference", "DiagnosticReport", "Composition"})
+
+
+def _file_types(key: str) -> frozenset[str]:
+    """What an unreadable input file could have been, from its name."""
+    name = key.removeprefix("file:").rsplit("/", 1)[-1].lower()
+    ext = name.rsplit(".", 1)[-1] if "." in name else ""
+    if ext in ("json", "ndjson"):
+        return frozenset({"*fhir"})
+    if ext in ("pdf", "txt", "xml", "rtf", "html", "htm", "doc", "docx", "jpg", "jpeg", "png", "tif", "tiff"):
+        return _DOC_TYPES
+    if ext in ("dcm", "dicom", "") or name == "dicomdir" or name.isdigit():
+        return frozenset({"DICOM"})
+    return frozenset({"*"})
+
+
+class LedgerIndex:
+    """Failed rows of a case, indexed by key, study and resource type."""
+
+    def __init__(self, ledger: Iterable[LedgerEntry], sources: Sequence[SourceInfo]) -> None:
+        self.sources = {s.id: s for s in sources}
+        self.failed = sorted((e for e in ledger if e.state == "failed"),
+                             key=lambda e: (e.source_id, e.kind, e.key))
+        self.by_key: dict[str, list[LedgerEntry]] = {}
+        self.by_study: dict[str, list[LedgerEntry]] = {}
+        for e in self.failed:
+            self.by_key.setdefault(e.key, []).append(e)
+            meta = e.meta if isinstance(e.meta, dict) else {}
+            for k in ("study_uid", "StudyInstanceUID", "study"):
+                v = meta.get(k)
+                if isinstance(v, str) and v:
+                    self.by_study.setdefault(v, []).append(e)
+
+    # -- specific --------------------------------------------------------------------------
+
+    def for_keys(self, keys: Iterable[str]) -> Reason | None:
+        """A failure of exactly one of these items (attachment URLs, SOP UIDs...)."""
+        hits: list[LedgerEntry] = []
+        for key in sorted(set(keys)):
+            if not key:
+                continue
+            hits += self.by_key.get(key, [])
+            if not hits and "/" in key:
+                # an absolute URL in the ledger vs a relative one in the record, or vice versa
+                tail = "/".join(key.rstrip("/").split("/")[-2:])
+                hits += [e for e in self.failed if e.key.rstrip("/").endswith("/" + tail) or e.key == tail]
+        return _best(hits)
+
+    def for_study(self, study_uid: str, sop_uids: Iterable[str] = ()) -> Reason | None:
+        hits = list(self.by_study.get(study_uid, []))
+        hits += self.by_key.get(study_uid, [])
+        for sop in sop_uids:
+            hits += self.by_key.get(sop, [])
+        hits += [e for e in self.failed if e.kind == "query" and study_uid and study_uid in e.key]
+        return _best(hits)
+
+    # -- general ---------------------------------------------------------------------------
+
+    def for_types(self, types: Iterable[str], *, images: bool = False) -> Reason | None:
+        """A failure of a query or item of one of these resource types (or of anything)."""
+        wanted = set(types) | ({"DICOM"} if images else set())
+        hits = []
+        for e in self.failed:
+            got = _types_of(e)
+            if "*" in got or got & wanted or ("*fhir" in got and not images and wanted - {"DICOM", "Binary"}):
+                src = self.sources.get(e.source_id)
+                if src is not None and not _can_deliver(src, images):
+                    continue
+                hits.append(e)
+        return _best(hits)
+
+    def pending_sources(self, *, images: bool = False) -> list[SourceInfo]:
+        """Sources that could deliver this but have not been pulled yet."""
+        return [s for s in sorted(self.sources.values(), key=lambda s: s.id)
+                if not s.pulled_at and _can_deliver(s, images)]
+
+
+def _can_deliver(src: SourceInfo, images: bool) -> bool:
+    return src.kind in (IMAGE_KINDS if images else FHIR_KINDS) or src.kind not in (FHIR_KINDS | IMAGE_KINDS)
+
+
+_PRIORITY = {ACCESS_DENIED: 0, NOT_FOUND_AT_SOURCE: 1, PENDING: 2, RETRIEVAL_FAILED: 3}
+
+
+def _best(entries: list[LedgerEntry]) -> Reason | None:
+    """The most telling failure: access denied before 404 before pending before other errors."""
+    if not entries:
+        return None
+    reasons = [classify_failure(e) for e in entries]
+    reasons.sort(key=lambda r: (_PRIORITY.get(r.code, 9), r.source_id or 0, r.key or ""))
+    return reasons[0]
+
+
+# --- next actions ---------------------------------------------------------------------------
+
+
+def source_name(src: SourceInfo | None) -> str:
+    if src is None:
+        return "the treating facility"
+    return src.organization or src.label or f"source {src.id}"
+
+
+def names(sources: Sequence[SourceInfo]) -> str:
+    unique = sorted({source_name(s) for s in sources})
+    if not unique:
+        return "the treating facility"
+    if len(unique) == 1:
+        return unique[0]
+    return ", ".join(unique[:-1]) + " or " + unique[-1]
+
+
+def next_action(code: str, request: str, about: str, where: str, detail: str = "", *,
+                source_label: str = "") -> str:
+    """One sentence a navigator can act on; names the source and the item."""
+    thing = f"the {request}{' for ' + about if about else ''}"
+    if code == ACCESS_DENIED:
+        return (f"Ask {where} to grant access to {thing} (the source refused it), "
+                f"or request a copy directly from {where}")
+    if code == NOT_FOUND_AT_SOURCE:
+        return f"{where} says {thing} does not exist there; ask {where} where it is held and request it"
+    if code == RETRIEVAL_FAILED:
+        label = source_label or where
+        return f"Pull {label} again; if it keeps failing, request {thing} from {where}"
+    if code == PENDING:
+        label = source_label or where
+        return (f"Pull {label} (not retrieved yet) and re-run the check; "
+                f"then request {thing} from {where} if still missing")
+    if code == SUMMARY_ONLY:
+        return f"Request {thing} from {where}: only a summary or metadata was received"
+    if code == IMAGES_NOT_RETRIEVED:
+        return f"Retrieve {thing} from {where} (PACS or a CD), then pull it as a source"
+    if code == IDENTITY_CONFLICT:
+        return f"Confirm the patient's identity: {detail or 'demographics differ'} between {where}"
+    return f"Request {thing} from {where}"
