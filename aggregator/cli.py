@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -528,6 +529,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         return 130
+    except Exception as exc:
+        # Library exception text can quote the data it choked on, so only the type is shown;
+        # the traceback is logged at DEBUG for developers.
+        log.debug("internal error %s at:\n%s", type(exc).__name__, "".join(traceback.format_tb(exc.__traceback__)))
+        if as_json:
+            click.echo(json.dumps({"error": {"type": "InternalError", "message": type(exc).__name__}}))
+        else:
+            click.echo(f"internal error ({type(exc).__name__}); run with AGGREGATOR_LOG_LEVEL=DEBUG for details",
+                       err=True)
+        return 1
 
 
 if __name__ == "__main__":

@@ -33,9 +33,10 @@ class CaseRecord:
 
 
 def build_record(app: App, case_id: str) -> CaseRecord:
+    case = case_info(app, case_id)  # first: an unknown case is a clear error
+
     from aggregator.normalize import normalize
 
-    case = case_info(app, case_id)
     sources = source_infos(app, case_id)
     raw = [e for e in entries_for_case(app.db, case_id) if e.kind != KIND_QUARANTINE]
     record = normalize(case, sources, (e for e in raw if e.state == DONE), app.blobs(case_id))
