@@ -1,0 +1,246 @@
+"""The normalized ``collection`` Bundle turned into a FHIR R4 ``document`` Bundle.
+
+A document Bundle is what a receiving EHR or a consultant's FHIR viewer can file as one unit:
+its first entry is a Composition that names the patient and sorts the record into sections
+(problems, results, pathology, imaging, medications, allergies, notes), and the rest of the
+entries are every resource of the record, Provenance included, with their ``urn:uuid`` fullUrls
+unchanged so references keep resolving.
+
+Determinism: ids are UUIDv5 of the case and the record content, the timestamp is the case date
+(or the newest pull time), never the wall clock, so the same record gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Sequence
+from html import escape
+from typing import Any
+
+from aggregator import __version__
+from aggregator.model import CaseInfo, NormalizedRecord, SourceInfo
+from aggregator.package.manifest import TOOL_NAME
+
+NAMESPACE = uuid.UUID("0b5d8a52-8f0e-5a3c-b7a1-4c2e9d6f1a70")
+LOINC = "http://loinc.org"
+FALLBACK_TIMESTAMP = "1970-01-01T00:00:00Z"
+
+#: (key, LOINC code, display, title)
+SECTIONS: tuple[tuple[str, str, str, str], ...] = (
+    ("problems", "11450-4", "Problem list - Reported", "Problem list"),
+    ("pathology", "11526-1", "Pathology study", "Pathology reports"),
+    ("imaging", "18748-4", "Diagnostic imaging study", "Imaging: reports and studies"),
+    ("results", "30954-2", "Relevant diagnostic tests/laboratory data Narrative", "Laboratory and other results"),
+    ("medications", "10160-0", "History of Medication use Narrative", "Medications"),
+    ("allergies", "48765-2", "Allergies and adverse reactions Document", "Allergies and intolerances"),
+    ("procedures", "47519-4", "History of Procedures Document", "Procedures"),
+    ("notes", "34109-9", "Note", "Clinical notes and documents"),
+)
+
+_MEDICATION_TYPES = frozenset({"MedicationRequest", "MedicationStatement", "MedicationAdministration",
+                               "MedicationDispense"})
+
+
+def _classes(resource: dict[str, Any]) -> frozenset[str]:
+    """Clinical classes from the shared code tables; an unusable table only loses the finer split."""
+    try:
+        from aggregator.normalize.classify import classify
+
+        return classify(resource)
+    except Exception:  # the classification tables are another module's data; never block a package
+        return frozenset()
+
+
+def section_of(resource: dict[str, Any]) -> str | None:
+    """Which Composition section a resource belongs in (None: in the bundle, not in a section)."""
+    rtype = resource.get("resourceType")
+    if rtype == "Condition":
+        return "problems"
+    if rtype == "AllergyIntolerance":
+        return "allergies"
+    if rtype in _MEDICATION_TYPES:
+        return "medications"
+    if rtype == "ImagingStudy":
+        return "imaging"
+    if rtype == "Procedure":
+        return "procedures"
+    if rtype in ("DiagnosticReport", "DocumentReference", "Observation", "Composition"):
+        classes = _classes(resource)
+        if "pathology-report" in classes:
+            return "pathology"
+        if "radiology-report" in classes:
+            return "imaging"
+        if rtype == "Observation" or (rtype == "DiagnosticReport" and "note" not in classes):
+            return "results"
+        return "notes"
+    return None
+
+
+def _instant(value: str) -> str | None:
+    """An ISO 8601 date or date-time as a FHIR instant (UTC when no zone is given)."""
+    v = value.strip()
+    if len(v) == 10 and v[4] == "-" and v[7] == "-":
+        return f"{v}T00:00:00Z"
+    if "T" not in v or len(v) < 19:
+        return None
+    if v.endswith("Z") or (v[-6] in "+-" and v[-3] == ":"):
+        return v
+    return v + "Z"
+
+
+def document_timestamp(case: CaseInfo, sources: Sequence[SourceInfo]) -> str:
+    """The package's time: the case date, else the newest pull, else a fixed epoch (never 'now')."""
+    if case.case_date and (ts := _instant(case.case_date)):
+        return ts
+    pulled = sorted(ts for s in sources if s.pulled_at and (ts := _instant(s.pulled_at)))
+    return pulled[-1] if pulled else FALLBACK_TIMESTAMP
+
+
+def record_digest(record: NormalizedRecord) -> str:
+    return hashlib.sha256(json.dumps(record.bundle, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def _uuid(*parts: str) -> str:
+    return str(uuid.uuid5(NAMESPACE, "|".join(parts)))
+
+
+def _div(text: str) -> str:
+    return f'<div xmlns="http://www.w3.org/1999/xhtml"><p>{escape(text)}</p></div>'
+
+
+def _full_url(entry: dict[str, Any]) -> str:
+    res = entry.get("resource") or {}
+    return str(entry.get("fullUrl") or f"urn:uuid:{res.get('id')}")
+
+
+def patient_entry(record: NormalizedRecord) -> dict[str, Any] | None:
+    """The entry of the record's patient (``record.patient_ref``), else the first Patient."""
+    want = record.patient_ref.split("/", 1)[1] if record.patient_ref and "/" in record.patient_ref else None
+    first = None
+    for entry in record.bundle.get("entry", []):
+        res = entry.get("resource") or {}
+        if res.get("resourceType") != "Patient":
+            continue
+        if want is None or res.get("id") == want:
+            return dict(entry)
+        first = first or entry
+    return dict(first) if first else None
+
+
+def build_document(case: CaseInfo, record: NormalizedRecord, sources: Sequence[SourceInfo]) -> dict[str, Any]:
+    """The FHIR R4 document Bundle for the package (Composition first, then every resource)."""
+    digest = record_digest(record)
+    timestamp = document_timestamp(case, sources)
+    entries = [dict(e) for e in record.bundle.get("entry", []) if isinstance(e, dict) and e.get("resource")]
+    patient = patient_entry(record)
+
+    device_id = _uuid(case.id, digest, "device")
+    device = {
+        "resourceType": "Device",
+        "id": device_id,
+        "deviceName": [{"name": TOOL_NAME, "type": "manufacturer-name"}],
+        "version": [{"value": __version__}],
+    }
+    composition_id = _uuid(case.id, digest, "composition")
+
+    grouped: dict[str, list[dict[str, Any]]] = {key: [] for key, *_ in SECTIONS}
+    for entry in entries:
+        key = section_of(entry["resource"])
+        if key is not None:
+            grouped[key].append({"reference": _full_url(entry)})
+    sections = []
+    for key, code, display, title in SECTIONS:
+        section: dict[str, Any] = {
+            "title": title,
+            "code": {"coding": [{"system": LOINC, "code": code, "display": display}]},
+        }
+        refs = grouped[key]
+        if refs:
+            section["text"] = {"status": "generated", "div": _div(f"{len(refs)} resource(s) in this record.")}
+            section["entry"] = refs
+        else:
+            section["text"] = {"status": "generated", "div": _div("None found in the gathered record.")}
+            section["emptyReason"] = {"coding": [{
+                "system": "http://terminology.hl7.org/CodeSystem/list-empty-reason",
+                "code": "unavailable", "display": "Unavailable"}]}
+        sections.append(section)
+
+    composition: dict[str, Any] = {
+        "resourceType": "Composition",
+        "id": composition_id,
+        "status": "final",
+        "type": {"coding": [{"system": LOINC, "code": "60591-5", "display": "Patient summary Document"}],
+                 "text": "Second-opinion record"},
+        "date": timestamp,
+        "author": [{"reference": f"urn:uuid:{device_id}", "display": TOOL_NAME}],
+        "title": f"Second-opinion record, case {case.id}",
+        "section": sections,
+    }
+    if patient is not None:
+        composition["subject"] = {"reference": _full_url(patient)}
+
+    provenance = {
+        "resourceType": "Provenance",
+        "id": _uuid(case.id, digest, "provenance"),
+        "target": [{"reference": f"urn:uuid:{composition_id}"}],
+        "recorded": timestamp,
+        "activity": {"text": "assembled for a second opinion from the sources listed in entity"},
+        "agent": [{"type": {"coding": [{
+            "system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
+            "code": "assembler", "display": "Assembler"}]},
+            "who": {"reference": f"urn:uuid:{device_id}", "display": TOOL_NAME}}],
+        "entity": [{"role": "source", "what": {"display": _source_text(s)}}
+                   for s in sorted(sources, key=lambda s: s.id)],
+    }
+    if not provenance["entity"]:
+        del provenance["entity"]
+
+    out_entries = [{"fullUrl": f"urn:uuid:{composition_id}", "resource": composition}]
+    if patient is not None:
+        out_entries.append(patient)
+    out_entries += [e for e in entries if patient is None or (e is not patient and _full_url(e) != _full_url(patient))]
+    out_entries.append({"fullUrl": f"urn:uuid:{device_id}", "resource": device})
+    out_entries.append({"fullUrl": f"urn:uuid:{provenance['id']}", "resource": provenance})
+    bundle_id = _uuid(case.id, digest, "bundle")
+    return {
+        "resourceType": "Bundle",
+        "id": bundle_id,
+        "identifier": {"system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{bundle_id}"},
+        "type": "document",
+        "timestamp": timestamp,
+        "entry": out_entries,
+    }
+
+
+def _source_text(s: SourceInfo) -> str:
+    parts = [f"source {s.id}", s.kind, s.label]
+    if s.organization:
+        parts.append(s.organization)
+    if s.method:
+        parts.append(f"via {s.method}")
+    if s.pulled_at:
+        parts.append(f"pulled {s.pulled_at}")
+    return ", ".join(parts)
+
+
+def validate_document_shell(bundle: dict[str, Any]) -> None:
+    """Validate what this module adds (Composition, Device, Provenance, Bundle fields) with R4B.
+
+    The record's own resources were validated by normalization; re-validating a large record
+    here would only cost time. Raises :class:`PackageError` naming the resource on failure.
+    """
+    from fhir.resources.R4B.bundle import Bundle
+    from pydantic import ValidationError
+
+    from aggregator.errors import PackageError
+
+    entries = bundle["entry"]
+    shell = dict(bundle)
+    shell["entry"] = [entries[0], *entries[-2:]]
+    try:
+        Bundle.model_validate(shell)
+    except ValidationError as exc:
+        raise PackageError(f"document bundle is not valid FHIR R4 ({exc.error_count()} error(s))",
+                           item="fhir/bundle.json")
