@@ -36,7 +36,7 @@ def run_demo(app: App, out: Path | None = None, *, progress: bool = True) -> dic
     except NotFound:
         pass
     create_case(app, DEMO_CASE, "oncology", patient_name=info.patient_name, birth_date=info.birth_date,
-                case_date=info.case_date)
+                case_date=info.case_date.isoformat())
     add_source(app, DEMO_CASE, media=str(download))
     board = ProgressBoard(enabled=None if progress else False)
     try:

@@ -32,7 +32,7 @@ def pulled(tmp_path_factory: pytest.TempPathFactory, download: tuple[Path, objec
     path, info = download
     home = tmp_path_factory.mktemp("home")
     r = run(home, "case", "create", "jd", "--checklist", "oncology", "--patient-name", info.patient_name,  # type: ignore[attr-defined]
-            "--birth-date", info.birth_date, "--case-date", info.case_date)  # type: ignore[attr-defined]
+            "--birth-date", info.birth_date, "--case-date", info.case_date.isoformat())  # type: ignore[attr-defined]
     assert r.returncode == 0, r.stderr
     r = run(home, "source", "add", "jd", "--media", str(path))
     assert r.returncode == 0, r.stderr

@@ -25,7 +25,7 @@ def test_debug_logs_and_ledger_carry_no_phi(tmp_path: Path) -> None:
 
     steps = [
         run("case", "create", "c", "--checklist", "oncology", "--patient-name", info.patient_name,
-            "--birth-date", info.birth_date, "--case-date", info.case_date),
+            "--birth-date", info.birth_date, "--case-date", info.case_date.isoformat()),
         run("source", "add", "c", "--media", str(tmp_path / "dl")),
         run("pull", "c"),
         run("check", "c", "--json"),
