@@ -1,0 +1,186 @@
+"""Attachments -> files for the package's ``documents/`` folder.
+
+An attachment gets its bytes from inline ``data`` or from a binary of the *same source* whose
+ledger key is what ``attachment.url`` points at (exactly, relative to the source's server, as
+``Binary/<id>``, a FHIR Binary resource of the source, or a file next to the one the resource came
+from). Identical bytes become one :class:`DocumentFile`, named from their SHA-256
+(``documents/D<7 hex>.<EXT>``: 8.3 names, stable across re-runs and independent of order).
+
+The attachment then points at the package file (``url``) and states ``size`` and ``hash``
+(base64 SHA-1, as FHIR R4 defines it). Inline ``data`` is kept: a viewer that reads only the
+bundle still finds the text, and FHIR allows both when they hold the same content. An attachment
+whose bytes never arrived (failed or absent binary) stays exactly as the source wrote it, so
+the checklist can say why it is missing.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import posixpath
+from dataclasses import dataclass
+from typing import Any
+
+from aggregator.blobs import BlobStore
+from aggregator.ledger import LedgerEntry
+from aggregator.model import DocumentFile, SourceInfo
+from aggregator.normalize.parse import Item
+from aggregator.normalize.references import type_id
+
+KIND_BINARY = "binary"
+EXT = {
+    "application/pdf": "PDF", "text/plain": "TXT", "text/html": "HTM", "text/xml": "XML",
+    "application/xml": "XML", "application/hl7-v3+xml": "XML", "application/cda+xml": "XML",
+    "text/rtf": "RTF", "application/rtf": "RTF", "image/jpeg": "JPG", "image/png": "PNG", "image/tiff": "TIF",
+    "image/gif": "GIF", "application/json": "JSN", "application/fhir+json": "JSN",
+    "application/msword": "DOC", "text/markdown": "TXT", "text/csv": "CSV",
+}
+
+
+def attachments_of(item: Item) -> list[dict[str, Any]]:
+    d = item.data
+    if item.rtype == "DocumentReference":
+        raw = [c.get("attachment") for c in d.get("content") or [] if isinstance(c, dict)]
+    elif item.rtype == "DiagnosticReport":
+        raw = list(d.get("presentedForm") or [])
+    else:
+        return []
+    return [a for a in raw if isinstance(a, dict)]
+
+
+@dataclass
+class Blob:
+    sha256: str
+    size: int
+    content_type: str
+    sha1_b64: str | None = None
+    data: bytes | None = None  # only for inline content not yet in the blob store
+
+
+class Documents:
+    """Finds attachment bytes and collects the package's document files."""
+
+    def __init__(self, binaries: list[LedgerEntry], items: list[Item], sources: dict[int, SourceInfo],
+                 blobs: BlobStore) -> None:
+        self.blobs = blobs
+        self.sources = sources
+        self._bin: dict[tuple[int, str], LedgerEntry] = {}
+        for e in binaries:
+            self._bin.setdefault((e.source_id, e.key), e)
+            tid = type_id(e.key)
+            if tid:
+                self._bin.setdefault((e.source_id, tid), e)
+        self._fhir_binary: dict[tuple[int, str], Item] = {
+            (it.source_id, it.ref): it for it in items if it.rtype == "Binary" and isinstance(it.data.get("data"), str)}
+        self.used: set[tuple[int, str]] = set()
+        self._cache: dict[int, Blob | None] = {}
+        self.files: dict[str, tuple[Blob, list[str], str]] = {}  # sha256 -> blob, resource refs, title
+
+    def _entry_for(self, item: Item, url: str) -> LedgerEntry | Item | None:
+        sid = item.source_id
+        hit = self._bin.get((sid, url))
+        if hit is not None:
+            return hit
+        base = self.sources[sid].base_url if sid in self.sources else None
+        if base and url.startswith(base.rstrip("/") + "/"):
+            hit = self._bin.get((sid, url[len(base.rstrip("/")) + 1:]))
+            if hit is not None:
+                return hit
+        if "://" not in url and not url.startswith(("urn:", "file:")) and item.meta.get("file"):
+            rel = posixpath.normpath(posixpath.join(posixpath.dirname(str(item.meta["file"])), url))
+            hit = self._bin.get((sid, f"file:{rel}"))
+            if hit is not None:
+                return hit
+        tid = type_id(url)
+        if tid:
+            return self._bin.get((sid, tid)) or self._fhir_binary.get((sid, tid))
+        return None
+
+    def blob_for(self, item: Item, att: dict[str, Any]) -> Blob | None:
+        """The bytes behind an attachment, or None when they are not in the record."""
+        key = id(att)
+        if key in self._cache:
+            return self._cache[key]
+        blob: Blob | None = None
+        ctype = str(att.get("contentType") or "")
+        if isinstance(att.get("data"), str):
+            blob = _inline(att["data"], ctype)
+        elif isinstance(att.get("url"), str):
+            hit = self._entry_for(item, att["url"])
+            if isinstance(hit, Item):
+                blob = _inline(str(hit.data["data"]), ctype or str(hit.data.get("contentType") or ""))
+                self.used.add((hit.source_id, f"resource:{hit.key}"))
+            elif hit is not None and hit.sha256:
+                blob = Blob(hit.sha256, int(hit.size or 0), ctype or str(hit.content_type or ""))
+                self.used.add((hit.source_id, hit.key))
+        self._cache[key] = blob
+        return blob
+
+    def digest(self, item: Item, att: dict[str, Any]) -> str | None:
+        b = self.blob_for(item, att)
+        return b.sha256 if b else None
+
+    def attach(self, item: Item) -> None:
+        """Point each attachment whose bytes are known at its package file (call after ids are final)."""
+        for att in attachments_of(item):
+            blob = self.blob_for(item, att)
+            if blob is None:
+                continue
+            if blob.sha1_b64 is None:
+                blob.sha1_b64 = self._sha1(blob)
+            ref = f"{item.rtype}/{item.new_id}"
+            if blob.sha256 in self.files:
+                self.files[blob.sha256][1].append(ref)
+            else:
+                self.files[blob.sha256] = (blob, [ref], str(att.get("title") or ""))
+            att["_package_sha256"] = blob.sha256
+            att["size"] = blob.size
+            att["hash"] = blob.sha1_b64
+            if not att.get("contentType") and blob.content_type:
+                att["contentType"] = blob.content_type
+
+    def _sha1(self, blob: Blob) -> str:
+        h = hashlib.sha1()  # FHIR R4 Attachment.hash is defined as SHA-1
+        if blob.data is not None:
+            h.update(blob.data)
+        else:
+            with self.blobs.open(blob.sha256) as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+        return base64.b64encode(h.digest()).decode("ascii")
+
+    def finish(self, items: list[Item]) -> list[DocumentFile]:
+        """Name the files, store inline bytes, and write the package paths into the attachments."""
+        paths: dict[str, str] = {}
+        taken: set[str] = set()
+        for sha in sorted(self.files):
+            blob = self.files[sha][0]
+            ext = EXT.get(blob.content_type.split(";")[0].strip().lower(), "BIN")
+            for start in range(0, 57):
+                name = f"documents/D{sha[start:start + 7].upper()}.{ext}"
+                if name not in taken:
+                    break
+            taken.add(name)
+            paths[sha] = name
+            if blob.data is not None and not self.blobs.exists(sha):
+                self.blobs.put_bytes(blob.data)
+        for it in items:
+            for att in attachments_of(it):
+                sha = att.pop("_package_sha256", None)
+                if sha:
+                    att["url"] = paths[sha]
+        out = []
+        for sha in sorted(self.files):
+            blob, refs, title = self.files[sha]
+            out.append(DocumentFile(paths[sha], sha, blob.size, blob.content_type or "application/octet-stream",
+                                    title, sorted(refs)[0]))
+        return sorted(out, key=lambda d: d.path)
+
+
+def _inline(data: str, ctype: str) -> Blob | None:
+    try:
+        raw = base64.b64decode(data, validate=False)
+    except (binascii.Error, ValueError):
+        return None
+    return Blob(hashlib.sha256(raw).hexdigest(), len(raw), ctype, data=raw)
