@@ -1,0 +1,397 @@
+"""DICOMweb connector: QIDO-RS to find a patient's studies, WADO-RS to retrieve them.
+
+WADO-RS answers are ``multipart/related`` streams of Part 10 files. They are parsed while they
+arrive (never held whole in memory) and each part is handed to the sink as received. The SOP
+Instance UID of a part is read from its File Meta group only, so no instance is decoded.
+Uses plain ``requests`` with (connect, read) timeouts; errors are translated at the boundary.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import struct
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+from urllib.parse import quote
+
+import requests
+
+from aggregator.errors import (
+    AccessDenied,
+    AuthError,
+    ConfigError,
+    ConnectorError,
+    ProtocolError,
+    RemoteNotFound,
+    TransientConnectorError,
+    UsageError,
+)
+from connectors.base import KIND_DICOM, CheckResult, Connector, ConnectorConfig, Cursor, PatientRef, Progress, Sink
+from connectors.dicom_stream import BackgroundWriter, SpoolBuffer, record_failure, split_part10
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 10.0
+READ_CHUNK = 1024 * 1024
+ACCEPT_DICOM = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+
+
+@dataclass
+class DicomwebConfig(ConnectorConfig):
+    url: str
+    auth: str = "none"
+    token_env: str | None = None
+    token_file: str | None = None
+    username: str | None = None
+    password_env: str | None = None
+    password_file: str | None = None
+    timeout: float = 120
+    modalities: str | None = None
+    date_from: str | None = None
+    date_to: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.auth not in ("none", "bearer", "basic"):
+            raise ConfigError("auth must be none, bearer or basic", item="auth")
+        if not re.match(r"^https?://", self.url or ""):
+            raise ConfigError("url must start with http:// or https://", item="url")
+
+
+def _secret(env: str | None, path: str | None, what: str) -> str:
+    if env:
+        value = os.environ.get(env)
+        if not value:
+            raise ConfigError(f"environment variable {env} with the {what} is not set", item=what)
+        return value.strip()
+    if path:
+        try:
+            return Path(path).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the {what} file: {exc.strerror}", item=path) from exc
+    raise ConfigError(f"the {what} must come from an environment variable or a file", item=what)
+
+
+def mask_url(url: str) -> str:
+    """The URL with query values masked (they can carry PatientIDs)."""
+    return re.sub(r"([?&][^=&]+=)[^&]*", r"\1***", url)
+
+
+class DicomwebConnector(Connector):
+    kind: ClassVar[str] = "dicomweb"
+    config_type: ClassVar[type[ConnectorConfig]] = DicomwebConfig
+
+    def __init__(self, config: ConnectorConfig) -> None:
+        if not isinstance(config, DicomwebConfig):
+            raise ConfigError("DicomwebConnector needs a DicomwebConfig")
+        super().__init__(config)
+        self.cfg: DicomwebConfig = config
+        self.base = config.url.rstrip("/")
+        self.session = requests.Session()
+        self.session.headers["Accept-Encoding"] = "identity"
+        if config.auth == "bearer":
+            self.session.headers["Authorization"] = "Bearer " + _secret(config.token_env, config.token_file,
+                                                                         "token")
+        elif config.auth == "basic":
+            if not config.username:
+                raise ConfigError("basic auth needs --username", item="username")
+            self.session.auth = (config.username, _secret(config.password_env, config.password_file, "password"))
+
+    def close(self) -> None:
+        self.session.close()
+
+    # -- HTTP ------------------------------------------------------------------------------
+
+    def _get(self, path: str, *, params: Mapping[str, str] | None = None, accept: str = "application/dicom+json",
+             stream: bool = False) -> requests.Response:
+        url = self.base + path
+        try:
+            resp = self.session.get(url, params=params, headers={"Accept": accept}, stream=stream,
+                                    timeout=(CONNECT_TIMEOUT, self.cfg.timeout))
+        except requests.Timeout as exc:
+            raise TransientConnectorError("DICOMweb request timed out", item=mask_url(url)) from exc
+        except requests.RequestException as exc:
+            raise TransientConnectorError(f"DICOMweb request failed: {type(exc).__name__}",
+                                          item=mask_url(url)) from exc
+        _raise_for_status(resp, mask_url(resp.url or url))
+        return resp
+
+    def _qido(self, path: str, params: Mapping[str, str]) -> list[dict[str, Any]]:
+        resp = self._get(path, params=params)
+        if resp.status_code == 204 or not resp.content.strip():
+            return []
+        try:
+            data = resp.json()
+        except ValueError as exc:
+            raise ProtocolError("QIDO-RS answer is not JSON", item=mask_url(resp.url)) from exc
+        if not isinstance(data, list):
+            raise ProtocolError("QIDO-RS answer is not a JSON array", item=mask_url(resp.url))
+        return [d for d in data if isinstance(d, dict)]
+
+    # -- check / pull ----------------------------------------------------------------------
+
+    def check(self) -> CheckResult:
+        found = self._qido("/studies", {"limit": "1"})
+        return CheckResult(True, {"url": self.base, "qido": True, "studies_seen": len(found)})
+
+    def pull(self, patient: PatientRef, since: Cursor | None, sink: Sink, progress: Progress) -> Cursor:
+        if not patient.id:
+            raise UsageError("a DICOMweb pull needs the patient's PatientID at this archive")
+        done_before: dict[str, int] = dict((since or {}).get("studies", {}).get("studies", {}))
+        params = {"PatientID": patient.id, "includefield": "00100021,00201208,00080061"}
+        if patient.issuer:
+            params["IssuerOfPatientID"] = patient.issuer
+        if self.cfg.date_from or self.cfg.date_to:
+            params["StudyDate"] = "-".join((d or "").replace("-", "") for d in (self.cfg.date_from, self.cfg.date_to))
+        wanted = {m.strip().upper() for m in (self.cfg.modalities or "").replace("\\", ",").split(",") if m.strip()}
+        studies: list[tuple[str, int | None]] = []
+        for item in self._qido("/studies", params):
+            uid = _value(item, "0020000D")
+            if not uid or _value(item, "00100020") not in (None, patient.id):
+                continue
+            if patient.issuer and (_value(item, "00100021") or "") != patient.issuer:
+                continue
+            if wanted and not wanted & set(_values(item, "00080061")):
+                continue
+            raw_count = _value(item, "00201208")
+            studies.append((uid, int(raw_count) if raw_count not in (None, "") else None))
+
+        todo = [(uid, count) for uid, count in studies if not (count is not None and done_before.get(uid) == count)]
+        progress.set_total(sum(c or 0 for _, c in todo) or None)
+        sink.set_method("WADO-RS")
+        complete = dict(done_before)
+        with BackgroundWriter() as writer:
+            for uid, count in todo:
+                got: set[str] = set()
+                members: dict[str, str] = {}
+                if since is None:
+                    # first pull: the whole study at once; enumerate only if some did not come
+                    self._retrieve(f"/studies/{quote(uid)}", uid, members, sink, progress, got, writer)
+                    writer.drain()
+                    if count is None or len(got) < count:
+                        members = self._enumerate(uid)
+                else:
+                    members = self._enumerate(uid)
+                    self._retrieve_missing(uid, members, sink, progress, got, writer)
+                writer.drain()
+                for sop, series in members.items():
+                    if sop not in got and not sink.is_done(KIND_DICOM, sop):
+                        record_failure(sink, sop, "WADO-RS did not return this instance", "missing",
+                                       {"study_uid": uid, "series_uid": series})
+                if members and all(sink.is_done(KIND_DICOM, s) for s in members):
+                    complete[uid] = len(members)
+                elif not members and count is not None and len(got) >= count:
+                    complete[uid] = count
+        return {"studies": {"studies": complete}}
+
+    def _retrieve_missing(self, uid: str, members: Mapping[str, str], sink: Sink, progress: Progress,
+                          got: set[str], writer: BackgroundWriter) -> None:
+        """Fetch what the ledger lacks: the study, whole series, or single instances."""
+        missing = [s for s in members if not sink.is_done(KIND_DICOM, s)]
+        progress.advance(len(members) - len(missing))
+        if not missing:
+            return
+        if len(missing) == len(members):
+            self._retrieve(f"/studies/{quote(uid)}", uid, members, sink, progress, got, writer)
+            return
+        by_series: dict[str, list[str]] = {}
+        for sop in missing:
+            by_series.setdefault(members[sop], []).append(sop)
+        for series, sops in by_series.items():
+            base = f"/studies/{quote(uid)}/series/{quote(series)}"
+            if len(sops) == sum(1 for s in members.values() if s == series):
+                self._retrieve(base, uid, members, sink, progress, got, writer)
+            else:
+                for sop in sops:
+                    self._retrieve(f"{base}/instances/{quote(sop)}", uid, members, sink, progress, got, writer)
+
+    def _enumerate(self, study_uid: str) -> dict[str, str]:
+        """SOP Instance UID -> Series Instance UID for one study (QIDO series, then instances)."""
+        members: dict[str, str] = {}
+        for series in self._qido(f"/studies/{quote(study_uid)}/series", {}):
+            series_uid = _value(series, "0020000E")
+            if not series_uid:
+                continue
+            for inst in self._qido(f"/studies/{quote(study_uid)}/series/{quote(series_uid)}/instances", {}):
+                sop = _value(inst, "00080018")
+                if sop:
+                    members[sop] = series_uid
+        return members
+
+    def _retrieve(self, path: str, study_uid: str, members: Mapping[str, str], sink: Sink, progress: Progress,
+                  got: set[str], writer: BackgroundWriter) -> None:
+        resp = self._get(path, accept=ACCEPT_DICOM, stream=True)
+        try:
+            boundary = _boundary(resp.headers.get("Content-Type", ""), mask_url(resp.url))
+            for headers, part in iter_multipart(resp.iter_content(READ_CHUNK), boundary):
+                self._store_part(part, headers, study_uid, members, sink, progress, got, writer)
+        except requests.RequestException as exc:
+            raise TransientConnectorError(f"WADO-RS stream broke off: {type(exc).__name__}",
+                                          item=study_uid) from exc
+        finally:
+            resp.close()
+
+    def _store_part(self, part: SpoolBuffer, headers: Mapping[str, str], study_uid: str,
+                    members: Mapping[str, str], sink: Sink, progress: Progress, got: set[str],
+                    writer: BackgroundWriter) -> None:
+        ctype = headers.get("content-type", "application/dicom").split(";")[0].strip().lower()
+        try:
+            _, ts, sop, sop_class = _meta_of(part.head(4096))
+        except (ValueError, struct.error):
+            part.close()
+            raise ProtocolError(f"a WADO-RS part ({ctype}) is not a DICOM Part 10 file", item=study_uid) from None
+        if not sop:
+            part.close()
+            raise ProtocolError("a WADO-RS part has no MediaStorageSOPInstanceUID", item=study_uid)
+        if sop in got or sink.is_done(KIND_DICOM, sop):
+            got.add(sop)
+            part.close()
+            progress.advance(1)
+            return
+        got.add(sop)
+        meta = {"study_uid": study_uid, "series_uid": members.get(sop), "sop_class_uid": sop_class,
+                "transfer_syntax": ts}
+
+        def job() -> None:
+            try:
+                sink.dicom(sop, part.iter_chunks(), meta=meta)  # type: ignore[arg-type]
+            finally:
+                part.close()
+
+        writer.submit(job, part.size)
+        progress.advance(1)
+
+
+# --- multipart/related streaming ----------------------------------------------------------------
+
+
+def _boundary(content_type: str, where: str) -> bytes:
+    if not content_type.lower().startswith("multipart/related"):
+        raise ProtocolError(f"WADO-RS answered {content_type.split(';')[0] or 'no content type'}, "
+                            "not multipart/related", item=where)
+    m = re.search(r'boundary="?([^";]+)"?', content_type, re.I)
+    if not m:
+        raise ProtocolError("multipart/related answer without a boundary", item=where)
+    return m.group(1).encode("latin-1")
+
+
+def iter_multipart(chunks: Iterable[bytes], boundary: bytes) -> Iterator[tuple[dict[str, str], SpoolBuffer]]:
+    """Yield (headers, part) for each part of a multipart body, reading it chunk by chunk.
+
+    Memory stays at about one chunk plus the part being built (spilled to disk past
+    ``SPILL_BYTES``): the body is never held whole.
+    """
+    delim = b"\r\n--" + boundary
+    buf = bytearray(b"\r\n")  # the first delimiter has no leading CRLF
+    it = iter(chunks)
+    part: SpoolBuffer | None = None
+    headers: dict[str, str] = {}
+    state = "preamble"
+    eof = False
+    while True:
+        if state in ("preamble", "body"):
+            idx = buf.find(delim)
+            if idx >= 0 and (len(buf) >= idx + len(delim) + 2 or eof):
+                if state == "body" and part is not None:
+                    part.write(bytes(buf[:idx]))
+                    yield headers, part
+                    part = None
+                after = idx + len(delim)
+                if buf[after : after + 2] == b"--":
+                    return
+                del buf[:after]
+                state = "headers"
+                continue
+            if idx < 0:
+                if eof:
+                    raise ProtocolError("multipart body ended without its closing delimiter")
+                keep = len(delim) + 1
+                if len(buf) > keep:
+                    if state == "body" and part is not None:
+                        part.write(bytes(buf[:-keep]))
+                    del buf[:-keep]
+        if state == "headers":
+            end = buf.find(b"\r\n\r\n")
+            if end >= 0:
+                lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
+                headers = {}
+                for line in lines:
+                    if ":" in line:
+                        k, v = line.split(":", 1)
+                        headers[k.strip().lower()] = v.strip()
+                del buf[: end + 4]
+                part = SpoolBuffer()
+                state = "body"
+                continue
+            if eof:
+                raise ProtocolError("multipart part headers are truncated")
+        try:
+            chunk = next(it)
+        except StopIteration:
+            if eof:
+                raise ProtocolError("multipart body is truncated") from None
+            eof = True
+            continue
+        buf += chunk
+
+
+# --- DICOM JSON / File Meta helpers -------------------------------------------------------------
+
+
+def _values(item: Mapping[str, Any], tag: str) -> list[str]:
+    el = item.get(tag)
+    if not isinstance(el, dict):
+        return []
+    vals = el.get("Value") or []
+    return [str(v) if not isinstance(v, dict) else str(v.get("Alphabetic", "")) for v in vals]
+
+
+def _value(item: Mapping[str, Any], tag: str) -> str | None:
+    vals = _values(item, tag)
+    return vals[0] if vals else None
+
+
+def _meta_of(head: bytes) -> tuple[int, str, str, str]:
+    """(dataset offset, transfer syntax, SOP Instance UID, SOP Class UID) from a File Meta group."""
+    offset, ts = split_part10(head)
+    sop = sop_class = ""
+    pos = 132
+    while pos + 8 <= min(offset, len(head)):
+        _group, elem = struct.unpack_from("<HH", head, pos)
+        vr = head[pos + 4 : pos + 6]
+        if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT", b"UC", b"UR"):
+            (length,) = struct.unpack_from("<I", head, pos + 8)
+            start = pos + 12
+        else:
+            (length,) = struct.unpack_from("<H", head, pos + 6)
+            start = pos + 8
+        value = head[start : start + length].rstrip(b"\x00 ").decode("ascii", "replace")
+        if elem == 0x0003:
+            sop = value
+        elif elem == 0x0002:
+            sop_class = value
+        pos = start + length
+    return offset, ts, sop, sop_class
+
+
+def _raise_for_status(resp: requests.Response, where: str) -> None:
+    code = resp.status_code
+    if code < 400:
+        return
+    retry_after = None
+    if code in (429, 503) and resp.headers.get("Retry-After", "").isdigit():
+        retry_after = float(resp.headers["Retry-After"])
+    resp.close()
+    if code == 401:
+        raise AuthError("the DICOMweb server rejected our credentials (401)", item=where, status=code)
+    if code == 403:
+        raise AccessDenied("the DICOMweb server refused access (403)", item=where, status=code)
+    if code in (404, 410):
+        raise RemoteNotFound(f"not found on the DICOMweb server ({code})", item=where, status=code)
+    if code in (408, 429, 500, 502, 503, 504):
+        raise TransientConnectorError(f"DICOMweb server answered {code}", item=where, status=code,
+                                      retry_after=retry_after)
+    raise ConnectorError(f"DICOMweb server answered {code}", item=where, status=code)

@@ -1,0 +1,225 @@
+"""The built-in storage SCP that receives the instances a C-MOVE sends us.
+
+C-MOVE makes the archive open a *second* association back to us (the move destination) and
+C-STORE each instance there. This listener is bound to the configured address and port only,
+answers only to our AE title (and, when configured, only to the archive's), accepts every
+storage SOP class in whatever transfer syntax the archive proposes first (we never decode, so
+any syntax is fine and the archive need not transcode), and hands each dataset on undecoded.
+
+It uses the same single-threaded PDU loop as the C-GET client (:class:`DimseLink`) rather than
+pynetdicom's server, whose per-message thread hand-offs made C-MOVE several times slower.
+pynetdicom still decodes and encodes the association negotiation PDUs.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+import threading
+from collections.abc import Callable
+
+from aggregator.errors import ConfigError
+from connectors.dicom_stream import (
+    APPLICATION_CONTEXT,
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    NO_DATASET,
+    AssociationAborted,
+    AssociationReleased,
+    DimseLink,
+    SpoolBuffer,
+    _us,
+    encode_command,
+    tune_socket,
+)
+
+log = logging.getLogger(__name__)
+
+#: Called for each received instance: (sop_class_uid, sop_instance_uid, transfer_syntax,
+#: source AE title, raw dataset) -> DIMSE status to answer with; the handler closes the dataset.
+InstanceHandler = Callable[[str, str, str, str, SpoolBuffer], int]
+
+VERIFICATION = "1.2.840.10008.1.1"
+C_ECHO_RQ, C_ECHO_RSP = 0x0030, 0x8030
+
+
+def _storage_classes() -> frozenset[str]:
+    from pynetdicom import AllStoragePresentationContexts
+
+    return frozenset(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
+
+
+class StorageSCP:
+    """A Storage SCP listening on ``host:port`` as ``ae_title``; use as a context manager."""
+
+    def __init__(self, *, ae_title: str, host: str, port: int, handler: InstanceHandler,
+                 allowed_calling_ae: str | None = None, acse_timeout: float = 30,
+                 dimse_timeout: float = 120, network_timeout: float = 60) -> None:
+        self.ae_title = ae_title
+        self.host = host
+        self.port = port
+        self.handler = handler
+        self.allowed_calling_ae = allowed_calling_ae
+        self.acse_timeout, self.dimse_timeout, self.network_timeout = acse_timeout, dimse_timeout, network_timeout
+        self._listener: socket.socket | None = None
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._classes = _storage_classes()
+
+    def __enter__(self) -> StorageSCP:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        try:
+            infos = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+            family, _, _, _, addr = infos[0]
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+            sock.listen(8)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen for C-MOVE on {self.host}:{self.port} ({exc.strerror or exc}); "
+                "choose another --store-port or --store-host",
+                item=f"{self.host}:{self.port}",
+            ) from exc
+        sock.settimeout(0.2)
+        self._listener = sock
+        thread = threading.Thread(target=self._accept_loop, name="storescp-accept", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+        log.debug("storage SCP %s listening on %s:%s", self.ae_title, self.host, self.port)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in list(self._threads):
+            t.join(timeout=self.network_timeout)
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+
+    # -- connections ----------------------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            t = threading.Thread(target=self._serve, args=(conn,), name="storescp-assoc", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _serve(self, conn: socket.socket) -> None:
+        tune_socket(conn)
+        conn.settimeout(self.acse_timeout)
+        link = DimseLink("", 0, calling_ae=self.ae_title, called_ae="", connect_timeout=self.network_timeout,
+                         acse_timeout=self.acse_timeout, dimse_timeout=self.dimse_timeout)
+        link.sock = conn
+        try:
+            if not self._negotiate(link):
+                return
+            conn.settimeout(self.dimse_timeout)
+            while True:
+                msg = link.next_message()
+                field = struct.unpack("<H", msg.command.get(0x0100, b"\0\0")[:2])[0]
+                if field == 0x0001:  # C-STORE-RQ
+                    link._serve_store(msg, self._locked_handler)
+                elif field == C_ECHO_RQ:
+                    rsp = encode_command([(0x0002, msg.command.get(0x0002, b"")), (0x0100, _us(C_ECHO_RSP)),
+                                          (0x0120, msg.command.get(0x0110, _us(0))), (0x0800, _us(NO_DATASET)),
+                                          (0x0900, _us(0))])
+                    link.send_message(msg.context_id, rsp)
+                else:
+                    log.warning("storage SCP: unexpected DIMSE command 0x%04X; aborting", field)
+                    link.abort()
+                    return
+        except AssociationReleased:
+            pass
+        except AssociationAborted as exc:
+            log.info("storage SCP association ended: %s", exc)
+        finally:
+            link.close()
+
+    def _locked_handler(self, sop_class: str, sop_uid: str, ts: str, source_ae: str, data: SpoolBuffer) -> int:
+        with self._lock:
+            return self.handler(sop_class, sop_uid, ts, source_ae, data)
+
+    def _negotiate(self, link: DimseLink) -> bool:
+        """Answer the A-ASSOCIATE-RQ: accept storage contexts, reject strangers."""
+        from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
+        from pynetdicom.pdu_primitives import (
+            A_ASSOCIATE,
+            ImplementationClassUIDNotification,
+            ImplementationVersionNameNotification,
+            MaximumLengthNotification,
+        )
+        from pynetdicom.presentation import PresentationContext
+
+        pdu_type, body = link._read_pdu()
+        if pdu_type != 0x01:
+            link.abort()
+            return False
+        rq = A_ASSOCIATE_RQ()
+        rq.decode(struct.pack(">BBI", pdu_type, 0, len(body)) + bytes(body))
+        calling = str(rq.calling_ae_title).strip()
+        called = str(rq.called_ae_title).strip()
+        reason = None
+        if called != self.ae_title.strip():
+            reason = 7  # called AE title not recognised
+        elif self.allowed_calling_ae and calling != self.allowed_calling_ae.strip():
+            reason = 3  # calling AE title not recognised
+        if reason is not None:
+            rj = A_ASSOCIATE_RJ()
+            rj.result, rj.source, rj.reason_diagnostic = 0x01, 0x01, reason
+            link._send(rj.encode())
+            log.info("storage SCP rejected an association (reason %d)", reason)
+            link.close()
+            return False
+        link.peer_ae = calling
+        ui = rq.user_information
+        link.peer_max_pdu = int(ui.maximum_length or 0) if ui is not None and ui.maximum_length is not None else 16384
+
+        results = []
+        for item in rq.presentation_context:
+            cx = PresentationContext()
+            if item.context_id is None:
+                continue
+            cx.context_id = item.context_id
+            abstract = str(item.abstract_syntax)
+            syntaxes = [str(ts) for ts in item.transfer_syntax]
+            cx.abstract_syntax = item.abstract_syntax
+            if (abstract in self._classes or abstract == VERIFICATION) and syntaxes:
+                cx.transfer_syntax = [syntaxes[0]]
+                cx.result = 0x00
+                link.accepted[int(item.context_id)] = (abstract, syntaxes[0])
+            else:
+                cx.transfer_syntax = [syntaxes[0] if syntaxes else "1.2.840.10008.1.2"]
+                cx.result = 0x03  # abstract syntax not supported
+            results.append(cx)
+        prim = A_ASSOCIATE()
+        prim.application_context_name = APPLICATION_CONTEXT
+        prim.calling_ae_title = calling
+        prim.called_ae_title = called
+        prim.result = 0x00
+        prim.presentation_context_definition_results_list = results
+        ml = MaximumLengthNotification()
+        ml.maximum_length_received = 0
+        ic = ImplementationClassUIDNotification()
+        ic.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+        iv = ImplementationVersionNameNotification()
+        iv.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+        prim.user_information = [ml, ic, iv]
+        ac = A_ASSOCIATE_AC()
+        ac.from_primitive(prim)
+        link._send(ac.encode())
+        return True
