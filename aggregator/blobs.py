@@ -34,6 +34,10 @@ class BlobStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self._tmp = self.root / ".tmp"
+        # Fan-out folders already known to exist: creating them on every write cost two
+        # syscalls per blob, a measurable share of a fast DICOM retrieve.
+        self._dirs: set[str] = set()
+        self._tmp_ready = False
 
     def path(self, sha256: str) -> Path:
         if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
@@ -44,12 +48,16 @@ class BlobStore:
         return self.path(sha256).is_file()
 
     def _new_tmp(self) -> tuple[int, str]:
-        self._tmp.mkdir(parents=True, exist_ok=True)
+        if not self._tmp_ready:
+            self._tmp.mkdir(parents=True, exist_ok=True)
+            self._tmp_ready = True
         return tempfile.mkstemp(dir=self._tmp, prefix="in-")
 
     def _commit(self, tmp_name: str, digest: str) -> Path:
         final = self.path(digest)
-        final.parent.mkdir(parents=True, exist_ok=True)
+        if digest[:2] not in self._dirs:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            self._dirs.add(digest[:2])
         if final.exists():
             os.unlink(tmp_name)
         else:
