@@ -291,7 +291,9 @@ def connector_config(app: App, source_id: int) -> tuple[str, dict[str, Any], Sou
         if src is None:
             raise NotFound(f"no source with id {source_id}")
         if src.kind == "media":
-            return "media", {"path": src.config["path"]}, src
+            # Archives are unpacked inside the case folder: nothing of a case is written elsewhere.
+            tmp = app.case_dir(src.case_id) / "tmp"
+            return "media", {"path": src.config["path"], "tmp_dir": str(tmp)}, src
         if src.endpoint is None:
             raise ConfigError("source has no endpoint", item=f"source {source_id}")
         return src.kind, dict(src.endpoint.config), src

@@ -94,7 +94,8 @@ _DOC_TYPES = frozenset({"Binary", "DocumentReference", "DiagnosticReport", "Comp
 
 def _file_types(key: str) -> frozenset[str]:
     """What an unreadable input file could have been, from its name."""
-    name = key.removeprefix("file:").rsplit("/", 1)[-1].lower()
+    # Keys of items inside a file carry a fragment (#/entry/3/resource, #L12): drop it first.
+    name = key.removeprefix("file:").split("#", 1)[0].rsplit("/", 1)[-1].lower()
     ext = name.rsplit(".", 1)[-1] if "." in name else ""
     if ext in ("json", "ndjson"):
         return frozenset({"*fhir"})
