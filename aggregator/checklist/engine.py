@@ -29,7 +29,7 @@ from aggregator.checklist import reasons as R
 from aggregator.checklist.loader import Checklist, Item, Link, Selector
 from aggregator.ledger import LedgerEntry
 from aggregator.model import CaseInfo, NormalizedRecord, SourceInfo
-from aggregator.normalize.classify import classify
+from aggregator.normalize.classify import classify, values_at
 
 REPORT_SCHEMA = "gap-report/1"
 FINAL = frozenset({"final", "amended", "corrected", "appended", "current", "completed"})
@@ -98,20 +98,6 @@ _SUBJECT_LABELS = (
 # --- small helpers ------------------------------------------------------------------------
 
 
-def _values(node: Any, path: Sequence[str]) -> Iterable[Any]:
-    if not path:
-        if isinstance(node, list):
-            yield from node
-        elif node is not None:
-            yield node
-        return
-    if isinstance(node, list):
-        for n in node:
-            yield from _values(n, path)
-    elif isinstance(node, Mapping) and path[0] in node:
-        yield from _values(node[path[0]], path[1:])
-
-
 def parse_date(value: Any) -> date | None:
     """The calendar date of a FHIR date/dateTime/instant (partial dates: first day)."""
     if not isinstance(value, str) or len(value) < 4:
@@ -129,7 +115,7 @@ def parse_date(value: Any) -> date | None:
 
 def _ref_strings(res: Mapping[str, Any], path: str) -> list[str]:
     out = []
-    for v in _values(res, path.split(".")):
+    for v in values_at(res, path.split(".")):
         if isinstance(v, Mapping) and isinstance(v.get("reference"), str):
             out.append(v["reference"])
     return out
@@ -212,7 +198,7 @@ class RecordIndex:
     @staticmethod
     def _date(rtype: str, res: Mapping[str, Any]) -> date | None:
         for p in _DATE_PATHS.get(rtype, ()):
-            for v in _values(res, p.split(".")):
+            for v in values_at(res, p.split(".")):
                 d = parse_date(v)
                 if d is not None:
                     return d
@@ -229,7 +215,7 @@ class RecordIndex:
         got: dict[str, set[int]] = {}
         for prov in provenances:
             ids = {names[t] for t in _strings(prov) if t in names}
-            ids |= {s.id for s in sources for ident in _values(prov, ["entity", "what", "identifier"])
+            ids |= {s.id for s in sources for ident in values_at(prov, ["entity", "what", "identifier"])
                     if isinstance(ident, Mapping) and "source" in str(ident.get("system") or "")
                     and str(ident.get("value")) == str(s.id)}
             if not ids:
@@ -301,7 +287,7 @@ def _has_bytes(att: Mapping[str, Any]) -> bool:
 
 
 def _composition_text(res: Res) -> bool:
-    for div in _values(res.data, ["section", "text", "div"]):
+    for div in values_at(res.data, ["section", "text", "div"]):
         if isinstance(div, str) and len(div) > 40:
             return True
     return False
@@ -363,7 +349,7 @@ class Content:
             return State(False, R.IMAGES_NOT_RETRIEVED, f"{res.ref} is not an imaging study")
         uid = study_uid(res.data)
         images = self.index.images_by_study.get(uid, []) if uid else []
-        listed = {str(i.get("uid")) for i in _values(res.data, ["series", "instance"]) if isinstance(i, Mapping)}
+        listed = {str(i.get("uid")) for i in values_at(res.data, ["series", "instance"]) if isinstance(i, Mapping)}
         have = {i.sop_instance_uid for i in images}
         if not images:
             failure = self.ledger.for_study(uid, sorted(listed)) if uid else None
@@ -761,7 +747,7 @@ def _identifiers(res: Mapping[str, Any]) -> set[str]:
         if system == "urn:dicom:uid" or value.startswith("urn:oid:"):
             out.add("uid|" + value.removeprefix("urn:oid:"))
             continue
-        codes = {str(c.get("code")) for c in _values(ident, ["type", "coding"]) if isinstance(c, Mapping)}
+        codes = {str(c.get("code")) for c in values_at(ident, ["type", "coding"]) if isinstance(c, Mapping)}
         if "ACSN" in codes:
             out.add("acsn|" + value)
         out.add(f"{system}|{value}")

@@ -14,7 +14,7 @@ more specific one contradicts (``suppress``).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib.resources import files
@@ -118,7 +118,7 @@ def load_tables() -> Tables:
 # --- walking the resource ------------------------------------------------------------------
 
 
-def _values(node: Any, path: list[str]) -> Iterator[Any]:
+def values_at(node: Any, path: Sequence[str]) -> Iterator[Any]:
     """Every value at a dotted path, flattening lists on the way (FHIRPath-like, no filters)."""
     if not path:
         if isinstance(node, list):
@@ -128,12 +128,12 @@ def _values(node: Any, path: list[str]) -> Iterator[Any]:
         return
     if isinstance(node, list):
         for n in node:
-            yield from _values(n, path)
+            yield from values_at(n, path)
         return
     if isinstance(node, Mapping):
         head = path[0]
         if head in node:
-            yield from _values(node[head], path[1:])
+            yield from values_at(node[head], path[1:])
         else:
             # choice types: "value" matches valueCodeableConcept etc. is not needed; exact names only
             return
@@ -195,7 +195,7 @@ def classify_with(tables: Tables, resource: Mapping[str, Any]) -> frozenset[str]
             continue
         texts: list[str] = []
         for fpath in group.fields:
-            for value in _values(resource, fpath.split(".")):
+            for value in values_at(resource, fpath.split(".")):
                 for coding in _codings(value):
                     alias = tables.systems.get(str(coding.get("system") or ""))
                     code = coding.get("code")
