@@ -21,10 +21,9 @@ DEMO_CASE = "demo"
 
 
 def run_demo(app: App, out: Path | None = None, *, progress: bool = True) -> dict[str, Any]:
-    from fixtures.generate import generate_download
-
     from aggregator.package import verify_package
     from aggregator.progress import ProgressBoard
+    from fixtures.generate import generate_download
 
     root = app.settings.home / "demo"
     download = root / "download"
