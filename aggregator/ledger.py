@@ -17,7 +17,7 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import func, select
+from sqlalchemy import func, select, true
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -113,19 +113,26 @@ class LedgerSink:
         self.counts: dict[str, int] = {DONE: 0, FAILED: 0, SKIPPED: 0}
         self._pending: list[Row] = []
         self._last_flush = time.monotonic()
-        with db.session() as s:
-            self._done: set[tuple[str, str]] = {
-                (k, key)
-                for k, key in s.execute(
-                    select(LedgerItem.kind, LedgerItem.key).where(
-                        LedgerItem.source_id == source_id, LedgerItem.state == DONE
-                    )
+        # Keys fetched by earlier pulls, loaded on the first is_done() call. Keys done during
+        # this pull are not added: the sink's memory stays flat however long the pull runs.
+        self._done: set[tuple[str, str]] | None = None
+
+    def _load_done(self) -> set[tuple[str, str]]:
+        with self.db.session() as s:
+            rows = s.execute(
+                select(LedgerItem.kind, LedgerItem.key).where(
+                    LedgerItem.source_id == self.source_id,
+                    LedgerItem.state == DONE,
+                    LedgerItem.pull_id.is_distinct_from(self.pull_id) if self.pull_id is not None else true(),
                 )
-            }
+            )
+            return {(k, key) for k, key in rows}
 
     # -- Sink protocol ----------------------------------------------------------------------
 
     def is_done(self, kind: str, key: str) -> bool:
+        if self._done is None:
+            self._done = self._load_done()
         return (kind, key) in self._done
 
     def set_method(self, method: str) -> None:
@@ -190,8 +197,6 @@ class LedgerSink:
     def _add(self, row: Row) -> None:
         self._pending.append(row)
         self.counts[row.state] = self.counts.get(row.state, 0) + 1
-        if row.state == DONE:
-            self._done.add((row.kind, row.key))
         if len(self._pending) >= FLUSH_ROWS or time.monotonic() - self._last_flush > FLUSH_SECONDS:
             self.flush()
 
