@@ -138,6 +138,15 @@ class LedgerSink:
     def set_method(self, method: str) -> None:
         self.method = method
 
+    def retry_candidates(self, kind: str) -> list[tuple[str, dict[str, Any]]]:
+        with self.db.session() as s:
+            q = select(LedgerItem.key, LedgerItem.meta).where(
+                LedgerItem.source_id == self.source_id, LedgerItem.kind == kind, LedgerItem.state == FAILED
+            )
+            if self.pull_id is not None:
+                q = q.where(LedgerItem.pull_id.is_distinct_from(self.pull_id))
+            return [(key, dict(meta or {})) for key, meta in s.execute(q.order_by(LedgerItem.key))]
+
     def resource(
         self, resource: Mapping[str, Any], *, key: str | None = None, meta: Mapping[str, Any] | None = None
     ) -> None:

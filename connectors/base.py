@@ -83,6 +83,12 @@ class Sink(Protocol):
         """True when an earlier pull already fetched this item: resume skips it."""
         ...
 
+    def retry_candidates(self, kind: str) -> list[tuple[str, dict[str, Any]]]:
+        """(key, meta) of items of ``kind`` that failed in earlier pulls. A connector retries them
+        even when nothing that points at them changed, so an incremental pull does not leave an
+        old failure standing forever."""
+        ...
+
     def set_method(self, method: str) -> None:
         """Record how the data was obtained ($everything, crawl, $export, C-GET, WADO, media)."""
         ...

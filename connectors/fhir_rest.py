@@ -186,6 +186,11 @@ class Attachment:
     owner: str
 
 
+def _retry_meta(job: Attachment) -> dict[str, Any]:
+    """What a later pull needs to try a failed attachment again (no PHI: ids and codes only)."""
+    return {"resource": job.owner, "content_type": job.content_type, "sha1": job.sha1_b64}
+
+
 @dataclass
 class Download:
     """The result of a worker thread, handed to the main thread for the sink."""
@@ -620,6 +625,13 @@ class FhirConnector(Connector):
     # -- attachments -------------------------------------------------------------------------
 
     def fetch_attachments(self, state: PullState, sink: Sink, progress: Progress) -> None:
+        # Attachments that failed before are tried again even if their resource did not change.
+        for url, meta in sink.retry_candidates(KIND_BINARY):
+            if url not in state.attachments and (
+                url.startswith(("http://", "https://")) or self.local_reference(url) is not None
+            ):
+                state.attachments[url] = Attachment(url, meta.get("content_type"), meta.get("sha1"),
+                                                    str(meta.get("resource") or ""))
         jobs = [a for a in state.attachments.values() if not sink.is_done(KIND_BINARY, a.url)]
         if not jobs:
             return
@@ -629,10 +641,10 @@ class FhirConnector(Connector):
                 if d.error is not None or d.file is None:
                     err = d.error or ProtocolError("no content")
                     sink.failed(KIND_BINARY, d.job.url, err.message, status=err.status,
-                                meta={"resource": d.job.owner})
+                                meta=_retry_meta(d.job))
                 elif d.job.sha1_b64 and d.sha1_b64 != d.job.sha1_b64.strip():
                     sink.failed(KIND_BINARY, d.job.url, "content does not match attachment.hash (SHA-1)",
-                                status="hash-mismatch", meta={"resource": d.job.owner})
+                                status="hash-mismatch", meta=_retry_meta(d.job))
                 else:
                     sink.binary(d.job.url, d.file, d.content_type, meta={"resource": d.job.owner})
                     progress.advance(1)

@@ -53,9 +53,13 @@ def render_text(report: dict[str, Any]) -> str:
             lines.append(f"  [{_MARK[it['status']]}] {it.get('title')}  ({it.get('detail', '')})")
             for g in it.get("gaps") or []:
                 what = g.get("component") or g.get("subject") or g.get("resource") or ""
-                head = f"- {_REASON_TEXT.get(g.get('reason', ''), g.get('reason'))}"
-                head += f" [{what}]" if what else ""
-                lines += _wrap(f"{head}: {g.get('detail', '')}", "      ")
+                label = str(_REASON_TEXT.get(g.get("reason", ""), g.get("reason")))
+                head = f"- {label}" + (f" [{what}]" if what else "")
+                detail = str(g.get("detail") or "")
+                # The detail often starts with the reason's own words: say them once.
+                if detail.startswith(label):
+                    detail = detail[len(label):].lstrip(" :")
+                lines += _wrap(f"{head}: {detail}" if detail else head, "      ")
                 lines += _wrap(f"-> {g.get('next_action', '')}", "        ")
     else:
         lines += ["", "No gaps: every applicable item is complete."]
