@@ -65,7 +65,12 @@ class BlobStore:
         return final
 
     def put_bytes(self, data: bytes) -> BlobRef:
-        return self.put_chunks([data])
+        # Bytes in memory can be hashed before anything is written: content the store already
+        # holds (a re-pulled resource) costs no file system write at all.
+        digest = hashlib.sha256(data).hexdigest()
+        if self.path(digest).is_file():
+            return BlobRef(digest, len(data))
+        return self.put_chunks([data], expected_sha256=digest)
 
     def put_stream(self, stream: BinaryIO, *, expected_sha256: str | None = None) -> BlobRef:
         def chunks() -> Iterator[bytes]:
