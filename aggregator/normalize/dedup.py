@@ -94,6 +94,9 @@ class Context:
     attachment_digest: Callable[[Item, dict[str, Any]], str | None]
     #: bundle id -> group id, updated as groups form
     group_of: dict[str, str] = field(default_factory=dict)
+    #: optional: ``(reference object, target)`` pairs of an item, resolved once (a cache); when
+    #: set, ``target_id`` is not used for hashing
+    references: Callable[[Item], list[tuple[dict[str, Any], Any]]] | None = None
 
 
 def _codes(cc: Any) -> tuple[str, ...]:
@@ -204,8 +207,27 @@ def _canon(node: Any, item: Item, ctx: Context) -> Any:
 
 
 def content_key(item: Item, ctx: Context) -> str:
+    """SHA-256 of the canonical JSON of ``item`` without id, meta and text, with every resolved
+    reference replaced by its target's group id (so copies from different sources compare equal).
+
+    With ``ctx.references`` the references are swapped in place for the time of one
+    ``orjson.dumps`` and put back, instead of copying the whole resource in Python: same bytes,
+    a fraction of the time (this runs several times per resource)."""
     body = {k: v for k, v in item.data.items() if k not in ("id", "meta", "text")}
-    return hashlib.sha256(orjson.dumps(_canon(body, item, ctx), option=orjson.OPT_SORT_KEYS)).hexdigest()
+    if ctx.references is None:
+        return hashlib.sha256(orjson.dumps(_canon(body, item, ctx), option=orjson.OPT_SORT_KEYS)).hexdigest()
+    swapped: list[tuple[dict[str, Any], Any]] = []
+    group_of = ctx.group_of
+    try:
+        for node, target in ctx.references(item):
+            tid = target.new_id if isinstance(target, Item) else None
+            if tid:
+                swapped.append((node, node["reference"]))
+                node["reference"] = group_of.get(tid, tid)
+        return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    finally:
+        for node, original in swapped:
+            node["reference"] = original
 
 
 def _m_content(item: Item, ctx: Context) -> Iterable[str]:
@@ -354,6 +376,7 @@ def _settle(members: list[Item], ctx: Context, table: Table, out: Outcome) -> No
     for lo in losers:
         if winner.rtype == "ImagingStudy" and lo.rtype == "ImagingStudy" and merge:
             merge_study(winner.data, lo.data)
+            winner.refs = None  # new references may have arrived: resolve again when rewriting
         same = content_key(lo, ctx) == win_key
         lo_carries = carries(lo.data)
         same_version_line = win_server is not None and next(iter(_m_server_id(lo, ctx)), None) == win_server

@@ -6,9 +6,12 @@ the bundle would no longer be a faithful copy of what the source sent. A resourc
 quarantined with the *path and message* of its first error, never the offending value (which may
 be PHI).
 
-Why a process pool: R4B validation is pure-Python-heavy (~0.5 ms per resource) and dominates
+Why a process pool: R4B validation is pure-Python-heavy (~0.5-0.7 ms per resource) and dominates
 normalization time. For large inputs the work is split in fixed-size chunks over the machine's
-cores; results come back in input order, so the output stays deterministic.
+cores (``AGGREGATOR_NORMALIZE_WORKERS`` overrides the count); the workers read the blobs
+themselves and the parent turns finished chunks into items while later ones are being checked,
+so reading the ledger, parsing and validating overlap. Items are sorted by (source, key) at the
+end, so the output stays deterministic whatever the timing.
 
 Cheap repairs: an empty Narrative (``text`` without ``div``) is removed, and a few R5 shapes
 that differ from R4 only structurally (no information lost) are rewritten to their R4 form and
@@ -21,9 +24,11 @@ from __future__ import annotations
 import copy
 import multiprocessing
 import os
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -54,6 +59,9 @@ class Item:
     #: filled by later stages
     new_id: str = ""
     extra_sources: set[int] = field(default_factory=set)
+    #: the item's Reference objects and what each resolves to, cached between de-duplication
+    #: and rewriting (see :func:`aggregator.normalize.references.targets`); None = not computed
+    refs: list[tuple[dict[str, Any], Any]] | None = field(default=None, repr=False, compare=False)
 
     @property
     def ref(self) -> str:
@@ -139,16 +147,33 @@ def check_resource(obj: Any) -> tuple[str | None, dict[str, Any] | None]:
     return error, None
 
 
-def _check_chunk(blobs: list[bytes]) -> list[tuple[str | None, bytes | None]]:
+MISSING = "raw content missing from the blob store"
+
+
+def _check_chunk(root: str, shas: list[str]) -> list[tuple[str | None, bytes | None]]:
+    """Read, parse and validate stored resources; ``(error, JSON to keep)`` per SHA-256.
+
+    Runs in a worker: it reads the blobs itself, so the parent never holds the raw bytes of more
+    than the few chunks in flight, and it sends back bytes (cheap to pickle) rather than dicts.
+    """
+    store = BlobStore(Path(root))
     out: list[tuple[str | None, bytes | None]] = []
-    for raw in blobs:
+    for sha in shas:
+        try:
+            raw = store.read_bytes(sha)
+        except AggregatorError:
+            out.append((MISSING, None))
+            continue
         try:
             obj = orjson.loads(raw)
         except orjson.JSONDecodeError:
             out.append(("invalid FHIR R4: malformed JSON", None))
             continue
         err, fixed = check_resource(obj)
-        out.append((err, orjson.dumps(fixed) if fixed is not None else None))
+        if err is not None:
+            out.append((err, None))
+        else:
+            out.append((None, orjson.dumps(fixed) if fixed is not None else raw))
     return out
 
 
@@ -159,44 +184,84 @@ def _workers() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-def check_many(raws: Sequence[bytes]) -> list[tuple[str | None, bytes | None]]:
-    """Validate JSON texts; a process pool over all cores when there are many (order kept)."""
-    workers = _workers()
-    if workers < 2 or len(raws) < POOL_MIN:
-        return _check_chunk(list(raws))
-    chunks = [list(raws[i : i + CHUNK]) for i in range(0, len(raws), CHUNK)]
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method)) as pool:
-        results: list[tuple[str | None, bytes | None]] = []
-        for part in pool.map(_check_chunk, chunks):
-            results.extend(part)
-    return results
+class _Loader:
+    """Turns checked chunks into :class:`Item` s (in the parent, while workers check later chunks)."""
+
+    def __init__(self, quarantine: Callable[[Quarantined], None]) -> None:
+        self.quarantine = quarantine
+        self.items: list[Item] = []
+
+    def take(self, rows: list[LedgerEntry], results: list[tuple[str | None, bytes | None]]) -> None:
+        add = self.items.append
+        for e, (err, raw) in zip(rows, results, strict=True):
+            if err is not None or raw is None:
+                self.quarantine(Quarantined(e.source_id, e.kind, e.key, err or MISSING))
+                continue
+            data = orjson.loads(raw)
+            rid = data.get("id")
+            # the ledger row's meta dict is shared, not copied: nothing downstream mutates it
+            add(Item(e.source_id, e.key, e.meta if e.meta is not None else {}, data, str(data["resourceType"]),
+                     str(rid) if rid else ""))
 
 
 def load_resources(
     entries: Iterable[LedgerEntry], blobs: BlobStore, quarantine: Callable[[Quarantined], None]
 ) -> list[Item]:
-    """Every valid resource of ``entries`` (kind ``resource``); the others go to ``quarantine``."""
-    rows: list[LedgerEntry] = []
-    raws: list[bytes] = []
-    for e in entries:
-        if e.kind != KIND_RESOURCE:
-            continue
-        if not e.sha256:
-            quarantine(Quarantined(e.source_id, e.kind, e.key, "invalid FHIR R4: no stored content"))
-            continue
-        try:
-            raws.append(blobs.read_bytes(e.sha256))
-        except AggregatorError:
-            quarantine(Quarantined(e.source_id, e.kind, e.key, "raw content missing from the blob store"))
-            continue
-        rows.append(e)
-    items: list[Item] = []
-    for e, raw, (err, fixed) in zip(rows, raws, check_many(raws), strict=True):
-        if err is not None:
-            quarantine(Quarantined(e.source_id, e.kind, e.key, err))
-            continue
-        data = orjson.loads(fixed if fixed is not None else raw)
-        items.append(Item(e.source_id, e.key, dict(e.meta or {}), data, str(data["resourceType"]),
-                          str(data.get("id") or "")))
-    return items
+    """Every valid resource of ``entries`` (kind ``resource``), sorted by (source, key); the others
+    go to ``quarantine``.
+
+    ``entries`` is consumed as a stream: once :data:`POOL_MIN` rows have arrived, chunks go to a
+    process pool while the rest of the ledger is still being read, and at most a few chunks are
+    in flight, so neither the raw bytes nor the ledger rows of the whole record are held at once.
+    Validation does not depend on order; the items are sorted afterwards, so the result is the
+    same whatever the pool's timing.
+    """
+    loader = _Loader(quarantine)
+    root = str(blobs.root)
+    workers = _workers()
+    buf: list[LedgerEntry] = []
+    pool: ProcessPoolExecutor | None = None
+    pending: deque[tuple[list[LedgerEntry], Future[list[tuple[str | None, bytes | None]]]]] = deque()
+
+    def submit(rows: list[LedgerEntry]) -> None:
+        assert pool is not None
+        pending.append((rows, pool.submit(_check_chunk, root, [str(e.sha256) for e in rows])))
+        while len(pending) > 3 * workers:
+            done_rows, fut = pending.popleft()
+            loader.take(done_rows, fut.result())
+
+    try:
+        for e in entries:
+            if e.kind != KIND_RESOURCE:
+                continue
+            if not e.sha256:
+                quarantine(Quarantined(e.source_id, e.kind, e.key, "invalid FHIR R4: no stored content"))
+                continue
+            buf.append(e)
+            if len(buf) < CHUNK:
+                continue
+            if pool is None and workers >= 2 and len(buf) >= POOL_MIN:
+                method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+                pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method))
+            if pool is not None:
+                for i in range(0, len(buf), CHUNK):
+                    submit(buf[i : i + CHUNK])
+                buf = []
+            elif workers < 2:
+                loader.take(buf, _check_chunk(root, [str(e.sha256) for e in buf]))
+                buf = []
+        if pool is None:
+            for i in range(0, len(buf), CHUNK):
+                part = buf[i : i + CHUNK]
+                loader.take(part, _check_chunk(root, [str(e.sha256) for e in part]))
+        else:
+            for i in range(0, len(buf), CHUNK):
+                submit(buf[i : i + CHUNK])
+            while pending:
+                done_rows, fut = pending.popleft()
+                loader.take(done_rows, fut.result())
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    loader.items.sort(key=lambda it: (it.source_id, it.key))
+    return loader.items

@@ -18,7 +18,7 @@ content-addressed blob store (idempotent), so the package writer finds every doc
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from aggregator.blobs import BlobStore
@@ -31,6 +31,7 @@ from aggregator.normalize.identity import Candidate, from_instances, from_item, 
 from aggregator.normalize.parse import KIND_RESOURCE, Item, load_resources
 from aggregator.normalize.provenance import EPOCH, instant, source_provenance
 from aggregator.normalize.references import Resolver, rewrite
+from aggregator.normalize.references import targets as ref_targets
 
 ANOTHER_PATIENT = "another patient"
 #: types whose missing subject means "the case's patient" (loose documents from a download)
@@ -42,12 +43,27 @@ PATIENT_FIELDS = ("subject", "patient")
 def normalize(case: CaseInfo, sources: Sequence[SourceInfo], entries: Iterable[LedgerEntry],
               blobs: BlobStore) -> NormalizedRecord:
     """Build the case's normalized record from the ``done`` ledger rows of all its sources."""
-    rows = sorted((e for e in entries if e.state == "done"), key=lambda e: (e.source_id, e.kind, e.key))
     srcmap = {s.id: s for s in sources}
     quarantine: list[Quarantined] = []
     q = quarantine.append
+    side_rows: list[LedgerEntry] = []
+    newest: dict[int, Any] = {}
 
-    items = load_resources(rows, blobs, q)
+    def resource_rows() -> Iterator[LedgerEntry]:
+        """Resource rows go on to the (streaming) loader; only the few others are kept."""
+        for e in entries:
+            if e.state != "done":
+                continue
+            t = e.updated_at
+            if t is not None and (e.source_id not in newest or t > newest[e.source_id]):
+                newest[e.source_id] = t
+            if e.kind == KIND_RESOURCE:
+                yield e
+            else:
+                side_rows.append(e)
+
+    items = load_resources(resource_rows(), blobs, q)
+    rows = sorted(side_rows, key=lambda e: (e.source_id, e.kind, e.key))
     instances = dicom.read_instances(rows, blobs, q)
     resolver = Resolver(items, srcmap)
     pid = ids.patient_id(case.id)
@@ -122,7 +138,8 @@ def normalize(case: CaseInfo, sources: Sequence[SourceInfo], entries: Iterable[L
         t = resolver.resolve(it, ref)
         return t.new_id or None if isinstance(t, Item) else None
 
-    outcome = deduplicate(kept, Context(srcmap, target_id, docs.digest))
+    outcome = deduplicate(kept, Context(srcmap, target_id, docs.digest,
+                                        references=lambda it: ref_targets(it, resolver)))
     dropped = set()
     for lo, win, reason in sorted(outcome.dropped, key=lambda x: (x[0].source_id, x[0].key)):
         dropped.add(id(lo))
@@ -130,6 +147,7 @@ def normalize(case: CaseInfo, sources: Sequence[SourceInfo], entries: Iterable[L
         win.extra_sources |= {lo.source_id} | lo.extra_sources
         if not lo.meta.get("derived"):
             q(Quarantined(lo.source_id, KIND_RESOURCE, lo.key, reason))
+        lo.refs = None  # not rewritten: its cached reference targets are no longer needed
     final = [it for it in kept if id(it) not in dropped]
     for inst in dup_instances:
         st = study_items[inst.study_uid]
@@ -142,6 +160,8 @@ def normalize(case: CaseInfo, sources: Sequence[SourceInfo], entries: Iterable[L
         if it.rtype in SUBJECT_TYPES and not it.data.get("subject"):
             it.data["subject"] = {"reference": purn}
         rewrite(it, resolver, known, unresolved)
+    # the lookup indexes are the largest thing normalization holds besides the bundle itself
+    resolver.release()
 
     # -- documents ----------------------------------------------------------------------------
     for it in final:
@@ -154,7 +174,7 @@ def normalize(case: CaseInfo, sources: Sequence[SourceInfo], entries: Iterable[L
     documents = docs.finish(final)
 
     # -- links, endpoint, provenance ------------------------------------------------------------
-    recorded = _recorded_times(sources, rows)
+    recorded = _recorded_times(sources, newest)
     extra: list[dict[str, Any]] = []
     for old, new in sorted(outcome.superseded, key=lambda x: (x[0].new_id, x[1].new_id)):
         prov = link_superseded(old, new, recorded.get(new.source_id, EPOCH))
@@ -217,13 +237,9 @@ def _loose_document(e: LedgerEntry, purn: str) -> Item:
     return Item(e.source_id, e.key, dict(e.meta), data, "DocumentReference", "", new_id=rid)
 
 
-def _recorded_times(sources: Sequence[SourceInfo], rows: list[LedgerEntry]) -> dict[int, str]:
+def _recorded_times(sources: Sequence[SourceInfo], newest: dict[int, Any]) -> dict[int, str]:
     """Pull time per source; without one, the newest ledger row of the source (still stable)."""
     out: dict[int, str] = {}
-    newest: dict[int, Any] = {}
-    for e in rows:
-        if e.updated_at is not None and (e.source_id not in newest or e.updated_at > newest[e.source_id]):
-            newest[e.source_id] = e.updated_at
     for s in sources:
         t = instant(s.pulled_at) or instant(newest.get(s.id))
         if t:

@@ -70,6 +70,11 @@ class Resolver:
                     self._ident.setdefault((sid, it.rtype, f"{ident.get('system') or ''}|{v}"), it)
                     self._ident.setdefault((sid, it.rtype, v), it)
 
+    def release(self) -> None:
+        """Drop the indexes (once references are rewritten); later lookups resolve nothing."""
+        for index in (self._full, self._full_any, self._tid_bundle, self._tid, self._ident, self._bases):
+            index.clear()
+
     def resolve(self, item: Item, reference: str) -> Item | object | None:
         """The target item, :data:`CONTAINED` for ``#id``, or None when it is not in the case."""
         ref = reference.strip()
@@ -117,21 +122,57 @@ def iter_references(node: Any, path: str = "") -> Iterator[tuple[str, dict[str, 
             yield from iter_references(v, f"{path}[{i}]")
 
 
+def reference_nodes(node: Any, out: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every Reference object under ``node``, in document order (like :func:`iter_references`,
+    without building paths: this runs for every resource, paths are needed only on failure)."""
+    if isinstance(node, dict):
+        if isinstance(node.get("reference"), str):
+            out.append(node)
+        for v in node.values():
+            if isinstance(v, dict | list):
+                reference_nodes(v, out)
+    elif isinstance(node, list):
+        for v in node:
+            if isinstance(v, dict | list):
+                reference_nodes(v, out)
+    return out
+
+
+def targets(item: Item, resolver: Resolver) -> list[tuple[dict[str, Any], Any]]:
+    """``(reference object, target)`` for every reference of ``item``, resolved once and cached on
+    the item: de-duplication hashes each resource several times and rewriting needs the same
+    answers; walking and resolving again each time was most of normalization's own cost."""
+    if item.refs is None:
+        item.refs = [(node, resolver.resolve(item, node["reference"])) for node in reference_nodes(item.data, [])]
+    return item.refs
+
+
 def rewrite(item: Item, resolver: Resolver, known: set[str], unresolved: list[dict[str, Any]]) -> None:
     """Point every reference of ``item`` at ``urn:uuid:<bundle id>``; list the ones that fail.
 
     ``known`` holds the urn:uuid references already written by normalization (the case Patient,
-    DICOM-derived studies), which need no lookup.
+    DICOM-derived studies), which need no lookup. The cached targets are dropped afterwards.
     """
-    for path, ref in iter_references(item.data):
+    if item.refs is not None:
+        # the cache lists every reference of the resource as it stands (de-duplication drops it
+        # when it merges content into a resource); references normalization adds are ``known``
+        pairs, item.refs = item.refs, None
+    else:
+        pairs = [(node, resolver.resolve(item, node["reference"])) for node in reference_nodes(item.data, [])
+                 if node["reference"] not in known]
+    failed: list[dict[str, Any]] = []
+    for ref, target in pairs:
         original = ref["reference"]
         if original in known:
             continue
-        target = resolver.resolve(item, original)
         if target is CONTAINED:
             continue
         if isinstance(target, Item) and target.new_id:
             ref["reference"] = f"urn:uuid:{target.new_id}"
             continue
-        unresolved.append({"from": f"{item.rtype}/{item.new_id}", "path": path, "reference": original,
-                           "source_id": item.source_id})
+        failed.append(ref)
+    if failed:
+        paths = {id(node): path for path, node in iter_references(item.data)}
+        for ref in failed:
+            unresolved.append({"from": f"{item.rtype}/{item.new_id}", "path": paths[id(ref)],
+                               "reference": ref["reference"], "source_id": item.source_id})
