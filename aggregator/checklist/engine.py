@@ -676,7 +676,9 @@ class Evaluator:
                 continue
             cands: list[tuple[int, Res]] = []
             for s in subjects:
-                if s.date is None or t.ref in explicit[s.ref]:
+                # A subject with an explicit link is judged on what it names: a report that
+                # references its own study must not borrow another study taken days apart.
+                if s.date is None or explicit[s.ref]:
                     continue
                 owners = [by_ref[o] for o in sorted(claimed.get(t.ref, ()))]
                 if owners and not any(self.same_episode(o, s) for o in owners):

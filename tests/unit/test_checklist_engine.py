@@ -404,3 +404,22 @@ def test_unchanged_input_is_not_mutated() -> None:
     before = copy.deepcopy(rec.bundle)
     run(rec, "oncology")
     assert rec.bundle == before
+
+
+def test_report_linked_to_its_study_does_not_borrow_a_nearby_one() -> None:
+    """rad1 names is1, whose images are missing; is2 (same modality, same day) has its images."""
+    res = complete_resources()
+    other_study, other_series = STUDY + ".9", SERIES + ".9"
+    other_sops = [s + ".9" for s in SOPS]
+    is2 = copy.deepcopy(res["is1"])
+    is2.update(id="is2", started="2026-02-20T15:00:00Z",
+               identifier=[{"system": "urn:dicom:uid", "value": f"urn:oid:{other_study}"}])
+    is2["series"][0]["uid"] = other_series
+    is2["series"][0]["instance"] = [{"uid": s, "sopClass": {"code": "1.2.840.10008.5.1.4.1.1.2"}}
+                                    for s in other_sops]
+    res["is2"] = is2
+    imgs = [ImageRef(s, "1.2.840.10008.5.1.4.1.1.2", other_study, other_series, "1.2.840.10008.1.2.1",
+                     "0" * 64, 1000, "CT", source_id=2) for s in other_sops]
+    report = run(record(res, imgs=imgs))
+    assert gaps(report) == {"radiology-images": ["images-not-retrieved"]}
+    assert item(report, "radiology-images")["gaps"][0]["resource"] == "ImagingStudy/is1"
