@@ -5,6 +5,8 @@ study's series and instances so the expected count is known, then retrieve only 
 ledger does not have yet - the whole study when nothing is stored, otherwise series or
 individual instances. Every instance is stored as received (no decode), one ledger row per SOP
 Instance UID; instances the archive fails to send become ``failed`` rows with the DIMSE status.
+With ``study_hints`` (report to study, ``aggregator.jobs.hints``) each hint is also queried at
+STUDY level and its matches join the list; unmatched hints become ``query`` gaps.
 
 Speed: pynetdicom's defaults cost most of a retrieve's time. We negotiate an unlimited maximum
 PDU (so the archive sends few, large PDUs instead of ~10,000 16 KiB ones), never touch
@@ -60,14 +62,20 @@ from connectors.base import (
     Sink,
 )
 from connectors.dicom_stream import (
+    NO_CRITERIA,
     AssociationAborted,
     AssociationRejected,
     BackgroundWriter,
     DimseLink,
     SpoolBuffer,
+    StudyHint,
+    StudyMatch,
     classify_status,
     file_meta,
+    parse_hints,
     record_failure,
+    record_hint_gap,
+    select_hinted,
     store_instance,
     tune_socket,
 )
@@ -146,6 +154,9 @@ class DimseConfig(ConnectorConfig):
     modalities: str | None = None
     date_from: str | None = None
     date_to: str | None = None
+    #: Report-to-study hints from the case's FHIR data (``aggregator.jobs.hints``): each is also
+    #: queried at STUDY level and its matches retrieved; see ``dicom_stream.select_hinted``.
+    study_hints: list[dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         if self.retrieve not in ("get", "move"):
@@ -397,12 +408,15 @@ class DimseConnector(Connector):
         when they arrive. Later pulls (a cursor exists): enumerate first and fetch only the
         missing series or instances.
         """
-        if not patient.id:
-            raise UsageError("a DIMSE pull needs the patient's PatientID at this archive")
+        hints = parse_hints(self.cfg.study_hints)
+        if not patient.id and not hints:
+            raise UsageError("a DIMSE pull needs the patient's PatientID at this archive (or study hints)")
         started = time.monotonic()
         done_before: dict[str, int] = dict((since or {}).get("studies", {}).get("studies", {}))
-        studies = [s for s in self._find_studies(patient)
-                   if not (s.count is not None and done_before.get(s.study_uid) == s.count)]
+        found = self._find_studies(patient) if patient.id else []
+        if hints:
+            found += self._find_hinted(patient, hints, {s.study_uid for s in found}, sink)
+        studies = [s for s in found if not (s.count is not None and done_before.get(s.study_uid) == s.count)]
         progress.set_total(sum(s.count or 0 for s in studies) or None)
         sink.set_method("C-GET" if self.cfg.retrieve == "get" else "C-MOVE")
         complete = dict(done_before)
@@ -480,6 +494,47 @@ class DimseConnector(Connector):
             return studies
         finally:
             link.release() if ok else link.abort()
+
+    def _find_hinted(self, patient: PatientRef, hints: Sequence[StudyHint], known: set[str],
+                     sink: Sink) -> list[StudyInfo]:
+        """Studies named by report hints that the PatientID query did not already find.
+
+        One STUDY-level C-FIND per hint on one association; unmatched hints become ``query``
+        gaps (see the rule in ``dicom_stream``). Demographics are returned by the query so a
+        match under another PatientID can be checked against the patient.
+        """
+        link = self._open_link([(STUDY_ROOT_FIND, UNCOMPRESSED)])
+        ok = False
+        out: list[StudyInfo] = []
+        try:
+            for hint in hints:
+                how = hint.criterion(patient.id)
+                if how is None:
+                    record_hint_gap(sink, hint, *NO_CRITERIA)
+                    continue
+                keys: dict[str, Any] = {
+                    "StudyInstanceUID": hint.study_uid if how == "uid" else "",
+                    "AccessionNumber": hint.accession if how == "accession" else "",
+                    "PatientID": patient.id if how == "date+modality" else "",
+                    "StudyDate": hint.date if how == "date+modality" else "",
+                    "ModalitiesInStudy": hint.modality if how == "date+modality" else "",
+                    "IssuerOfPatientID": "", "PatientName": "", "PatientBirthDate": "",
+                    "NumberOfStudyRelatedInstances": "", "SOPClassesInStudy": "",
+                }
+                matches = [_study_match(ds) for ds in _find(link, _query("STUDY", **keys), STUDY_ROOT_FIND)]
+                taken, reason, status = select_hinted(hint, how, [m for m in matches if m.study_uid], patient)
+                if not taken:
+                    record_hint_gap(sink, hint, reason or "no match", status or "not-found")
+                    continue
+                for m in taken:
+                    log.info("study hint %s matched study %s on %s", hint.ref, m.study_uid, how)
+                    if m.study_uid not in known:
+                        known.add(m.study_uid)
+                        out.append(StudyInfo(m.study_uid, m.count, sop_classes=list(m.sop_classes)))
+            ok = True
+        finally:
+            link.release() if ok else link.abort()
+        return out
 
     def _enumerate(self, study: StudyInfo) -> None:
         """Instances of a study in one IMAGE-level C-FIND keyed by StudyInstanceUID (own association)."""
@@ -711,6 +766,22 @@ def _find(link: DimseLink, ds: Dataset, model: str) -> Iterator[Dataset]:
                 raise cls(f"C-FIND at {level} level failed (status {st.hex})", item=level, status=st.hex)
     except AssociationAborted as exc:
         raise TransientConnectorError(f"C-FIND interrupted: {exc}", item=level) from exc
+
+
+def _study_match(ds: Dataset) -> StudyMatch:
+    """What a STUDY-level C-FIND answer says about a study and its patient."""
+    return StudyMatch(
+        study_uid=str(ds.get("StudyInstanceUID", "") or ""),
+        patient_id=str(ds.get("PatientID", "") or ""),
+        issuer=str(ds.get("IssuerOfPatientID", "") or "").strip(),
+        name=str(ds.get("PatientName", "") or ""),
+        birth_date=str(ds.get("PatientBirthDate", "") or ""),
+        accession=str(ds.get("AccessionNumber", "") or "").strip(),
+        date=str(ds.get("StudyDate", "") or ""),
+        modalities=frozenset(_modalities(ds.get("ModalitiesInStudy"))),
+        count=_int(ds.get("NumberOfStudyRelatedInstances")),
+        sop_classes=tuple(sorted(_modalities_raw(ds.get("SOPClassesInStudy")))),
+    )
 
 
 def _issuer_matches(ds: Dataset, issuer: str | None) -> bool:

@@ -22,7 +22,8 @@ from sqlalchemy import select, update
 from aggregator.app import App
 from aggregator.cases import connector_config, get_case
 from aggregator.errors import AggregatorError, NotFound
-from aggregator.ledger import LedgerSink
+from aggregator.jobs.hints import study_hints
+from aggregator.ledger import LedgerSink, entries_for_case
 from aggregator.store.models import Cursor as CursorRow
 from aggregator.store.models import Pull, Source, utcnow
 from connectors.base import Cursor, NullProgress, PatientRef, Progress, create_connector
@@ -122,6 +123,9 @@ def run_pull(app: App, source_id: int, progress: Progress | None = None) -> Pull
     progress = progress or NullProgress()
     reap_stale_pulls(app)
     kind, config, src = connector_config(app, source_id)
+    if kind in ("dimse", "dicomweb"):
+        # report to study: the case's FHIR reports and ImagingStudies name studies to retrieve
+        config = {**config, "study_hints": study_hints(entries_for_case(app.db, src.case_id), app.blobs(src.case_id))}
     case_id = src.case_id
     with app.db.session() as s:
         pull = Pull(source_id=source_id, state="running", method="", counts={})

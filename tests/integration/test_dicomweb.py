@@ -96,3 +96,9 @@ def test_multipart_truncated_is_a_protocol_error() -> None:
     body = _body([b"abc"])[:-12]
     with pytest.raises(ProtocolError):
         list(iter_multipart([body], b"XyZ"))
+
+
+def test_multipart_endless_part_headers_are_refused() -> None:
+    body = b"--XyZ\r\n" + b"X-Junk: " + b"a" * 200_000
+    with pytest.raises(ProtocolError, match="oversized header"):
+        list(iter_multipart([body[i : i + 4096] for i in range(0, len(body), 4096)], b"XyZ"))
