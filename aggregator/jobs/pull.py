@@ -17,16 +17,16 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 
 from aggregator.app import App
 from aggregator.cases import connector_config, get_case
 from aggregator.errors import AggregatorError, NotFound
 from aggregator.jobs.hints import study_hints
-from aggregator.ledger import LedgerSink, entries_for_case
+from aggregator.ledger import FAILED, LedgerSink, entries_for_case
 from aggregator.store.models import Cursor as CursorRow
-from aggregator.store.models import Pull, Source, utcnow
-from connectors.base import Cursor, NullProgress, PatientRef, Progress, create_connector
+from aggregator.store.models import LedgerItem, Pull, Source, utcnow
+from connectors.base import KIND_QUERY, Cursor, NullProgress, PatientRef, Progress, create_connector
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +147,16 @@ def run_pull(app: App, source_id: int, progress: Progress | None = None) -> Pull
         with app.db.session() as s:
             sink.flush(s)
             _save_cursor(s, source_id, new_cursor)
+            # Queries run again on every pull: an earlier query failure this pull did not
+            # repeat has been resolved, so it must stop showing up as a gap.
+            s.execute(
+                delete(LedgerItem).where(
+                    LedgerItem.source_id == source_id,
+                    LedgerItem.kind == KIND_QUERY,
+                    LedgerItem.state == FAILED,
+                    LedgerItem.pull_id.is_distinct_from(pull_id),
+                )
+            )
             s.execute(
                 update(Pull).where(Pull.id == pull_id).values(
                     state=state, finished_at=utcnow(), method=sink.method, counts=dict(sink.counts)

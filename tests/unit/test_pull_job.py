@@ -22,6 +22,7 @@ from connectors.base import CheckResult, Connector, ConnectorConfig, Cursor, Pat
 class ScriptedConfig(ConnectorConfig):
     items: int = 3
     fail_after: int | None = None
+    fail_query: bool = False
 
 
 class ScriptedConnector(Connector):
@@ -37,6 +38,8 @@ class ScriptedConnector(Connector):
         cfg: Any = self.config
         sink.set_method("scripted")
         start = int((since or {}).get("obs", {}).get("next", 0))
+        if cfg.fail_query:
+            sink.failed("query", "query:Observation", "HTTP 503 (transient)", status=503)
         for i in range(start, start + cfg.items):
             if cfg.fail_after is not None and i - start >= cfg.fail_after:
                 raise TransientConnectorError("connection reset by peer", item=f"Observation/o{i}")
@@ -93,3 +96,14 @@ def test_stale_running_pull_is_reaped(app: App) -> None:
     with app.db.session() as s:
         states = sorted(p.state for p in s.scalars(select(Pull)))
     assert states == ["failed", "running"]
+
+
+def test_a_query_failure_not_repeated_by_the_next_pull_is_cleared(app: App, monkeypatch: pytest.MonkeyPatch) -> None:
+    from aggregator.ledger import entries_for_case
+
+    _use(monkeypatch, app, items=1, fail_query=True)
+    assert run_pull(app, 1).state == "partial"
+    assert [e.key for e in entries_for_case(app.db, "c", state="failed")] == ["query:Observation"]
+    _use(monkeypatch, app, items=1, fail_query=False)
+    assert run_pull(app, 1).state == "done"
+    assert list(entries_for_case(app.db, "c", state="failed")) == []

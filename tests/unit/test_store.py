@@ -88,3 +88,14 @@ def test_blob_store_is_content_addressed_and_atomic(tmp_path: Path) -> None:
     assert list((tmp_path / "b" / ".tmp").iterdir()) == []
     with pytest.raises(StoreError):
         store.path("../../etc/passwd")
+
+
+def test_head_revision_constant_matches_alembic() -> None:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    from aggregator.store.db import HEAD_REVISION, MIGRATIONS
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    assert ScriptDirectory.from_config(cfg).get_current_head() == HEAD_REVISION
