@@ -21,7 +21,6 @@ and the raw store still holds the original. Anything else R4B does not know is "
 
 from __future__ import annotations
 
-import copy
 import multiprocessing
 import os
 from collections import deque
@@ -38,6 +37,7 @@ from aggregator.blobs import BlobStore
 from aggregator.errors import AggregatorError
 from aggregator.ledger import LedgerEntry
 from aggregator.model import Quarantined
+from aggregator.normalize.r5 import to_r4
 
 KIND_RESOURCE = "resource"
 UNSUPPORTED = "unsupported type"
@@ -90,31 +90,14 @@ def _first_error(exc: ValidationError) -> str:
 
 
 def _repair_r5(obj: dict[str, Any]) -> dict[str, Any] | None:
-    """An R4 copy of a few R5 shapes that carry the same information, or None."""
-    rtype = obj.get("resourceType")
+    """An R4 copy that carries the same information, or None (see :mod:`.r5`)."""
     fixed: dict[str, Any] | None = None
     text = obj.get("text")
     if isinstance(text, dict) and not text.get("div"):
         # a Narrative without its div (only a status) says nothing; R4 requires div when text exists
         fixed = {k: v for k, v in obj.items() if k != "text"}
-        return fixed
-    if rtype == "DocumentReference" and isinstance(obj.get("context"), list):
-        fixed = copy.deepcopy(obj)
-        enc: list[Any] = []
-        related: list[Any] = []
-        for ref in fixed.pop("context"):
-            target = str(ref.get("reference") or "") if isinstance(ref, dict) else ""
-            (enc if target.startswith(("Encounter/", "EpisodeOfCare/")) else related).append(ref)
-        fixed["context"] = {k: v for k, v in (("encounter", enc), ("related", related)) if v}
-    elif rtype == "Encounter" and isinstance(obj.get("class"), list):
-        fixed = copy.deepcopy(obj)
-        classes = fixed.pop("class")
-        for cc in classes:
-            codings = cc.get("coding") if isinstance(cc, dict) else None
-            if codings:
-                fixed["class"] = codings[0]
-                break
-    return fixed
+    converted = to_r4(fixed if fixed is not None else obj)
+    return converted if converted is not None else fixed
 
 
 def check_resource(obj: Any) -> tuple[str | None, dict[str, Any] | None]:
