@@ -8,8 +8,15 @@ sink (``iter_lines`` over a streamed response: a file is never held whole in mem
 each ``error`` file line (OperationOutcome) in the ledger, and DELETE the job. Output files get
 the token only when the manifest says ``requiresAccessToken``. A job the server fails (4xx/5xx
 status answers that are not ``transient``) or whose files expired (410) is reported as such and
-its types keep their old cursor. A group export is filtered to the patient: resources that
-point only at other patients are counted per file in a ``skipped`` ledger row.
+its types keep their old cursor.
+
+One patient, two ways: ``Patient/{id}/$export`` transfers only that patient's data and is
+preferred whenever it is available (no group configured, or ``/metadata`` declares ``$export``
+on Patient; a refused kick-off falls back to the group). ``Group/{id}/$export`` carries every
+member's data: each line is checked with :func:`connectors.fhir_rest.belongs_to` and other
+members' lines are counted per file in one ``skipped`` ledger row (``lines_skipped``), so no
+other patient's resource reaches the sink. Memory stays flat however long the file: lines
+are handled one at a time and the connector keeps no per-resource set (see ``PullState``).
 
 The cursor is the manifest's ``transactionTime`` per exported type, sent back as ``_since``.
 Attachments and referenced resources are then fetched through the REST API like ``fhir``.
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -27,8 +35,24 @@ import requests
 
 from aggregator.errors import ConfigError, ConnectorError, ProtocolError, RemoteNotFound, TransientConnectorError
 from connectors.base import KIND_FILE, KIND_QUERY, ConnectorConfig, Cursor, PatientRef, Progress, Sink
-from connectors.fhir_rest import SAFE_ID, FhirConfig, FhirConnector, PullState, iter_references, parse_instant
-from connectors.http import mask_url, outcome_codes, outcome_text, parse_json_object, parse_retry_after
+from connectors.fhir_rest import (
+    COMPARTMENT,
+    SAFE_ID,
+    FhirConfig,
+    FhirConnector,
+    PullState,
+    belongs_to,
+    iter_references,
+    parse_instant,
+)
+from connectors.http import (
+    RequestRejected,
+    mask_url,
+    outcome_codes,
+    outcome_text,
+    parse_json_object,
+    parse_retry_after,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +62,10 @@ MAX_POLL_INTERVAL = 30.0
 MAX_TRANSIENT_POLLS = 10
 #: How often one output file is re-requested after its stream broke.
 FILE_ATTEMPTS = 3
+#: Bytes read from an export file at a time.
+CHUNK = 256 * 1024
+#: Kick-off answers to ``Patient/{id}/$export`` that mean "not served here" (no job started).
+PATIENT_EXPORT_REFUSED = frozenset({400, 404, 405, 501})
 
 
 @dataclass
@@ -45,6 +73,9 @@ class FhirBulkConfig(FhirConfig):
     group_id: str | None = None
     types: str | None = None  # comma-separated _type
     poll_max_seconds: float = 3600
+    #: auto: ``Patient/{id}/$export`` when no group is set or /metadata declares it, else the
+    #: group; ``patient`` / ``group`` force one (``group`` needs ``group_id``)
+    export_level: str = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -57,6 +88,10 @@ class FhirBulkConfig(FhirConfig):
             self.types = ",".join(names)
         if float(self.poll_max_seconds) <= 0:
             raise ConfigError("poll_max_seconds must be positive")
+        if self.export_level not in ("auto", "patient", "group"):
+            raise ConfigError("export_level must be auto, patient or group")
+        if self.export_level == "group" and not self.group_id:
+            raise ConfigError("export_level group needs group_id")
 
 
 class ExportFailed(ConnectorError):
@@ -81,6 +116,7 @@ class FhirBulkConnector(FhirConnector):
     def pull(self, patient: PatientRef, since: Cursor | None, sink: Sink, progress: Progress) -> Cursor:
         state = PullState(self.config.url, dict(since or {}))
         pid = self.resolve_patient(patient, state)
+        state.patient_id = pid
         self.pull_resources(pid, state, sink, progress)
         self.hydrate(state, sink, progress)
         self.fetch_attachments(state, sink, progress)
@@ -91,24 +127,56 @@ class FhirBulkConnector(FhirConnector):
     def export_types(self) -> list[str] | None:
         return self.config.types.split(",") if self.config.types else None
 
+    def patient_level(self) -> bool:
+        """Whether to export ``Patient/{id}/$export`` rather than the configured group.
+
+        A group export carries every member's data and is filtered here; a patient-level
+        export transfers only this patient's. It is used when no group is configured, or when
+        ``/metadata`` declares ``$export`` on the Patient type (Medplum declares it only on
+        Group, so its group exports stay group exports)."""
+        if not self.config.group_id or self.config.export_level == "patient":
+            return True
+        if self.config.export_level == "group":
+            return False
+        try:
+            caps = self.capabilities()
+        except ConnectorError:
+            return False
+        return "Patient" in caps.export_types
+
     def pull_resources(self, pid: str, state: PullState, sink: Sink, progress: Progress) -> None:
         sink.set_method("$export")
         types = self.export_types()
-        path = f"Group/{self.config.group_id}/$export" if self.config.group_id else f"Patient/{pid}/$export"
+        state.planned = set(types) if types else set(COMPARTMENT) | {"Patient"}
         params: list[tuple[str, str]] = []
         if types:
             params.append(("_type", ",".join(types)))
         since = state.min_since(types) if types else state.min_since()
         if since:
             params.append(("_since", since))
-        status_url = self.kick_off(path, params, sink)
+        group = not self.patient_level()
+        # Refused outright (no job was created): a server that does not serve patient-level
+        # export after all. With a group configured (auto mode), the group export still works.
+        fallback = not group and self.config.export_level == "auto" and bool(self.config.group_id)
+        try:
+            status_url = self.kick_off(f"Group/{self.config.group_id}/$export" if group else f"Patient/{pid}/$export",
+                                       params, sink, record=not fallback)
+        except (RequestRejected, RemoteNotFound) as exc:
+            if not fallback or exc.status not in PATIENT_EXPORT_REFUSED:
+                if fallback:
+                    sink.failed(KIND_QUERY, "query:$export", f"export kick-off refused: {exc.message}",
+                                status=exc.status)
+                raise
+            log.info("Patient/$export refused (HTTP %s); exporting the group and filtering", exc.status)
+            group = True
+            status_url = self.kick_off(f"Group/{self.config.group_id}/$export", params, sink)
         try:
             manifest = self.wait(status_url, progress)
             when = parse_instant(manifest.get("transactionTime"))
             if when is None:
                 raise ProtocolError("the export manifest has no valid transactionTime", item=mask_url(status_url))
             state.start = when  # the server's own cut-off: exactly what the next _since needs
-            self.download(manifest, pid, state, sink, progress)
+            self.download(manifest, pid, state, sink, progress, strict=group)
             state.covered_types |= set(types or [])
         except ConnectorError as exc:
             state.all_failed = True
@@ -118,12 +186,17 @@ class FhirBulkConnector(FhirConnector):
         finally:
             self.delete_job(status_url)
 
-    def kick_off(self, path: str, params: list[tuple[str, str]], sink: Sink) -> str:
+    def kick_off(self, path: str, params: list[tuple[str, str]], sink: Sink, *, record: bool = True) -> str:
+        """Start the export job; returns its status URL. Never retried: a retried kick-off
+        could start a second job. ``record=False`` leaves a refusal out of the ledger (the
+        caller has another way to try)."""
         headers = {"Accept": "application/fhir+json", "Prefer": "respond-async"}
         try:
             resp = self.client.request("GET", path, params=params, headers=headers, retry=False)
         except ConnectorError as exc:
-            sink.failed(KIND_QUERY, "query:$export", f"export kick-off refused: {exc.message}", status=exc.status)
+            if record or not isinstance(exc, RequestRejected | RemoteNotFound):
+                sink.failed(KIND_QUERY, "query:$export", f"export kick-off refused: {exc.message}",
+                            status=exc.status)
             if isinstance(exc, TransientConnectorError):
                 raise ExportFailed(f"export kick-off failed: {exc.message}", item=exc.item, status=exc.status)
             raise
@@ -191,7 +264,12 @@ class FhirBulkConnector(FhirConnector):
 
     # -- files ---------------------------------------------------------------------------------
 
-    def download(self, manifest: dict[str, Any], pid: str, state: PullState, sink: Sink, progress: Progress) -> None:
+    def download(self, manifest: dict[str, Any], pid: str | None, state: PullState, sink: Sink, progress: Progress,
+                 *, strict: bool = True) -> None:
+        """Stream every output file into the sink and record every error file.
+
+        With ``pid``, only that patient's resources are taken (see :func:`belongs_to`; ``strict``
+        for group exports); the others are counted per file in one ``skipped`` row."""
         token = bool(manifest.get("requiresAccessToken"))
         expired = 0
         for item in manifest.get("output") or []:
@@ -199,7 +277,7 @@ class FhirBulkConnector(FhirConnector):
                 continue
             rtype = str(item.get("type") or "")
             try:
-                self._stream_output(item["url"], rtype, token, pid, state, sink, progress)
+                self._stream_output(item["url"], rtype, token, pid, state, sink, progress, strict=strict)
             except ConnectorError as exc:
                 state.failed_types.add(rtype)
                 gone = isinstance(exc, RemoteNotFound)
@@ -214,36 +292,38 @@ class FhirBulkConnector(FhirConnector):
         if expired:
             log.warning("%d export files had expired (HTTP 404/410)", expired)
 
-    def _lines(self, url: str, token: bool, skip: int) -> Any:
-        """Yield (line number, bytes) of one NDJSON file; restarts after a broken stream."""
+    def _lines(self, url: str, token: bool) -> Iterator[tuple[int, bytes]]:
+        """Yield (line number, bytes) of one NDJSON file; restarts after a broken stream.
+
+        The body is read in 256 KiB chunks and split into lines as it arrives, so memory
+        holds one chunk, never the file. The endpoint's concurrency slot is held until the
+        file is read to the end. A restart skips the lines already yielded."""
         attempt = 0
-        done = skip
+        done = 0
         while True:
             attempt += 1
-            resp = self.client.request("GET", url, headers={"Accept": "application/fhir+ndjson"}, stream=True,
-                                       send_auth=token)
             try:
-                n = 0
-                for line in resp.iter_lines(chunk_size=256 * 1024):
-                    n += 1
-                    if n <= done:
-                        continue
-                    done = n
-                    yield n, line
+                with self.client.stream(url, headers={"Accept": "application/fhir+ndjson"}, send_auth=token) as resp:
+                    n = 0
+                    for line in iter_ndjson(resp):
+                        n += 1
+                        if n <= done:
+                            continue
+                        done = n
+                        yield n, line
                 return
             except requests.RequestException as exc:
                 if attempt >= FILE_ATTEMPTS:
                     raise TransientConnectorError(f"download broke after line {done} ({type(exc).__name__})",
                                                   item=mask_url(url))
                 log.info("export file stream broke after line %d; resuming", done)
-            finally:
-                resp.close()
 
-    def _stream_output(self, url: str, rtype: str, token: bool, pid: str, state: PullState, sink: Sink,
-                       progress: Progress) -> None:
+    def _stream_output(self, url: str, rtype: str, token: bool, pid: str | None, state: PullState, sink: Sink,
+                       progress: Progress, *, strict: bool = True) -> None:
         other = 0
         bad = 0
-        for n, line in self._lines(url, token, 0):
+        taken = 0
+        for n, line in self._lines(url, token):
             if not line.strip():
                 continue
             try:
@@ -255,20 +335,25 @@ class FhirBulkConnector(FhirConnector):
                 sink.failed(KIND_FILE, f"{mask_url(url)}#line{n}", "not a FHIR resource (malformed NDJSON line)",
                             status="invalid")
                 continue
-            if self.config.group_id and not belongs_to(res, pid):
+            refs = iter_references(res)
+            if pid is not None and not belongs_to(res, pid, refs, strict=strict):
                 other += 1
                 continue
-            self.emit(res, state, sink)
-            if n % 500 == 0:
+            self.emit(res, state, sink, refs=refs)
+            taken += 1
+            if taken % 500 == 0:
                 progress.advance(500)
+        progress.advance(taken % 500)
         if other:
-            sink.skipped(KIND_FILE, mask_url(url), f"{other} {rtype or 'resources'} of other group members")
+            who = "other group members" if strict else "other patients"
+            sink.skipped(KIND_FILE, mask_url(url), f"{other} {rtype or 'resources'} of {who}",
+                         meta={"lines_skipped": other})
         if bad:
             log.warning("%d malformed lines in a %s export file", bad, rtype)
 
     def _stream_errors(self, url: str, token: bool, sink: Sink) -> None:
         try:
-            for n, line in self._lines(url, token, 0):
+            for n, line in self._lines(url, token):
                 if not line.strip():
                     continue
                 text = outcome_text(line) or "unreadable OperationOutcome"
@@ -277,12 +362,17 @@ class FhirBulkConnector(FhirConnector):
             sink.failed(KIND_FILE, mask_url(url), f"export error file: {exc.message}", status=exc.status)
 
 
-def belongs_to(res: dict[str, Any], pid: str) -> bool:
-    """True for the patient's own resources and for resources that point at no patient at all."""
-    if res.get("resourceType") == "Patient":
-        return str(res.get("id")) == pid
-    patients = {r.split("/", 1)[1] for r in iter_references(res) if r.startswith("Patient/")}
-    return not patients or pid in patients
+def iter_ndjson(resp: requests.Response) -> Iterator[bytes]:
+    """Lines of a streamed body, split as chunks arrive (one partial line kept between chunks)."""
+    rest = b""
+    for chunk in resp.iter_content(CHUNK):
+        if not chunk:
+            continue
+        lines = (rest + chunk).split(b"\n")
+        rest = lines.pop()
+        yield from lines
+    if rest:
+        yield rest
 
 
 __all__ = ["ExportFailed", "FhirBulkConfig", "FhirBulkConnector", "belongs_to"]

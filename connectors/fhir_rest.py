@@ -34,7 +34,9 @@ import orjson
 import requests
 
 from aggregator.errors import (
+    AccessDenied,
     AggregatorError,
+    AuthError,
     ConfigError,
     ConnectorError,
     ProtocolError,
@@ -86,6 +88,8 @@ COMPARTMENT: dict[str, str] = {
 #: Referenced resource types read by id when the search did not return them.
 HYDRATE_TYPES = frozenset({"Practitioner", "PractitionerRole", "Organization", "Medication", "Specimen",
                            "Encounter"})
+#: Types a hydration read may fetch (DiagnosticReport.result adds Observations).
+HYDRATE_TARGETS = HYDRATE_TYPES | {"Observation"}
 REF = re.compile(r"^([A-Z][A-Za-z]{1,63})/([A-Za-z0-9\-.]{1,64})(/_history/[A-Za-z0-9\-.]{1,64})?$")
 SAFE_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 SPOOL_BYTES = 8 * 1024 * 1024
@@ -143,6 +147,8 @@ class Capabilities:
     export: bool | None = None
     last_updated: bool | None = None
     search_params: dict[str, set[str]] | None = None
+    #: where ``$export`` is declared: resource types (``Patient``, ``Group``) and ``system``
+    export_types: set[str] = field(default_factory=set)
 
     @classmethod
     def from_statement(cls, cs: dict[str, Any]) -> Capabilities:
@@ -156,12 +162,18 @@ class Capabilities:
         for rest in cs.get("rest") or []:
             if not isinstance(rest, dict) or rest.get("mode", "server") != "server":
                 continue
-            ops |= {str(o.get("name", "")).lstrip("$") for o in rest.get("operation") or [] if isinstance(o, dict)}
+            names = {str(o.get("name", "")).lstrip("$") for o in rest.get("operation") or [] if isinstance(o, dict)}
+            ops |= names
+            if "export" in names:
+                caps.export_types.add("system")
             common |= {str(p.get("name")) for p in rest.get("searchParam") or [] if isinstance(p, dict)}
             for res in rest.get("resource") or []:
                 if not isinstance(res, dict) or not res.get("type"):
                     continue
-                ops |= {str(o.get("name", "")).lstrip("$") for o in res.get("operation") or [] if isinstance(o, dict)}
+                names = {str(o.get("name", "")).lstrip("$") for o in res.get("operation") or [] if isinstance(o, dict)}
+                ops |= names
+                if "export" in names:
+                    caps.export_types.add(str(res["type"]))
                 params[str(res["type"])] = {str(p.get("name")) for p in res.get("searchParam") or []
                                             if isinstance(p, dict)} | common
         # Servers under-declare (Medplum lists only Group/$export yet serves $everything), so an
@@ -175,7 +187,7 @@ class Capabilities:
 
     def as_dict(self) -> dict[str, Any]:
         return {"fhirVersion": self.fhir_version, "software": self.software, "everything": self.everything,
-                "export": self.export, "lastUpdated": self.last_updated}
+                "export": self.export, "exportLevels": sorted(self.export_types), "lastUpdated": self.last_updated}
 
 
 @dataclass
@@ -209,6 +221,14 @@ class PullState:
     base_url: str
     since: Cursor
     start: datetime | None = None
+    #: the patient's id at this source; resources that belong to others are refused
+    patient_id: str | None = None
+    #: types the strategy fetches completely (a search, $everything, an export file): references
+    #: to them are not collected for hydration, so per-pull memory does not grow with them
+    planned: set[str] = field(default_factory=set)
+    #: keys of emitted resources of hydratable types outside ``planned`` - the only ones a
+    #: hydration read could repeat. Deliberately not every key: a 500k-line export must not
+    #: grow a 500k-entry set (each resource arrives once from an export file or a search)
     emitted: set[str] = field(default_factory=set)
     unchanged: int = 0
     seen_types: set[str] = field(default_factory=set)
@@ -274,20 +294,60 @@ def format_instant(when: datetime) -> str:
     return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def iter_references(obj: Any) -> Iterator[str]:
-    """Every ``Reference.reference`` string inside a resource (contained ones excluded)."""
+def iter_references(obj: Any) -> list[str]:
+    """Every ``Reference.reference`` string inside a resource (contained ones excluded).
+
+    Runs once per resource on every pull path, so it is written for speed (exact ``type``
+    checks, a list instead of a generator: about 4x faster than the obvious version)."""
+    out: list[str] = []
     stack = [obj]
+    pop, push = stack.pop, stack.append
     while stack:
-        cur = stack.pop()
-        if isinstance(cur, dict):
+        cur = pop()
+        if type(cur) is dict:
             ref = cur.get("reference")
-            if isinstance(ref, str):
-                yield ref
+            if type(ref) is str:
+                out.append(ref)
             for k, v in cur.items():
-                if k != "contained" and isinstance(v, dict | list):
-                    stack.append(v)
-        elif isinstance(cur, list):
-            stack.extend(v for v in cur if isinstance(v, dict | list))
+                t = type(v)
+                if (t is dict or t is list) and k != "contained":
+                    push(v)
+        elif type(cur) is list:
+            for v in cur:
+                t = type(v)
+                if t is dict or t is list:
+                    push(v)
+    return out
+
+
+def patient_ids(refs: Iterable[str]) -> set[str]:
+    """The Patient ids among references: relative, absolute (any base) or versioned."""
+    out: set[str] = set()
+    for ref in refs:
+        i = ref.find("Patient/")
+        if i < 0 or (i > 0 and ref[i - 1] != "/"):
+            continue
+        rid = ref[i + 8:].split("/", 1)[0]
+        if rid:
+            out.add(rid)
+    return out
+
+
+def belongs_to(res: dict[str, Any], pid: str, refs: list[str] | None = None, *, strict: bool = True) -> bool:
+    """Whether a resource may enter this patient's record.
+
+    Taken: the patient's own Patient; a resource that references this patient (relative or
+    absolute); a resource that references no patient (Practitioner, Organization, Medication:
+    shared reference data). Refused: another Patient, and a resource that names only other
+    patients. ``strict`` (group exports, where other members' data is mixed in) also refuses a
+    patient-compartment resource that names no patient at all: nothing ties it to this one."""
+    rtype = res.get("resourceType")
+    if rtype == "Patient":
+        return str(res.get("id")) == pid
+    ids = patient_ids(iter_references(res) if refs is None else refs)
+    if ids:
+        return pid in ids
+    return not (strict and rtype in COMPARTMENT)
 
 
 def iter_attachments(resource: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -353,17 +413,39 @@ class FhirConnector(Connector):
     # -- check ---------------------------------------------------------------------------
 
     def check(self) -> CheckResult:
+        """Read ``/metadata`` (unauthenticated, as servers serve it) and, unless auth is
+        ``none``, prove the credentials with one harmless authenticated search."""
         try:
             caps = self.capabilities()
             details: dict[str, Any] = {**caps.as_dict(), "auth": self.config.auth}
             if self.config.auth != "none":
                 self.client.auth.headers()  # gets (and caches) a token for the OAuth modes
+                refused = self._probe_auth()
+                if refused is not None:
+                    details.update(auth_ok=False, status=refused.status, error=str(refused))
+                    return CheckResult(False, details)
             details["auth_ok"] = True
             details["strategy"] = self._strategy_name(caps)
             return CheckResult(True, details)
         except AggregatorError as exc:
             return CheckResult(False, {"error": str(exc), "auth": self.config.auth,
+                                       "auth_ok": False if isinstance(exc, AuthError | AccessDenied) else None,
                                        "status": getattr(exc, "status", None)})
+
+    def _probe_auth(self) -> ConnectorError | None:
+        """``GET Patient?_summary=count`` with the credentials: reads no patient data (a count
+        only) and changes nothing. Returns the refusal (401/403) or None when accepted. A
+        static bearer token can be checked no other way; an OAuth token could be valid at the
+        token endpoint yet refused by the FHIR server (wrong audience or scopes)."""
+        try:
+            self.client.request("GET", "Patient", params=[("_summary", "count")],
+                                headers={"Accept": "application/fhir+json"}).close()
+        except (AuthError, AccessDenied) as exc:
+            return exc
+        except (RequestRejected, RemoteNotFound) as exc:
+            # The server got past authentication and disliked the search itself: auth is fine.
+            log.info("auth probe answered HTTP %s; credentials were accepted", exc.status)
+        return None
 
     def _strategy_name(self, caps: Capabilities) -> str:
         if self.config.strategy != "auto":
@@ -410,6 +492,7 @@ class FhirConnector(Connector):
     def pull(self, patient: PatientRef, since: Cursor | None, sink: Sink, progress: Progress) -> Cursor:
         state = PullState(self.config.url, dict(since or {}))
         pid = self.resolve_patient(patient, state)
+        state.patient_id = pid
         log.info("pulling %s from %s", patient.describe(), mask_url(self.config.url))
         self.pull_resources(pid, state, sink, progress)
         self.hydrate(state, sink, progress)
@@ -444,6 +527,8 @@ class FhirConnector(Connector):
         since = state.min_since()
         if since:
             params.append(("_since", since))
+        # $everything covers the whole compartment: references into it need no hydration.
+        state.planned = set(COMPARTMENT) | {"Patient"}
         pager = Paginator(self.client, f"Patient/{pid}/$everything", params)
         first = True
         try:
@@ -467,11 +552,12 @@ class FhirConnector(Connector):
             caps = self.capabilities()
         except ConnectorError:
             caps = Capabilities()
-        for rtype, param in COMPARTMENT.items():
-            supported = caps.search_params
-            if supported is not None and (rtype not in supported or
-                                          (supported[rtype] and param not in supported[rtype])):
-                continue
+        supported = caps.search_params
+        searches = [(rtype, param) for rtype, param in COMPARTMENT.items()
+                    if supported is None
+                    or (rtype in supported and (not supported[rtype] or param in supported[rtype]))]
+        state.planned = {rtype for rtype, _ in searches} | {"Patient"}
+        for rtype, param in searches:
             params = [(param, pid), ("_count", str(self.config.page_size))]
             since = state.since_for(rtype)
             if since:
@@ -498,7 +584,6 @@ class FhirConnector(Connector):
             raise RemoteNotFound("the patient does not exist at this source", item=key)
         state.observe(resp)
         if resp.status_code == 304:
-            state.emitted.add(key)
             state.unchanged += 1
             state.covered_types.add("Patient")
             return
@@ -524,12 +609,17 @@ class FhirConnector(Connector):
             n += 1
         progress.advance(n)
 
-    def emit(self, res: dict[str, Any], state: PullState, sink: Sink, *, full_url: Any = None) -> None:
-        """Hand one resource to the sink (once per pull) and note what it points at."""
+    def emit(self, res: dict[str, Any], state: PullState, sink: Sink, *, full_url: Any = None,
+             refs: list[str] | None = None) -> None:
+        """Hand one resource to the sink and note what it points at.
+
+        Sources send each resource once (an export file line, a search page; the paginator
+        drops repeats within a search), so only hydratable keys are remembered - see
+        :attr:`PullState.emitted` - and memory stays flat on huge pulls."""
         rtype = str(res.get("resourceType"))
         rid = res.get("id")
         key = f"{rtype}/{rid}" if rid else None
-        if key is not None:
+        if key is not None and rtype in HYDRATE_TARGETS and rtype not in state.planned:
             if key in state.emitted:
                 return
             state.emitted.add(key)
@@ -550,24 +640,28 @@ class FhirConnector(Connector):
             if isinstance(full_url, str) and full_url.startswith("urn:"):
                 m["fullUrl"] = full_url
             sink.resource(res, meta=m)
-        self._note_links(res, state)
+        self._note_links(res, state, iter_references(res) if refs is None else refs)
 
-    def _note_links(self, res: dict[str, Any], state: PullState) -> None:
+    def _note_links(self, res: dict[str, Any], state: PullState, refs: list[str]) -> None:
         rtype = res.get("resourceType")
-        for ref in iter_references(res):
+        for ref in refs:
+            ttype = ref.split("/", 1)[0] if "/" in ref and not ref.startswith(("http", "urn:", "#")) else None
+            if ttype is not None and (ttype not in HYDRATE_TYPES or ttype in state.planned):
+                continue  # the common case, decided without parsing the reference
             target = self.local_reference(ref)
             if target is None:
                 continue
             ttype = target.split("/", 1)[0]
-            if ttype in HYDRATE_TYPES:
+            if ttype in HYDRATE_TYPES and ttype not in state.planned:
                 state.references.add(target)
-        if rtype == "DiagnosticReport":
+        if rtype == "DiagnosticReport" and "Observation" not in state.planned:
             for r in res.get("result") or []:
                 target = self.local_reference(r.get("reference")) if isinstance(r, dict) else None
                 if target and target.startswith("Observation/"):
                     state.references.add(target)
-        for i, att in enumerate(iter_attachments(res)):
-            self._note_attachment(res, i, att, state)
+        if rtype in ("DocumentReference", "DiagnosticReport"):
+            for i, att in enumerate(iter_attachments(res)):
+                self._note_attachment(res, i, att, state)
 
     def local_reference(self, ref: Any) -> str | None:
         """``Type/id`` for a relative reference or an absolute one on this server, else None."""
@@ -599,7 +693,7 @@ class FhirConnector(Connector):
         tried: set[str] = set()
         for _ in range(rounds):
             todo = sorted(k for k in state.references - state.emitted - tried
-                          if not sink.is_done(KIND_RESOURCE, k))
+                          if k.split("/", 1)[0] not in state.planned and not sink.is_done(KIND_RESOURCE, k))
             if not todo:
                 return
             tried |= set(todo)
@@ -612,7 +706,11 @@ class FhirConnector(Connector):
                         sink.failed(KIND_RESOURCE, key, "the server answered with a different resource",
                                     status="mismatch")
                         continue
-                    self.emit(res, state, sink)
+                    refs = iter_references(res)
+                    if state.patient_id and not belongs_to(res, state.patient_id, refs, strict=False):
+                        sink.skipped(KIND_RESOURCE, key, "referenced resource belongs to another patient")
+                        continue
+                    self.emit(res, state, sink, refs=refs)
                     progress.advance(1)
 
     def _read(self, key: str) -> tuple[str, dict[str, Any] | None, ConnectorError | None]:

@@ -16,7 +16,8 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -230,6 +231,33 @@ class RateLimiter:
             time.sleep(start - now)
 
 
+class Slots:
+    """The per-endpoint concurrency cap, held for a whole exchange (headers *and* body).
+
+    Re-entrant per thread: a thread that already holds a slot (streaming a file, or inside a
+    request whose 401 makes it fetch a new token through the same client) does not take a
+    second one, so a cap of 1 cannot deadlock on itself.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.size = max(1, n)
+        self._sem = threading.BoundedSemaphore(self.size)
+        self._local = threading.local()
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        depth = getattr(self._local, "depth", 0)
+        if depth == 0:
+            self._sem.acquire()
+        self._local.depth = depth + 1
+        try:
+            yield
+        finally:
+            self._local.depth = depth
+            if depth == 0:
+                self._sem.release()
+
+
 class HttpClient:
     """A ``requests`` session bound to one endpoint, with the project's network discipline."""
 
@@ -254,7 +282,7 @@ class HttpClient:
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.concurrency = max(1, concurrency)
-        self._slots = threading.BoundedSemaphore(self.concurrency)
+        self.slots = Slots(self.concurrency)
         self._rate = RateLimiter(rps)
         self.session = requests.Session()
         adapter = HTTPAdapter(pool_connections=4, pool_maxsize=self.concurrency + 2, max_retries=0)
@@ -305,6 +333,25 @@ class HttpClient:
         return self.call(method, url, lambda r: r, headers=headers, params=params, data=data, basic=basic,
                          stream=stream, send_auth=send_auth, retry=retry, ok_statuses=ok_statuses)
 
+    @contextmanager
+    def stream(
+        self,
+        url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        send_auth: bool | None = None,
+    ) -> Iterator[requests.Response]:
+        """GET a body for the caller to read while the block runs (an export file).
+
+        The concurrency slot is held until the block ends - until the body has been read - so
+        the per-endpoint cap counts transfers, not just requests waiting for headers."""
+        with self.slots.hold():
+            resp = self.request("GET", url, headers=headers, stream=True, send_auth=send_auth)
+            try:
+                yield resp
+            finally:
+                resp.close()
+
     def get_json(
         self,
         url: str,
@@ -347,25 +394,28 @@ class HttpClient:
         state = {"refreshed": False}
 
         def attempt() -> T:
-            resp = self._send(method, url, headers, params, data, basic, stream, send_auth)
-            if resp.status_code == 401 and send_auth and not state["refreshed"]:
-                # One refresh: the cached token may have expired or been revoked early.
-                state["refreshed"] = True
-                resp.close()
-                log.info("401 from %s: refreshing the token once", mask_url(url))
-                self.auth.invalidate()
+            # The slot covers the whole exchange: a streamed body read by ``handle`` counts
+            # against the cap until it is consumed, not just until its headers arrived.
+            with self.slots.hold():
                 resp = self._send(method, url, headers, params, data, basic, stream, send_auth)
-            if resp.status_code not in ok_statuses:
-                err = classify_response(resp, item=mask_url(url))
-                if err is not None:
+                if resp.status_code == 401 and send_auth and not state["refreshed"]:
+                    # One refresh: the cached token may have expired or been revoked early.
+                    state["refreshed"] = True
                     resp.close()
-                    raise err
-            try:
-                return handle(resp)
-            except requests.RequestException as exc:
-                resp.close()
-                raise TransientConnectorError(f"response broke while reading ({type(exc).__name__})",
-                                              item=mask_url(url))
+                    log.info("401 from %s: refreshing the token once", mask_url(url))
+                    self.auth.invalidate()
+                    resp = self._send(method, url, headers, params, data, basic, stream, send_auth)
+                if resp.status_code not in ok_statuses:
+                    err = classify_response(resp, item=mask_url(url))
+                    if err is not None:
+                        resp.close()
+                        raise err
+                try:
+                    return handle(resp)
+                except requests.RequestException as exc:
+                    resp.close()
+                    raise TransientConnectorError(f"response broke while reading ({type(exc).__name__})",
+                                                  item=mask_url(url))
 
         if not retry:
             return attempt()
@@ -404,17 +454,16 @@ class HttpClient:
         if send_auth:
             hdrs.update(self.auth.headers())
         self._rate.wait()
-        with self._slots:
-            self.requests_sent += 1
-            try:
-                resp = self.session.request(
-                    method, url, headers=hdrs, params=params, data=data, auth=basic,
-                    stream=stream, timeout=self.timeout, allow_redirects=True,
-                )
-            except requests.Timeout as exc:
-                raise TransientConnectorError(f"timed out ({type(exc).__name__})", item=mask_url(url))
-            except requests.RequestException as exc:
-                raise TransientConnectorError(f"connection failed ({type(exc).__name__})", item=mask_url(url))
+        self.requests_sent += 1
+        try:
+            resp = self.session.request(
+                method, url, headers=hdrs, params=params, data=data, auth=basic,
+                stream=stream, timeout=self.timeout, allow_redirects=True,
+            )
+        except requests.Timeout as exc:
+            raise TransientConnectorError(f"timed out ({type(exc).__name__})", item=mask_url(url))
+        except requests.RequestException as exc:
+            raise TransientConnectorError(f"connection failed ({type(exc).__name__})", item=mask_url(url))
         log.debug("%s %s -> %s", method, mask_url(resp.url or url), resp.status_code)
         return resp
 
@@ -465,6 +514,7 @@ __all__ = [
     "NoAuth",
     "RateLimiter",
     "RequestRejected",
+    "Slots",
     "classify_response",
     "mask_url",
     "outcome_codes",

@@ -67,10 +67,12 @@ class Paginator:
     client: HttpClient
     url: str
     params: list[tuple[str, str]] | None = None
-    #: keys (``Type/id``) yielded so far; used to drop repeats after an offset-cap switch
+    #: keys (``Type/id``) yielded so far by this search; repeats are dropped
     seen: set[str] = field(default_factory=set)
     switched: bool = False
     pages: int = 0
+    #: entries dropped because this search had already yielded them
+    repeats: int = 0
 
     def __iter__(self) -> Iterator[Page]:
         visited: set[str] = set()
@@ -97,12 +99,18 @@ class Paginator:
                 continue
             if bundle.get("resourceType") != "Bundle":
                 raise ProtocolError("search answer is not a Bundle", item=mask_url(url))
-            if self.switched:
-                bundle["entry"] = [e for e in bundle.get("entry") or [] if entry_key(e) not in self.seen]
+            # Drop what this search already yielded: offset pages shift when the server's data
+            # changes mid-search, and the cursor run after an offset-cap switch starts over.
+            entries = []
             for e in bundle.get("entry") or []:
                 k = entry_key(e)
                 if k:
+                    if k in self.seen:
+                        self.repeats += 1
+                        continue
                     self.seen.add(k)
+                entries.append(e)
+            bundle["entry"] = entries
             yield Page(bundle, resp.url or url, resp, self.switched)
             url, params = next_link(bundle), None
 

@@ -34,7 +34,9 @@ def now_instant() -> str:
 
 class FakeFhirServer:
     def __init__(self, patients: int = 1, n_obs: int = 120, export_lines: int | None = None,
-                 delay: float = 0.0, obs_size: int = 0) -> None:
+                 delay: float = 0.0, obs_size: int = 0, token: str | None = None) -> None:
+        #: when set, every FHIR request except /metadata needs ``Authorization: Bearer <token>``
+        self.token = token
         self.lock = threading.Lock()
         self.resources: dict[str, dict[str, Any]] = {}
         self.binaries: dict[str, bytes] = {}
@@ -133,6 +135,9 @@ class FakeFhirServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # Headers and body go out in separate writes: with Nagle on, every answer would
+            # stall ~40 ms on the client's delayed ACK and hide what the client itself costs.
+            disable_nagle_algorithm = True
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
@@ -200,12 +205,29 @@ class FakeFhirServer:
                     if kind == "badjson":  # a complete HTTP answer whose JSON is cut short
                         self._send(200, b'{"resourceType": "Bundle", "type": "sea')
                         return
+                    if kind == "slowbody":  # headers at once, the body ``arg`` seconds later
+                        self.send_response(200)
+                        self.send_header("Content-Type", "application/pdf")
+                        self.send_header("Content-Length", str(len(PDF)))
+                        self.end_headers()
+                        self.wfile.flush()
+                        time.sleep(float(arg))
+                        self.wfile.write(PDF)
+                        return
                 if not path.startswith("/fhir"):
                     self._oo(404, "not-found", "Not found")
                     return
                 path = path[len("/fhir"):]
+                if server.token and path != "/metadata" and \
+                        self.headers.get("Authorization") != f"Bearer {server.token}":
+                    self._oo(401, "login", "Unauthorized")
+                    return
                 if path == "/metadata":
                     self._json(server.capability())
+                    return
+                if path == "/Patient" and q.get("_summary") == "count":
+                    total = sum(1 for k in server.resources if k.startswith("Patient/"))
+                    self._json({"resourceType": "Bundle", "type": "searchset", "total": total})
                     return
                 m = re.fullmatch(r"/Patient/([^/]+)/\$everything", path)
                 if m:
@@ -218,9 +240,17 @@ class FakeFhirServer:
                     return
                 m = re.fullmatch(r"/(Patient|Group)/([^/]+)/\$export", path)
                 if m:
-                    job = f"job{len(server.jobs) + 1}"
-                    server.jobs[job] = {"pid": m.group(2), "polls": 0}
-                    self._send(202, b"", headers={"Content-Location": f"{server.url}/bulkstatus/{job}"})
+                    if m.group(1) not in server.export_levels:
+                        self._oo(404, "not-supported", f"{m.group(1)}-level export is not supported")
+                        return
+                    if m.group(1) == "Group" and m.group(2) not in server.groups:
+                        self._oo(404, "not-found", "Group not found")
+                        return
+                    job_id = f"job{len(server.jobs) + 1}"
+                    pids = server.groups[m.group(2)] if m.group(1) == "Group" else [m.group(2)]
+                    types = q["_type"].split(",") if q.get("_type") else ["Patient", "Observation"]
+                    server.jobs[job_id] = {"pids": pids, "polls": 0, "since": q.get("_since"), "types": types}
+                    self._send(202, b"", headers={"Content-Location": f"{server.url}/bulkstatus/{job_id}"})
                     return
                 m = re.fullmatch(r"/bulkstatus/([^/]+)", path)
                 if m:
@@ -229,14 +259,15 @@ class FakeFhirServer:
                     if job["polls"] == 1:
                         self._send(202, b"", headers={"Retry-After": "1", "X-Progress": "50%"})
                         return
+                    files = [{"type": t, "url": f"{server.url}/bulkfiles/{m.group(1)}-{t}.ndjson"}
+                             for t in job["types"]]
                     self._json({"transactionTime": now_instant(), "request": "x", "requiresAccessToken": True,
-                                "output": [{"type": "Observation",
-                                            "url": f"{server.url}/bulkfiles/{m.group(1)}.ndjson"}],
-                                "error": []})
+                                "output": files, "error": []})
                     return
-                m = re.fullmatch(r"/bulkfiles/([^/]+)\.ndjson", path)
+                m = re.fullmatch(r"/bulkfiles/([^/]+)-([A-Za-z]+)\.ndjson", path)
                 if m:
-                    self._ndjson(server.jobs[m.group(1)]["pid"])
+                    job = server.jobs[m.group(1)]
+                    self._ndjson(job["pids"], m.group(2), job["since"])
                     return
                 m = re.fullmatch(r"/([A-Za-z]+)/([^/]+)", path)
                 if m:
@@ -272,23 +303,32 @@ class FakeFhirServer:
                             "entry": [{"fullUrl": f"{server.url}/{r['resourceType']}/{r['id']}", "resource": r,
                                        "search": {"mode": "match"}} for r in page]})
 
-            def _ndjson(self, pid: str) -> None:
+            def _ndjson(self, pids: list[str], rtype: str, since: str | None) -> None:
                 self.send_response(200)
                 self.send_header("Content-Type", "application/fhir+ndjson")
                 self.send_header("Transfer-Encoding", "chunked")
                 self.end_headers()
-                for block in server.ndjson_blocks(pid):
-                    self.wfile.write(f"{len(block):x}\r\n".encode() + block + b"\r\n")
+                for pid in pids:
+                    for block in server.ndjson_blocks(pid, rtype, since):
+                        self.wfile.write(f"{len(block):x}\r\n".encode() + block + b"\r\n")
                 self.wfile.write(b"0\r\n\r\n")
 
         return Handler
 
     loop_links = False
+    #: where $export is served (and declared in /metadata)
+    export_levels: tuple[str, ...] = ("Patient", "Group")
 
-    def ndjson_blocks(self, pid: str) -> Iterator[bytes]:
-        """Observation lines for the export: the stored ones, or ``export_lines`` generated ones."""
-        if self.export_lines is None:
-            lines = [json.dumps(r).encode() + b"\n" for r in self.patient_resources(pid, "Observation")]
+    @property
+    def groups(self) -> dict[str, list[str]]:
+        """One group, ``all``, holding every patient."""
+        return {"all": sorted(k.split("/", 1)[1] for k in self.resources if k.startswith("Patient/"))}
+
+    def ndjson_blocks(self, pid: str, rtype: str = "Observation", since: str | None = None) -> Iterator[bytes]:
+        """Export lines of one type for one patient: the stored resources changed after
+        ``since``, or for Observation ``export_lines`` generated ones (never all in memory)."""
+        if self.export_lines is None or rtype != "Observation":
+            lines = [json.dumps(r).encode() + b"\n" for r in self.patient_resources(pid, rtype, since)]
             yield b"".join(lines)
             return
         buf: list[bytes] = []
@@ -308,6 +348,8 @@ class FakeFhirServer:
         return {"resourceType": "CapabilityStatement", "status": "active", "kind": "instance", "fhirVersion": "4.0.1",
                 "software": {"name": "fake-fhir", "version": "1"},
                 "rest": [{"mode": "server",
-                          "operation": [{"name": "everything"}, {"name": "export"}],
+                          "operation": [{"name": "everything"}],
                           "resource": [{"type": t, "searchParam": [{"name": "patient"}, {"name": "_lastUpdated"},
-                                                                   {"name": "_id"}]} for t in types]}]}
+                                                                   {"name": "_id"}],
+                                        "operation": [{"name": "export"}] if t in self.export_levels else []}
+                                       for t in [*types, "Group"]]}]}

@@ -159,6 +159,43 @@ def test_concurrency_cap_holds_across_threads() -> None:
     assert srv.max_in_flight == 2
 
 
+def test_concurrency_cap_covers_streamed_bodies() -> None:
+    """A streamed download keeps its slot until the body is read, not just until the headers."""
+    from connectors.fhir_rest import _spool
+
+    with FakeFhirServer(n_obs=1) as srv:
+        srv.inject(r"/Binary/doc-p0", "slowbody", 0.3, times=3)
+        client = HttpClient(srv.url, concurrency=1)
+        sizes: list[int] = []
+
+        def download() -> None:
+            f, _, _ = client.call("GET", "Binary/doc-p0", _spool, stream=True)
+            assert f is not None
+            sizes.append(len(f.read()))
+
+        threads = [threading.Thread(target=download) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert len(sizes) == 3 and len(set(sizes)) == 1
+    assert srv.max_in_flight == 1  # the server saw one transfer at a time
+
+
+def test_stream_context_holds_the_slot_until_the_block_ends() -> None:
+    with FakeFhirServer(n_obs=1) as srv:
+        client = HttpClient(srv.url, concurrency=1)
+        got: list[int] = []
+        with client.stream("Binary/doc-p0") as resp:
+            t = threading.Thread(target=lambda: got.append(len(client.request("GET", "metadata").content)))
+            t.start()
+            t.join(0.3)
+            assert t.is_alive() and not got  # the other thread waits for the slot
+            body = resp.content
+        t.join(10)
+    assert body.startswith(b"%PDF") and got
+
+
 def test_rate_limiter_spaces_requests(slept: list[float]) -> None:
     limiter = RateLimiter(10)
     for _ in range(5):

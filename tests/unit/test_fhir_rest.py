@@ -1,4 +1,43 @@
-"""The ``fhir`` connector against recorded Medplum exchanges and the local fake server."""
+"""The ``fhir`` connector against recorded Medplum exchanges and the local fake server.
+
+Which test replays which folder of ``../shared/recordings`` (every folder is replayed):
+
+- ``capabilities``: 0001 metadata - test_check_reports_version_and_interactions, the everything
+  and crawl replays here, test_medplum_group_export_replay (test_fhir_bulk.py); 0002 base
+  .well-known - test_smart.py::test_smart_backend_token_discovered_signed_and_cached; 0003 root
+  .well-known - test_smart.py::test_token_url_discovered_at_the_server_root.
+- ``patient-match`` (all 4): test_patient_lookup_by_identifier_and_by_name,
+  test_patient_lookup_several_matches_is_an_error_without_phi, test_lookup_failure_logs_no_search_values.
+- ``everything-paged`` (A: 17 pages, B: 5): test_everything_paged_replay,
+  test_everything_since_sends_the_cursor_and_takes_the_change.
+- ``everything-since``: 0001 and 0004 - test_everything_since_sends_the_cursor_and_takes_the_change
+  (0002/0003 are the recorder's own read and PUT that changed the Observation; a puller never sends a PUT).
+- ``crawl-by-type``: patient-A pages - test_crawl_by_type_replay_with_hydration_failures,
+  test_crawl_failed_search_is_a_ledger_failure_and_keeps_its_cursor; 0013 - test_crawl_incremental_uses_lastUpdated_ge;
+  0014 and 0015 - test_include_page_and_patient_b_imaging_replay.
+- ``offset-cap-quirk``: 0002-0005 - test_offset_cap_switches_to_lastupdated_cursor_paging (0001's next link
+  points at page 2, which was not recorded, so the replay starts at the last good page).
+- ``conditional-read``: 0001/0002 - test_conditional_read_304_is_not_re_emitted; 0003-0005 -
+  test_conditional_read_stale_etag_and_observation_replay; 0001 also in the crawl replays.
+- ``errors`` (all 10): test_fhir_http.py::test_recorded_errors_are_classified and
+  test_accepted_invalid_count_is_not_an_error; 0001 in the crawl and bulk replays; 0003 in
+  test_crawl_failed_search...; 0007 in test_smart.py (401 refresh, bearer check).
+- ``smart-backend`` (all 4): test_smart.py (token, Patient read, 403 on $export, wrongly signed);
+  0003 also in test_fhir_http.py::test_403_is_access_denied.
+- ``bulk-export-patient``: 0002-0011 - test_fhir_bulk.py::test_medplum_group_export_replay; 0012 -
+  test_medplum_status_after_delete_is_reported_as_gone (0001 is the recorder's POST creating the Group).
+- ``binary``: 0002/0005 - test_binary_relative_native_then_hash_check; 0004 - test_binary_fallback_to_fhir_json;
+  0003/0006 - test_document_search_and_presigned_download_replay; 0005 also in the everything and
+  bulk replays (0001 is the recorder's POST of the PDF).
+- ``bds-export``: 0001-0005 - test_fhir_bulk.py::test_bds_export_polls_with_retry_after_and_reports_progress;
+  0006-0017 - test_bds_system_export_reports_rising_progress.
+- ``bds-faults`` (all 18): test_fhir_bulk.py::test_bds_transient_poll_errors_are_polled_again,
+  test_bds_expired_file_and_error_files, test_bds_kickoff_failure_and_missing_token.
+
+Conformance (tests/conformance.py): ``fhir`` $everything and crawl in
+test_fake_server_incremental_and_conformance; ``fhir-bulk`` patient- and group-level in
+test_fhir_bulk.py::test_bulk_conformance.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +54,7 @@ from responses.registries import OrderedRegistry
 
 from aggregator.errors import ConnectorError, ProtocolError, RemoteNotFound
 from connectors.base import NullProgress, PatientRef
-from connectors.fhir_rest import FhirConfig, FhirConnector
+from connectors.fhir_rest import FhirConfig, FhirConnector, PullState
 from connectors.http import HttpClient
 from connectors.paging import Paginator
 from tests.conformance import assert_connector_conforms
@@ -160,7 +199,7 @@ def test_everything_since_sends_the_cursor_and_takes_the_change(recordings: Path
         register_one(rsps, recs[3], loose_query=True)
         sink = h.new_sink()
         connector(strategy="everything").pull(PatientRef(id=A), since, sink, NullProgress())
-        sent = [c.request.url for c in rsps.calls]
+        sent = [str(c.request.url) for c in rsps.calls]
     assert sink.counts == {"done": 1, "failed": 0, "skipped": 0}
     (obs,) = [e for e in h.entries() if e.attempts == 2]
     assert obs.key == "Observation/3418458f-613f-4f8d-b59d-53144ffc0357" and obs.state == "done"
@@ -196,7 +235,7 @@ def test_crawl_by_type_replay_with_hydration_failures(recordings: Path, tmp_path
         register(rsps, recordings / "capabilities", "metadata")
         _crawl_registry(rsps, recordings)
         connector(strategy="crawl").pull(PatientRef(id=A), None, h.sink, NullProgress())
-        reads = [c.request.url for c in rsps.calls if "/Practitioner/" in c.request.url]
+        reads = [str(c.request.url) for c in rsps.calls if "/Practitioner/" in str(c.request.url)]
     entries = h.entries()
     counts = by_type(entries)
     assert h.sink.method == "crawl"
@@ -236,7 +275,7 @@ def test_crawl_incremental_uses_lastUpdated_ge(recordings: Path, tmp_path: Path)
         _crawl_registry(rsps, recordings, skip=("Observation?",))
         connector(strategy="crawl").pull(PatientRef(id=A), {"Observation": {"since": "2026-11-24T16:03:35Z"}},
                                          h.sink, NullProgress())
-        sent = [c.request.url for c in rsps.calls]
+        sent = [str(c.request.url) for c in rsps.calls]
     assert by_type(h.entries())["Observation"] == 1
     assert any("_lastUpdated=ge2026-11-24T16" in u for u in sent)
 
@@ -253,7 +292,7 @@ def test_offset_cap_switches_to_lastupdated_cursor_paging(recordings: Path) -> N
         pager = Paginator(client, recs[1]["request"]["url"])
         keys = [f"{e['resource']['resourceType']}/{e['resource']['id']}" for p in pager
                 for e in p.bundle.get("entry", [])]
-        restart = rsps.calls[2].request.url
+        restart = str(rsps.calls[2].request.url)
     assert pager.switched
     assert len(keys) == len(set(keys))
     expected = set()
@@ -329,8 +368,6 @@ def test_conditional_read_304_is_not_re_emitted(recordings: Path, tmp_path: Path
     recs = load(recordings / "conditional-read")
     etag = recs[0]["response"]["headers"]["ETag"]
     c = connector(strategy="crawl")
-    from connectors.fhir_rest import PullState
-
     with responses.RequestsMock(registry=OrderedRegistry) as rsps:
         register_one(rsps, recs[0])
         register_one(rsps, recs[1])
@@ -348,8 +385,11 @@ def test_conditional_read_304_is_not_re_emitted(recordings: Path, tmp_path: Path
 def test_fake_server_incremental_and_conformance(tmp_path: Path) -> None:
     with FakeFhirServer(n_obs=130) as srv:
         for strategy in ("everything", "crawl"):
+            def make(s: str = strategy) -> FhirConnector:
+                return FhirConnector(FhirConfig(url=srv.url, strategy=s, page_size=40))
+
             report = assert_connector_conforms(
-                lambda s=strategy: FhirConnector(FhirConfig(url=srv.url, strategy=s, page_size=40)),
+                make,
                 PatientRef(id="p0"), tmp_path / strategy, kind="fhir", min_done=130)
             assert report.second_counts["done"] == 0  # nothing changed: nothing transferred again
         h = make_sink(tmp_path / "changes", kind="fhir")
@@ -370,3 +410,89 @@ def test_lookup_failure_logs_no_search_values(recordings: Path, caplog: pytest.L
             connector().resolve_patient(PatientRef(name="Seth Lakin", birth_date="1931-04-19"))
     assert caplog.records
     assert "Lakin" not in caplog.text and "1931" not in caplog.text
+
+
+def test_document_search_and_presigned_download_replay(recordings: Path, tmp_path: Path) -> None:
+    """binary/0003 (the DocumentReference search) and 0006 (its presigned attachment URL)."""
+    search = load(recordings / "binary", "DocumentReference-search")[0]
+    download = load(recordings / "binary", "attachment-url-download")[0]
+    h = make_sink(tmp_path, kind="fhir")
+    c = connector()
+    state = PullState(BASE, {}, patient_id=A)
+    with responses.RequestsMock(registry=OrderedRegistry) as rsps:
+        register_one(rsps, search, loose_query=True)
+        register_one(rsps, download)
+        for page in Paginator(c.client, "DocumentReference", [("patient", A)]):
+            c._take_page(page, state, h.sink, NullProgress())
+        c.fetch_attachments(state, h.sink, NullProgress())
+        sent_token = rsps.calls[1].request.headers.get("Authorization")
+    (binary,) = [e for e in h.entries() if e.kind == "binary"]
+    assert binary.state == "done" and binary.key == download["request"]["url"]
+    assert binary.sha256 == hashlib.sha256(download["response"]["body"].encode("latin-1")).hexdigest()
+    assert binary.content_type == "application/pdf" and sent_token is None
+
+
+def test_include_page_and_patient_b_imaging_replay(recordings: Path, tmp_path: Path) -> None:
+    """crawl-by-type/0014 (_include: 31 matches + 322 included Observations in one page) and
+    0015 (ImagingStudy for patient B): every entry, match or include, reaches the sink once."""
+    include = load(recordings / "crawl-by-type", "include-result")[0]
+    imaging = load(recordings / "crawl-by-type", "patientB")[0]
+    h = make_sink(tmp_path, kind="fhir")
+    c = connector()
+    state = PullState(BASE, {}, patient_id=A)
+    with responses.RequestsMock() as rsps:
+        register_one(rsps, include)
+        register_one(rsps, imaging)
+        for url in (include["request"]["url"], imaging["request"]["url"]):
+            for page in Paginator(c.client, url):
+                c._take_page(page, state, h.sink, NullProgress())
+    counts = by_type(h.entries())
+    assert counts == {"DiagnosticReport": 31, "Observation": 322, "ImagingStudy": 2}
+
+
+def test_conditional_read_stale_etag_and_observation_replay(recordings: Path) -> None:
+    """conditional-read/0003-0005: a stale ETag gets the resource again; the amended
+    Observation's current ETag gets a 304."""
+    recs = load(recordings / "conditional-read")
+    c = connector()
+    with responses.RequestsMock(registry=OrderedRegistry) as rsps:
+        for r in recs[2:]:
+            register_one(rsps, r)
+        stale = c.client.request("GET", recs[2]["request"]["url"],
+                                 headers={"If-None-Match": recs[2]["request"]["headers"]["If-None-Match"]})
+        obs, resp = c.client.get_json(recs[3]["request"]["url"])
+        again = c.client.request("GET", recs[4]["request"]["url"], headers={"If-None-Match": resp.headers["ETag"]})
+    assert stale.status_code == 200 and stale.json()["id"] == A
+    assert obs["resourceType"] == "Observation" and again.status_code == 304
+
+
+def test_bearer_check_proves_the_token_on_a_live_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    with FakeFhirServer(n_obs=1, token="right") as srv:
+        monkeypatch.setenv("FHIR_TOKEN", "right")
+        good = FhirConnector(FhirConfig(url=srv.url, auth="bearer", token_env="FHIR_TOKEN")).check()
+        monkeypatch.setenv("FHIR_TOKEN", "wrong")
+        bad = FhirConnector(FhirConfig(url=srv.url, auth="bearer", token_env="FHIR_TOKEN")).check()
+        monkeypatch.setenv("FHIR_TOKEN", "right")
+        srv.inject(r"/Patient\?_summary=count", "status", 403)
+        denied = FhirConnector(FhirConfig(url=srv.url, auth="bearer", token_env="FHIR_TOKEN")).check()
+        probes = [p for m, p in srv.log if "_summary=count" in p]
+    assert good.ok and good.details["auth_ok"] is True
+    assert not bad.ok and bad.details["auth_ok"] is False and bad.details["status"] == 401
+    assert not denied.ok and denied.details["auth_ok"] is False and denied.details["status"] == 403
+    assert "wrong" not in json.dumps(bad.details)
+    assert len(probes) == 4  # one each, plus the single 401 retry of the wrong token
+
+
+def test_paginator_drops_repeats_within_a_search() -> None:
+    """Offset pages shift when data changes mid-search: a resource seen on an earlier page is
+    not handed on twice (the connector keeps no per-pull key set of its own)."""
+    with FakeFhirServer(n_obs=30) as srv:
+        pager = Paginator(HttpClient(srv.url), "Observation", [("patient", "p0"), ("_count", "10")])
+        keys = []
+        for i, page in enumerate(pager):
+            keys += [e["resource"]["id"] for e in page.bundle["entry"]]
+            if i == 0:  # a new resource sorts first: everything shifts one place down
+                with srv.lock:
+                    srv._put({"resourceType": "Observation", "id": "new", "subject": {"reference": "Patient/p0"}})
+                    srv.resources = {"Observation/new": srv.resources.pop("Observation/new"), **srv.resources}
+    assert len(keys) == len(set(keys)) == 30 and pager.repeats == 1

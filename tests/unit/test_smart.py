@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import cast
 from urllib.parse import parse_qs
 
 import jwt
@@ -55,9 +56,9 @@ def test_smart_backend_token_discovered_signed_and_cached(recordings: Path, tmp_
         register_one(rsps, read)
         assert c.client.get_json(f"Patient/{A}")[0]["id"] == A
         assert c.client.get_json(f"Patient/{A}")[0]["id"] == A
-        form = parse_qs(rsps.calls[1].request.body)
+        form = parse_qs(str(rsps.calls[1].request.body))
         auth_headers = [rsps.calls[i].request.headers.get("Authorization") for i in (0, 1, 2, 3)]
-    assert c.client.auth.fetches == 1  # cached: one token for both reads
+    assert cast(SmartBackendAuth, c.client.auth).fetches == 1  # cached: one token for both reads
     assert auth_headers[0] is None and auth_headers[1] is None  # discovery and token request carry no token
     assert auth_headers[2] == auth_headers[3] == "Bearer <redacted>"
     assert form["grant_type"] == ["client_credentials"] and form["scope"] == ["system/*.read"]
@@ -88,11 +89,31 @@ def test_wrongly_signed_assertion_is_an_auth_error(recordings: Path, tmp_path: P
 
 def test_check_with_smart_reports_auth_ok(recordings: Path, tmp_path: Path) -> None:
     c, _ = smart(tmp_path, token_url=TOKEN_URL)
+    searchset = load(recordings / "patient-match", "MRN")[0]["response"]["body"]  # a real Medplum searchset
     with responses.RequestsMock() as rsps:
         register(rsps, recordings / "capabilities", "metadata")
         register(rsps, recordings / "smart-backend", "private-key-jwt")
+        rsps.add("GET", f"{BASE}/Patient", json=searchset, content_type="application/fhir+json")
         result = c.check()
+        probe = rsps.calls[-1].request
     assert result.ok and result.details["auth_ok"] and result.details["auth"] == "smart-backend"
+    # the token was proven on the FHIR server itself, with a request that reads no patient
+    assert probe.url == f"{BASE}/Patient?_summary=count" and probe.headers["Authorization"].startswith("Bearer ")
+
+
+def test_check_in_bearer_mode_reports_a_refused_token(recordings: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The recorded Medplum 401 for an invalid token, answered to the check's probe."""
+    unauthorized = load(recordings / "errors", "invalid-token")[0]["response"]
+    monkeypatch.setenv("FHIR_TOKEN", "expired")
+    c = FhirConnector(FhirConfig(url=BASE, auth="bearer", token_env="FHIR_TOKEN"))
+    with responses.RequestsMock() as rsps:
+        register(rsps, recordings / "capabilities", "metadata")
+        rsps.add("GET", f"{BASE}/Patient", json=unauthorized["body"], status=unauthorized["status"])
+        result = c.check()
+    assert not result.ok
+    assert result.details["auth_ok"] is False and result.details["status"] == 401
+    assert "login: Unauthorized" in result.details["error"] and "expired" not in json.dumps(result.details)
+    assert result.details["fhirVersion"] == "4.0.1"  # what /metadata said is still reported
 
 
 def test_system_read_token_cannot_export(recordings: Path, tmp_path: Path) -> None:
@@ -118,7 +139,7 @@ def test_401_refreshes_the_token_once(recordings: Path, tmp_path: Path) -> None:
             register_one(rsps, r)
         with pytest.raises(AuthError, match="login: Unauthorized"):
             c.client.get_json(f"Patient/{A}")
-    assert c.client.auth.fetches == 3
+    assert cast(SmartBackendAuth, c.client.auth).fetches == 3
 
 
 def test_client_credentials_uses_basic_auth_and_secret_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -161,3 +182,16 @@ def test_smart_pull_end_to_end_sends_no_token_in_ledger(recordings: Path, tmp_pa
     rows = h.entries()
     assert [r.key for r in rows if r.kind == "resource"] == [f"Patient/{A}"]
     assert "redacted" not in json.dumps([r.meta for r in rows])
+
+
+def test_token_url_discovered_at_the_server_root(recordings: Path, tmp_path: Path) -> None:
+    """capabilities/0003: when the FHIR base has no .well-known, the server root's is used."""
+    root = load(recordings / "capabilities", "root-well-known")[0]
+    not_found = load(recordings / "errors", "not-found.json")[0]["response"]["body"]
+    c, _ = smart(tmp_path)
+    with responses.RequestsMock(registry=OrderedRegistry) as rsps:
+        rsps.add("GET", f"{BASE}/.well-known/smart-configuration", json=not_found, status=404)
+        register_one(rsps, root)
+        register(rsps, recordings / "smart-backend", "private-key-jwt")
+        assert c.client.auth.headers()["Authorization"].startswith("Bearer ")
+    assert cast(SmartBackendAuth, c.client.auth).token_url == TOKEN_URL
