@@ -43,3 +43,21 @@ def make_sink(tmp_path: Path, *, kind: str = "media", case_id: str = "test-case"
         source_id = src.id
     blobs = BlobStore(tmp_path / "blobs")
     return SinkHarness(db, blobs, LedgerSink(db, blobs, source_id, None), source_id, case_id)
+
+
+class RecordingProgress:
+    """A Progress that remembers what a connector reported (totals, advances, messages)."""
+
+    def __init__(self) -> None:
+        self.total: int | None = None
+        self.done = 0
+        self.texts: list[str] = []
+
+    def set_total(self, total: int | None) -> None:
+        self.total = total
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+
+    def message(self, text: str) -> None:
+        self.texts.append(text)

@@ -12,7 +12,7 @@ from connectors.base import KIND_DICOM, NullProgress, PatientRef
 from connectors.dicom_stream import split_part10
 from connectors.dimse import DimseConfig, DimseConnector
 from tests.integration.orthanc import CLIENT_AET, MOVE_AET, LoadedArchive, free_port
-from tests.support import SinkHarness, make_sink
+from tests.support import RecordingProgress, SinkHarness, make_sink
 
 pytestmark = pytest.mark.orthanc
 
@@ -34,20 +34,6 @@ def connector(archive: LoadedArchive, retrieve: str = "get", **kw: object) -> Di
                       store_port=srv.store_port if retrieve == "move" else None, **kw)  # type: ignore[arg-type]
     return DimseConnector(cfg)
 
-
-class Progress:
-    def __init__(self) -> None:
-        self.total: int | None = None
-        self.done = 0
-
-    def set_total(self, total: int | None) -> None:
-        self.total = total
-
-    def advance(self, n: int = 1) -> None:
-        self.done += n
-
-    def message(self, text: str) -> None:
-        pass
 
 
 def assert_identical(h: SinkHarness, expected: dict[str, bytes]) -> None:
@@ -77,7 +63,7 @@ def test_check_reports_echo_and_retrieve_levels(loaded_archive: LoadedArchive) -
 def test_c_get_is_byte_identical_and_patient_scoped(loaded_archive: LoadedArchive, tmp_path: Path,
                                                     label: str) -> None:
     h = make_sink(tmp_path, kind="dimse")
-    progress = Progress()
+    progress = RecordingProgress()
     cursor = connector(loaded_archive).pull(PATIENTS[label], None, h.sink, progress)
     assert_identical(h, loaded_archive.copies[label])
     assert progress.total == len(loaded_archive.copies[label]) == progress.done
@@ -128,7 +114,7 @@ def test_resume_fetches_only_missing_and_repull_adds_nothing(loaded_archive: Loa
     for uid in earlier:
         h.sink.dicom(uid, b"earlier pull " + uid.encode())
     h.new_sink()
-    progress = Progress()
+    progress = RecordingProgress()
     cursor = connector(loaded_archive).pull(PATIENTS["PYD"], None, h.sink, progress)
     rows = {e.key: e for e in h.entries("done")}
     assert set(rows) == set(expected)
@@ -168,7 +154,7 @@ def test_later_pull_fetches_only_missing_instances(loaded_archive: LoadedArchive
     kept, wanted = sorted(expected)
     h = make_sink(tmp_path, kind="dimse")
     h.sink.dicom(kept, b"stored earlier " + kept.encode())
-    progress = Progress()
+    progress = RecordingProgress()
     connector(loaded_archive, retrieve).pull(PATIENTS["HOSPA"], {"studies": {"studies": {}}}, h.new_sink(),
                                              progress)
     done = {e.key: e for e in h.entries("done")}

@@ -18,7 +18,7 @@ from connectors.fhir_rest import PullState
 from tests.conformance import assert_connector_conforms
 from tests.fakes.fhir_server import FakeFhirServer
 from tests.fakes.recordings import load, register_one
-from tests.support import SinkHarness, make_sink
+from tests.support import RecordingProgress, SinkHarness, make_sink
 
 MEDPLUM = "http://127.0.0.1:8103/fhir/R4"
 BDS = "http://127.0.0.1:9443"
@@ -26,19 +26,6 @@ A = "ba5e1362-5dbd-47e6-bc4d-d19d1d1e8075"
 GROUP = "9aaa734b-8271-4345-b87c-46bbf569e1ef"
 TYPES = "Patient,Observation,DiagnosticReport,DocumentReference,ImagingStudy,Condition"
 
-
-class Messages:
-    def __init__(self) -> None:
-        self.texts: list[str] = []
-
-    def set_total(self, total: int | None) -> None:
-        pass
-
-    def advance(self, n: int = 1) -> None:
-        pass
-
-    def message(self, text: str) -> None:
-        self.texts.append(text)
 
 
 @pytest.fixture()
@@ -89,7 +76,7 @@ def test_bds_export_polls_with_retry_after_and_reports_progress(recordings: Path
     lines = recs[3]["response"]["body"].splitlines()
     pid = json.loads(lines[1])["subject"]["reference"].split("/")[1]
     h = make_sink(tmp_path, kind="fhir-bulk")
-    progress = Messages()
+    progress = RecordingProgress()
     with responses.RequestsMock() as rsps:
         for r in recs[:4]:
             register_one(rsps, r)
@@ -260,7 +247,7 @@ def test_bds_system_export_reports_rising_progress(recordings: Path, tmp_path: P
     its Retry-After honoured; the job is DELETEd."""
     recs = load(recordings / "bds-export")[5:]
     h = make_sink(tmp_path, kind="fhir-bulk")
-    progress = Messages()
+    progress = RecordingProgress()
     c = FhirBulkConnector(FhirBulkConfig(url=f"{BDS}/fhir"))
     with responses.RequestsMock(registry=OrderedRegistry) as rsps:
         for r in recs:

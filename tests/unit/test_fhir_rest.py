@@ -68,19 +68,6 @@ B = "e3e7586e-7c02-4109-bb51-04a256251625"
 MRN = "55940999-fd98-4922-b9bc-a6bf0c1855ed"
 
 
-class Messages:
-    def __init__(self) -> None:
-        self.texts: list[str] = []
-
-    def set_total(self, total: int | None) -> None:
-        pass
-
-    def advance(self, n: int = 1) -> None:
-        pass
-
-    def message(self, text: str) -> None:
-        self.texts.append(text)
-
 
 @pytest.fixture()
 def no_sleep(monkeypatch: pytest.MonkeyPatch) -> list[float]:
