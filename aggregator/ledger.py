@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -21,7 +22,8 @@ from sqlalchemy import func, select, true
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from aggregator.blobs import BlobRef, BlobStore
+from aggregator.blobs import CHUNK, BlobRef, BlobStore
+from aggregator.errors import StoreError
 from aggregator.store.db import Database
 from aggregator.store.models import LedgerItem, Pull, Source, utcnow
 from connectors.base import KIND_BINARY, KIND_DICOM, KIND_RESOURCE, Data
@@ -173,11 +175,25 @@ class LedgerSink:
                       content_type=content_type, meta=dict(meta or {})))
         return ref
 
-    def dicom(self, sop_instance_uid: str, data: Data, *, meta: Mapping[str, Any] | None = None) -> BlobRef:
-        ref = self._put(data, None)
-        self._add(Row(KIND_DICOM, sop_instance_uid, DONE, sha256=ref.sha256, size=ref.size,
+    def dicom(self, sop_instance_uid: str, data: Data, *, meta: Mapping[str, Any] | None = None) -> int:
+        # Kept by SOP Instance UID, not hashed here: see aggregator.blobs. The row's sha256 stays
+        # empty; stored_path() finds the file.
+        if isinstance(data, bytes | bytearray | memoryview):
+            chunks: Iterable[bytes | memoryview] = [data]
+        elif hasattr(data, "read"):
+            stream = data
+
+            def read_all() -> Iterator[bytes]:
+                while block := stream.read(CHUNK):  # type: ignore[union-attr]
+                    yield block
+
+            chunks = read_all()
+        else:
+            chunks = data  # type: ignore[assignment]
+        size = self.blobs.put_instance(self.source_id, sop_instance_uid, chunks)
+        self._add(Row(KIND_DICOM, sop_instance_uid, DONE, size=size,
                       content_type="application/dicom", meta=dict(meta or {})))
-        return ref
+        return size
 
     def failed(
         self,
@@ -250,6 +266,15 @@ class LedgerEntry:
     content_type: str | None
     meta: dict[str, Any]
     updated_at: datetime | None = None
+
+
+def stored_path(blobs: BlobStore, entry: LedgerEntry) -> Path:
+    """The file holding a ``done`` item's bytes: its blob, or for DICOM its keyed instance file."""
+    if entry.sha256:
+        return blobs.path(entry.sha256)
+    if entry.kind == KIND_DICOM:
+        return blobs.instance_path(entry.source_id, entry.key)
+    raise StoreError("ledger item has no stored content", item=entry.key)
 
 
 def _entry(row: LedgerItem) -> LedgerEntry:

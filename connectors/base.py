@@ -111,8 +111,9 @@ class Sink(Protocol):
         """Attachment bytes; ``key`` is the URL or path other resources use to point at them."""
         ...
 
-    def dicom(self, sop_instance_uid: str, data: Data, *, meta: Mapping[str, Any] | None = None) -> BlobRef:
-        """One DICOM instance, bytes exactly as received (Part 10 file)."""
+    def dicom(self, sop_instance_uid: str, data: Data, *, meta: Mapping[str, Any] | None = None) -> int:
+        """One DICOM instance, bytes exactly as received (Part 10 file), kept by its SOP
+        Instance UID; returns the number of bytes stored."""
         ...
 
     def failed(

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aggregator.blobs import BlobStore
-from aggregator.ledger import LedgerEntry, LedgerSink, entries_for_case
+from aggregator.ledger import LedgerEntry, LedgerSink, entries_for_case, stored_path
 from aggregator.store.db import Database
 from aggregator.store.models import Case, Source
 
@@ -22,6 +22,13 @@ class SinkHarness:
     def entries(self, state: str | None = None) -> list[LedgerEntry]:
         self.sink.flush()
         return list(entries_for_case(self.db, self.case_id, state=state))
+
+    def path(self, entry: LedgerEntry) -> Path:
+        """The file holding a done item's bytes (a blob, or a DICOM instance file)."""
+        return stored_path(self.blobs, entry)
+
+    def read(self, entry: LedgerEntry) -> bytes:
+        return self.path(entry).read_bytes()
 
     def new_sink(self) -> LedgerSink:
         """A fresh sink on the same source, as a second pull (resume / re-pull) would get."""

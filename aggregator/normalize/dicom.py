@@ -78,14 +78,18 @@ def _int(ds: Any, name: str) -> int | None:
 
 def read_instance(entry: LedgerEntry, blobs: BlobStore) -> Instance:
     """Parse one stored DICOM blob; raises :class:`ValueError` with a PHI-free reason."""
-    if not entry.sha256:
-        raise ValueError("no stored content")
     try:
-        path = blobs.path(entry.sha256)
+        if entry.sha256:
+            sha256, path = entry.sha256, blobs.path(entry.sha256)
+            if not path.is_file():
+                raise ValueError("raw content missing from the blob store")
+        else:
+            # kept by SOP Instance UID while it was retrieved (see aggregator.blobs): hashed here
+            # once, and linked into the content-addressed store the package is written from
+            sha256 = blobs.adopt_instance(entry.source_id, entry.key).sha256
+            path = blobs.path(sha256)
     except AggregatorError as exc:
         raise ValueError("raw content missing from the blob store") from exc
-    if not path.is_file():
-        raise ValueError("raw content missing from the blob store")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -109,7 +113,7 @@ def read_instance(entry: LedgerEntry, blobs: BlobStore) -> Instance:
         if missing:
             raise ValueError(f"broken DICOM: missing {', '.join(missing)}")
         return Instance(
-            entry.source_id, entry.key, entry.sha256, int(entry.size or path.stat().st_size), sop, sop_class,
+            entry.source_id, entry.key, sha256, int(entry.size or path.stat().st_size), sop, sop_class,
             study, series, ts, _s(ds, "Modality"), _s(ds, "PatientID"), _s(ds, "IssuerOfPatientID"),
             _s(ds, "PatientName"), _s(ds, "PatientBirthDate"), _s(ds, "PatientSex"), _s(ds, "StudyDate"),
             _s(ds, "StudyTime"), _s(ds, "StudyDescription"), _s(ds, "AccessionNumber"), _int(ds, "SeriesNumber"),

@@ -41,12 +41,12 @@ def assert_identical(h: SinkHarness, expected: dict[str, bytes]) -> None:
     done = {e.key: e for e in h.entries("done") if e.kind == KIND_DICOM}
     assert set(done) == set(expected)
     for uid, original in expected.items():
-        got = h.blobs.read_bytes(done[uid].sha256 or "")
+        got = h.read(done[uid])
         got_at, got_ts = split_part10(got)
         orig_at, orig_ts = split_part10(original)
         assert got_ts == orig_ts, uid
         assert got[got_at:] == original[orig_at:], (uid, got_ts, len(got) - got_at, len(original) - orig_at)
-        meta = pydicom.dcmread(h.blobs.path(done[uid].sha256 or ""), stop_before_pixels=True).file_meta
+        meta = pydicom.dcmread(h.path(done[uid]), stop_before_pixels=True).file_meta
         assert meta.MediaStorageSOPInstanceUID == uid
         assert done[uid].meta["transfer_syntax"] == orig_ts
 
@@ -119,7 +119,7 @@ def test_resume_fetches_only_missing_and_repull_adds_nothing(loaded_archive: Loa
     rows = {e.key: e for e in h.entries("done")}
     assert set(rows) == set(expected)
     for uid in earlier:
-        assert h.blobs.read_bytes(rows[uid].sha256 or "").startswith(b"earlier pull")
+        assert h.read(rows[uid]).startswith(b"earlier pull")
     assert progress.done == len(expected)
     # re-pull with the cursor: nothing new, no duplicate rows
     before = h.entries()
@@ -159,8 +159,8 @@ def test_later_pull_fetches_only_missing_instances(loaded_archive: LoadedArchive
                                              progress)
     done = {e.key: e for e in h.entries("done")}
     assert set(done) == {kept, wanted}
-    assert h.blobs.read_bytes(done[kept].sha256 or "").startswith(b"stored earlier")
-    got = h.blobs.read_bytes(done[wanted].sha256 or "")
+    assert h.read(done[kept]).startswith(b"stored earlier")
+    got = h.read(done[wanted])
     assert got[split_part10(got)[0]:] == expected[wanted][split_part10(expected[wanted])[0]:]
     assert progress.done == 2
 

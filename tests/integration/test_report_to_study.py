@@ -14,7 +14,7 @@ import pytest
 from aggregator.app import App
 from aggregator.cases import add_endpoint, add_source, create_case
 from aggregator.jobs.pull import run_pull
-from aggregator.ledger import LedgerSink, entries_for_case
+from aggregator.ledger import LedgerSink, entries_for_case, stored_path
 from connectors.base import KIND_DICOM, KIND_QUERY
 from connectors.dicom_stream import split_part10
 from tests.integration.orthanc import LoadedArchive
@@ -76,7 +76,7 @@ def test_reports_bring_in_their_studies_without_a_patient_id(loaded_archive: Loa
     assert set(done) == set(expected)  # the matched study, and nothing of patient HOSP-B
     blobs = app.blobs("c1")
     for uid, original in expected.items():
-        got = blobs.read_bytes(done[uid].sha256 or "")
+        got = stored_path(blobs, done[uid]).read_bytes()
         if kind == "dicomweb":
             assert got == original
         else:  # DIMSE: our File Meta around the dataset bytes exactly as the archive sent them

@@ -67,7 +67,7 @@ def run(path: Path, tmp_path: Path, *, harness: SinkHarness | None = None, curso
 def _assert_ledger_complete(h: SinkHarness, rows: list[LedgerEntry]) -> None:
     for r in rows:
         if r.state == DONE:
-            assert r.sha256 and h.blobs.exists(r.sha256), r.key
+            assert h.path(r).is_file(), r.key
         else:
             assert r.reason, f"{r.key}: {r.state} without a reason"
         r.key.encode("utf-8")  # keys are always storable text
@@ -128,7 +128,7 @@ def test_dicom_cd_every_referenced_instance_once_with_uids(shared_data: Path, tm
         assert r.key == ds.SOPInstanceUID
         assert r.meta["study_uid"] == ds.StudyInstanceUID and r.meta["series_uid"] == ds.SeriesInstanceUID
         assert r.meta["dicomdir"] == "DICOMDIR"
-        assert h.blobs.path(str(r.sha256)).read_bytes() == src.read_bytes()  # bytes as they are on the disc
+        assert h.path(r).read_bytes() == src.read_bytes()  # bytes as they are on the disc
     # the other DICOMDIR encodings are directory files, not instances: skipped with a reason
     skipped = {r.key for r in rows if r.state == SKIPPED}
     assert {"file:DICOMDIR-bigEnd", "file:DICOMDIR-nopatient", "file:DICOMDIR-empty.dcm"} <= skipped
@@ -197,7 +197,7 @@ def test_loose_dicom_with_and_without_preamble_and_broken_ones(shared_data: Path
     assert keys[ct.SOPInstanceUID].meta["file"] == "IM0001"
     raw = keys[ds.SOPInstanceUID]
     assert raw.state == DONE and raw.meta["part10"] is False
-    assert h.blobs.path(str(raw.sha256)).read_bytes() == (folder / "raw-no-preamble").read_bytes()
+    assert h.path(raw).read_bytes() == (folder / "raw-no-preamble").read_bytes()
     for name in ("garbage.dcm", "cut.dcm", "cut-at-pixels.dcm"):
         r = keys[f"file:{name}"]
         assert (r.kind, r.state) == ("dicom", FAILED) and r.reason
@@ -380,7 +380,7 @@ def test_pdf_and_text_become_binary_plus_document_reference(tmp_path: Path) -> N
                              ("letter.txt", (folder / "letter.txt").read_bytes(), "text/plain")):
         b = keys[f"file:{rel}"]
         assert (b.kind, b.state, b.content_type) == ("binary", DONE, ctype)
-        assert h.blobs.path(str(b.sha256)).read_bytes() == data
+        assert h.path(b).read_bytes() == data
         ref = keys[f"file:{rel}#docref"]
         doc = body(h, ref)
         DocumentReference.model_validate(doc)

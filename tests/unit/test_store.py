@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import socket
 import uuid
 from collections.abc import Iterator
@@ -10,7 +12,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, inspect, text
 
-from aggregator.blobs import BlobStore
+from aggregator.blobs import BlobRef, BlobStore
 from aggregator.errors import StoreError
 from aggregator.ledger import DONE, FAILED, SKIPPED
 from aggregator.store.db import Database
@@ -90,6 +92,34 @@ def test_blob_store_is_content_addressed_and_atomic(tmp_path: Path) -> None:
         store.path("../../etc/passwd")
 
 
+def test_dicom_instances_are_kept_by_sop_uid_and_adopted_by_content(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path / "b")
+    uid = "1.2.826.0.1.3680043.8.498.1"
+    assert store.put_instance(7, uid, [b"DICM", memoryview(b" first")]) == 10
+    path = store.instance_path(7, uid)
+    assert path == tmp_path / "b" / "dicom" / "7" / uid and path.read_bytes() == b"DICM first"
+    # the same SOP instance again from the same source replaces the file; others are separate
+    store.put_instance(7, uid, [b"DICM second"])
+    store.put_instance(8, uid, [b"DICM other source"])
+    assert path.read_bytes() == b"DICM second"
+    assert store.instance_path(8, uid).read_bytes() == b"DICM other source"
+    assert list((tmp_path / "b" / ".tmp").iterdir()) == []
+    # a key that is not a UID never names a path
+    hostile = store.instance_path(7, "../../../etc/passwd")
+    assert hostile.parent == tmp_path / "b" / "dicom" / "7" and hostile.name.startswith("x")
+    # adoption: hashed, hard-linked into the content-addressed store, idempotent
+    ref = store.adopt_instance(7, uid)
+    assert ref == BlobRef(hashlib.sha256(b"DICM second").hexdigest(), 11)
+    assert store.read_bytes(ref.sha256) == b"DICM second"
+    assert os.path.samefile(store.path(ref.sha256), path)
+    assert store.adopt_instance(7, uid) == ref
+    # replacing the instance later leaves the adopted blob's content untouched
+    store.put_instance(7, uid, [b"DICM third"])
+    assert store.read_bytes(ref.sha256) == b"DICM second"
+    with pytest.raises(StoreError):
+        store.adopt_instance(9, uid)
+
+
 def test_head_revision_constant_matches_alembic() -> None:
     from alembic.config import Config
     from alembic.script import ScriptDirectory
@@ -99,3 +129,18 @@ def test_head_revision_constant_matches_alembic() -> None:
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     assert ScriptDirectory.from_config(cfg).get_current_head() == HEAD_REVISION
+
+
+def test_instances_are_written_whole_through_gathered_writes(tmp_path: Path) -> None:
+    import aggregator.blobs as blobs_mod
+
+    store = BlobStore(tmp_path / "b")
+    # more chunks than one writev batch, empty ones, memoryviews of a larger buffer, and one
+    # chunk larger than a batch's byte budget
+    big = bytearray(range(256)) * 40_000
+    chunks: list[bytes | memoryview] = [b"DICM", b"", memoryview(big)[5:70_005]]
+    chunks += [bytes([i % 251]) * (i + 1) for i in range(blobs_mod.GATHER_CHUNKS * 2 + 3)]
+    chunks.append(memoryview(bytes(blobs_mod.GATHER_BYTES + 17)))
+    expected = b"".join(bytes(c) for c in chunks)
+    assert store.put_instance(1, "1.2.3", iter(chunks)) == len(expected)
+    assert store.instance_path(1, "1.2.3").read_bytes() == expected
