@@ -226,6 +226,11 @@ class SpoolBuffer:
 # (where it is not on the hot path); here we frame P-DATA and the small command sets ourselves.
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
+#: Receive buffer size: one ``recv`` takes whatever the socket holds up to this.
+RECV_BLOCK = 1 << 20
+#: We announce no maximum PDU length, so a peer may send large ones; past this it is refused
+#: rather than allocated (a hostile length field).
+MAX_PDU_BYTES = 64 << 20
 PENDING = (0xFF00, 0xFF01)
 C_STORE_RQ, C_STORE_RSP = 0x0001, 0x8001
 C_GET_RQ, C_GET_RSP = 0x0010, 0x8010
@@ -307,6 +312,10 @@ class DimseLink:
         #: accepted presentation contexts: id -> (abstract syntax, transfer syntax)
         self.accepted: dict[int, tuple[str, str]] = {}
         self._msg_id = 0
+        # receive buffer: bytes [_pos, _end) are received and not yet handed out
+        self._buf = bytearray()
+        self._view = memoryview(self._buf)
+        self._pos = self._end = 0
 
     # -- association ----------------------------------------------------------------------------
 
@@ -421,29 +430,47 @@ class DimseLink:
         assert self.sock is not None
         self.sock.sendall(data)
 
-    def _recv_exact(self, n: int) -> bytearray:
+    def _fill(self, n: int) -> None:
+        """Make at least ``n`` unread bytes available in the receive buffer.
+
+        Reads as much as the socket has (up to ``RECV_BLOCK``) per system call rather than two
+        exact reads per PDU. A full buffer is never overwritten: PDUs handed out are views into
+        it that may still wait for the writer thread, so a new buffer is started and only the
+        unread tail (less than one PDU) is copied into it.
+        """
         assert self.sock is not None
-        buf = bytearray(n)
-        view = memoryview(buf)
-        got = 0
-        while got < n:
+        if self._end - self._pos >= n:
+            return
+        if len(self._buf) - self._pos < n:
+            tail = self._buf[self._pos : self._end]
+            self._buf = bytearray(max(RECV_BLOCK, n))
+            self._buf[: len(tail)] = tail
+            self._view = memoryview(self._buf)
+            self._pos, self._end = 0, len(tail)
+        while self._end - self._pos < n:
             try:
-                k = self.sock.recv_into(view[got:], n - got)
+                k = self.sock.recv_into(self._view[self._end :])
             except TimeoutError as exc:
                 raise AssociationAborted("the peer stopped answering (timeout)") from exc
             except OSError as exc:
                 raise AssociationAborted(f"connection failed: {exc.strerror or type(exc).__name__}") from exc
             if k == 0:
                 raise AssociationAborted("the peer closed the connection")
-            got += k
-        return buf
+            self._end += k
 
-    def _read_pdu(self) -> tuple[int, bytearray]:
-        head = self._recv_exact(6)
-        pdu_type, _, length = struct.unpack(">BBI", head)
+    def _read_pdu(self) -> tuple[int, memoryview]:
+        """The next PDU as (type, body); the body is a view valid for as long as it is held."""
+        self._fill(6)
+        pdu_type, _, length = struct.unpack_from(">BBI", self._buf, self._pos)
         if pdu_type not in range(1, 8):
             raise AssociationAborted(f"unknown PDU type 0x{pdu_type:02X}")
-        return pdu_type, self._recv_exact(length)
+        if length > MAX_PDU_BYTES:
+            raise AssociationAborted(f"a PDU of {length} bytes exceeds our limit")
+        self._pos += 6
+        self._fill(length)
+        body = self._view[self._pos : self._pos + length]
+        self._pos += length
+        return pdu_type, body
 
     def send_message(self, context_id: int, command: bytes, dataset: bytes | None = None) -> None:
         limit = (self.peer_max_pdu or (1 << 24)) - 6

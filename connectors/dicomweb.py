@@ -285,10 +285,20 @@ class DicomwebConnector(Connector):
 
     def _retrieve(self, path: str, study_uid: str, members: Mapping[str, str], sink: Sink, progress: Progress,
                   got: set[str], writer: BackgroundWriter) -> None:
+        try:
+            self._retrieve_once(path, study_uid, members, sink, progress, got, writer, trust_lengths=True)
+        except FramingMismatch:
+            # a server whose part lengths are wrong: read again by delimiters only; the parts
+            # already stored are skipped
+            log.warning("WADO-RS part lengths of study %s do not match its framing; reading again", study_uid)
+            self._retrieve_once(path, study_uid, members, sink, progress, got, writer, trust_lengths=False)
+
+    def _retrieve_once(self, path: str, study_uid: str, members: Mapping[str, str], sink: Sink, progress: Progress,
+                       got: set[str], writer: BackgroundWriter, *, trust_lengths: bool) -> None:
         resp = self._get(path, accept=ACCEPT_DICOM, stream=True)
         try:
             boundary = _boundary(resp.headers.get("Content-Type", ""), mask_url(resp.url))
-            for headers, part in iter_multipart_blocks(response_blocks(resp), boundary):
+            for headers, part in iter_multipart_blocks(response_blocks(resp), boundary, trust_lengths=trust_lengths):
                 self._store_part(part, headers, study_uid, members, sink, progress, got, writer)
         except (requests.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException,
                 OSError) as exc:
@@ -407,12 +417,23 @@ def iter_multipart(chunks: Iterable[bytes], boundary: bytes) -> Iterator[tuple[d
     return iter_multipart_blocks(chunk_blocks(chunks), boundary)
 
 
-def iter_multipart_blocks(next_block: NextBlock, boundary: bytes) -> Iterator[tuple[dict[str, str], SpoolBuffer]]:
+class FramingMismatch(ProtocolError):
+    """A part's Content-Length does not end where its delimiter begins."""
+
+
+def iter_multipart_blocks(next_block: NextBlock, boundary: bytes, *,
+                          trust_lengths: bool = True) -> Iterator[tuple[dict[str, str], SpoolBuffer]]:
     """Yield (headers, part) for each part of a multipart body, block by block.
 
     A part holds memoryviews of the blocks (spilled to a temporary file past ``SPILL_BYTES``),
     so memory stays at the parts not yet written plus one block: the body is never held whole.
     Blocks are never reused, so a part handed to another thread stays valid.
+
+    Where a part gives its ``Content-Length`` (Orthanc and dcm4chee do), its bytes are taken by
+    count and only the delimiter after them is checked, instead of searching every byte of the
+    image for the boundary (a tenth of a retrieve's CPU). A length that does not end at a
+    delimiter raises :class:`FramingMismatch`; the caller can then read the body again with
+    ``trust_lengths=False``, which relies on the delimiters alone.
     """
     delim = b"\r\n--" + boundary
     dl = len(delim)
@@ -420,6 +441,7 @@ def iter_multipart_blocks(next_block: NextBlock, boundary: bytes) -> Iterator[tu
     state = "preamble"
     part: SpoolBuffer | None = None
     headers: dict[str, str] = {}
+    remaining: int | None = None  # bytes of the current part still to come, when it said so
     while True:
         got = next_block(carry)
         if got is None:
@@ -444,8 +466,22 @@ def iter_multipart_blocks(next_block: NextBlock, boundary: bytes) -> Iterator[tu
                 pos = e + 4
                 part = SpoolBuffer()
                 state = "body"
+                length = headers.get("content-length", "")
+                remaining = int(length) if trust_lengths and length.isdigit() and len(length) < 16 else None
                 continue
-            i = buf.find(delim, pos, end)
+            if remaining is not None:
+                take = min(remaining, end - pos)
+                if take and part is not None:
+                    part.write(view[pos : pos + take])
+                pos += take
+                remaining -= take
+                if remaining or end - pos < dl:
+                    break  # more of the part, or the whole delimiter, is still to come
+                if view[pos : pos + dl] != delim:
+                    raise FramingMismatch("a multipart part's Content-Length does not end at a delimiter")
+                i = pos
+            else:
+                i = buf.find(delim, pos, end)
             if i < 0:
                 # keep what could be the start of a delimiter for the next block
                 safe = max(pos, end - dl + 1)
@@ -465,6 +501,7 @@ def iter_multipart_blocks(next_block: NextBlock, boundary: bytes) -> Iterator[tu
                 return
             pos = i + dl
             state = "headers"
+            remaining = None
         carry = bytes(view[pos:end])
 
 
