@@ -111,12 +111,69 @@ class StatusClass:
         return f"0x{self.code:04X}"
 
 
-def classify_status(code: int) -> StatusClass:
-    """Classify a DIMSE status with pynetdicom's table; warnings (0xB000, 0x0107...) are success."""
-    from pynetdicom.status import code_to_category
+#: Failure codes in the 01xx/02xx ranges that PS3.7 Annex C names; 0x0107 and 0x0116 are warnings.
+_WARNING_CODES = frozenset({0x0001, 0x0107, 0x0116})
 
-    category = code_to_category(code)
+
+def status_category(code: int) -> str:
+    """The PS3.7 Annex C class of a DIMSE status: Success, Warning, Failure, Cancel or Pending."""
+    if code == 0x0000:
+        return "Success"
+    if code in (0xFF00, 0xFF01):
+        return "Pending"
+    if code == 0xFE00:
+        return "Cancel"
+    if code in _WARNING_CODES or 0xB000 <= code <= 0xBFFF:
+        return "Warning"
+    if 0xA000 <= code <= 0xAFFF or 0xC000 <= code <= 0xCFFF or 0x0100 <= code <= 0x02FF:
+        return "Failure"
+    return "Unknown"
+
+
+def classify_status(code: int) -> StatusClass:
+    """Classify a DIMSE status; warnings (0xB000, 0x0107...) count as success."""
+    category = status_category(code)
     return StatusClass(code, category, category in ("Success", "Warning"), category == "Pending")
+
+
+# --- identifiers (C-FIND / C-GET / C-MOVE datasets) ----------------------------------------------
+
+
+def encode_identifier(ds: Any, transfer_syntax: str) -> bytes:
+    """A query/retrieve identifier encoded in the negotiated (uncompressed) transfer syntax.
+
+    Raises ValueError when the dataset cannot be encoded (the message names no value: the
+    identifier may hold a patient's name).
+    """
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+    from pydicom.uid import UID
+
+    tsu = UID(transfer_syntax)
+    fp = DicomBytesIO()
+    fp.is_little_endian = tsu.is_little_endian
+    fp.is_implicit_VR = tsu.is_implicit_VR
+    try:
+        write_dataset(fp, ds)
+    except Exception as exc:  # pydicom raises many types for a bad value
+        raise ValueError(f"identifier cannot be encoded ({type(exc).__name__})") from None
+    return fp.getvalue()
+
+
+def decode_identifier(data: bytes, transfer_syntax: str) -> Any:
+    """A received identifier as a pydicom Dataset; ValueError when it is not a dataset."""
+    from io import BytesIO
+
+    from pydicom.filereader import read_dataset
+    from pydicom.uid import UID
+
+    tsu = UID(transfer_syntax)
+    try:
+        ds = read_dataset(BytesIO(data), tsu.is_implicit_VR, tsu.is_little_endian)
+        ds.set_original_encoding(tsu.is_implicit_VR, tsu.is_little_endian, ds.get("SpecificCharacterSet"))
+        return ds
+    except Exception as exc:
+        raise ValueError(f"identifier cannot be decoded ({type(exc).__name__})") from None
 
 
 # --- sockets ----------------------------------------------------------------------------------
@@ -226,8 +283,9 @@ class SpoolBuffer:
 # (where it is not on the hot path); here we frame P-DATA and the small command sets ourselves.
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
-#: Receive buffer size: one ``recv`` takes whatever the socket holds up to this.
-RECV_BLOCK = 1 << 20
+#: Receive buffer size: one ``recv`` takes whatever the socket holds up to this. Smaller than
+#: 1 MiB because a buffer lives as long as any instance in it waits for the writer (RSS).
+RECV_BLOCK = 256 << 10
 #: We announce no maximum PDU length, so a peer may send large ones; past this it is refused
 #: rather than allocated (a hostile length field).
 MAX_PDU_BYTES = 64 << 20
@@ -320,71 +378,40 @@ class DimseLink:
     # -- association ----------------------------------------------------------------------------
 
     def associate(self, contexts: Sequence[tuple[str, Sequence[str]]], scp_roles: Sequence[str] = ()) -> None:
-        from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
-        from pynetdicom.pdu_primitives import (
-            A_ASSOCIATE,
-            ImplementationClassUIDNotification,
-            ImplementationVersionNameNotification,
-            MaximumLengthNotification,
-            SCP_SCU_RoleSelectionNegotiation,
-        )
-        from pynetdicom.presentation import build_context
+        from connectors import acse
 
         if len(contexts) > 128:
             raise ValueError("at most 128 presentation contexts per association")
-        prim = A_ASSOCIATE()
-        prim.application_context_name = APPLICATION_CONTEXT
-        prim.calling_ae_title = self.calling_ae
-        prim.called_ae_title = self.called_ae
-        cxs = []
-        for i, (abstract, syntaxes) in enumerate(contexts):
-            cx = build_context(abstract, list(syntaxes))
-            cx.context_id = 2 * i + 1
-            cxs.append(cx)
-        prim.presentation_context_definition_list = cxs
-        ml = MaximumLengthNotification()
-        ml.maximum_length_received = 0
-        ic = ImplementationClassUIDNotification()
-        ic.implementation_class_uid = IMPLEMENTATION_CLASS_UID
-        iv = ImplementationVersionNameNotification()
-        iv.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-        user: list[Any] = [ml, ic, iv]
-        for uid in dict.fromkeys(scp_roles):
-            role = SCP_SCU_RoleSelectionNegotiation()
-            role.sop_class_uid = uid
-            role.scu_role = False
-            role.scp_role = True
-            user.append(role)
-        prim.user_information = user
-        rq = A_ASSOCIATE_RQ()
-        rq.from_primitive(prim)
-
+        rq = acse.AssociateRQ(
+            called_ae=self.called_ae, calling_ae=self.calling_ae,
+            contexts=[acse.ProposedContext(2 * i + 1, abstract, list(syntaxes))
+                      for i, (abstract, syntaxes) in enumerate(contexts)],
+            max_pdu=0, roles={uid: (False, True) for uid in dict.fromkeys(scp_roles)})
         try:
             self.sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
         except OSError as exc:
             raise AssociationAborted(f"cannot connect: {exc.strerror or type(exc).__name__}") from exc
         tune_socket(self.sock)
         self.sock.settimeout(self.acse_timeout)
-        self._send(rq.encode())
+        self._send(acse.encode_rq(rq, impl_uid=IMPLEMENTATION_CLASS_UID, impl_version=IMPLEMENTATION_VERSION_NAME))
         pdu_type, body = self._read_pdu()
-        raw = struct.pack(">BBI", pdu_type, 0, len(body)) + bytes(body)
-        if pdu_type == 0x03:
-            rj = A_ASSOCIATE_RJ()
-            rj.decode(raw)
+        try:
+            if pdu_type == acse.A_ASSOCIATE_RJ:
+                result, source, reason = acse.decode_rj(body)
+                self.close()
+                raise AssociationRejected(result, source, reason)
+            if pdu_type != acse.A_ASSOCIATE_AC:
+                self.close()
+                raise AssociationAborted(f"unexpected PDU 0x{pdu_type:02X} in answer to A-ASSOCIATE-RQ")
+            ac = acse.decode_ac(body)
+        except acse.PduError as exc:
             self.close()
-            raise AssociationRejected(rj.result, rj.source, rj.reason_diagnostic)
-        if pdu_type != 0x02:
-            self.close()
-            raise AssociationAborted(f"unexpected PDU 0x{pdu_type:02X} in answer to A-ASSOCIATE-RQ")
-        ac = A_ASSOCIATE_AC()
-        ac.decode(raw)
-        proposed = {cx.context_id: str(cx.abstract_syntax) for cx in cxs}
-        for item in ac.presentation_context:
-            if item.result == 0 and item.context_id is not None and item.context_id in proposed \
-                    and item.transfer_syntax:
-                self.accepted[int(item.context_id)] = (proposed[item.context_id], str(item.transfer_syntax))
-        ui = ac.user_information
-        self.peer_max_pdu = int(ui.maximum_length or 0) if ui is not None and ui.maximum_length is not None else 16384
+            raise AssociationAborted(f"malformed answer to A-ASSOCIATE-RQ: {exc}") from exc
+        proposed = {cx.context_id: cx.abstract_syntax for cx in rq.contexts}
+        for item in ac.contexts:
+            if item.result == acse.ACCEPTANCE and item.context_id in proposed and item.transfer_syntax:
+                self.accepted[item.context_id] = (proposed[item.context_id], item.transfer_syntax)
+        self.peer_max_pdu = ac.max_pdu if ac.max_pdu is not None else 16384
         self.sock.settimeout(self.dimse_timeout)
 
     def context_for(self, abstract: str) -> tuple[int, str]:
@@ -621,7 +648,7 @@ class BackgroundWriter:
 
     #: Received bytes that may wait for the writer. Measured on a 300 x 512 KiB WADO-RS study:
     #: 8 MiB cost ~7-9 MiB of RSS growth, 2 MiB ~3-4 MiB, with no measurable loss of speed.
-    MAX_PENDING = 4 * 1024 * 1024
+    MAX_PENDING = 2 * 1024 * 1024
 
     def __init__(self, max_bytes: int = MAX_PENDING) -> None:
         import threading

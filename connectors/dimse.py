@@ -1,4 +1,4 @@
-"""DIMSE connector: C-ECHO, C-FIND, C-GET and C-MOVE against a PACS, with pynetdicom.
+"""DIMSE connector: C-ECHO, C-FIND, C-GET and C-MOVE against a PACS.
 
 Flow of a pull: C-FIND the patient's studies (PatientID + IssuerOfPatientID), enumerate each
 study's series and instances so the expected count is known, then retrieve only what the
@@ -8,10 +8,11 @@ Instance UID; instances the archive fails to send become ``failed`` rows with th
 With ``study_hints`` (report to study, ``aggregator.jobs.hints``) each hint is also queried at
 STUDY level and its matches join the list; unmatched hints become ``query`` gaps.
 
-Speed: pynetdicom's defaults cost most of a retrieve's time. We negotiate an unlimited maximum
-PDU (so the archive sends few, large PDUs instead of ~10,000 16 KiB ones), never touch
-``event.dataset`` (that decodes the whole instance), read the raw dataset buffer instead, set
-TCP_NODELAY on our sockets, and replace the socket reader that pulls 4 KiB at a time.
+Speed and memory: queries and retrieves run on :class:`~connectors.dicom_stream.DimseLink`, one
+thread reading PDUs straight off a TCP_NODELAY socket with an unlimited maximum PDU, never
+decoding an instance; association PDUs are :mod:`connectors.acse`'s and identifiers are
+encoded with pydicom alone. pynetdicom (its AE, with the socket reader replaced) is loaded only
+for C-ECHO and the capability probe of ``endpoint check``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from io import BytesIO
 from typing import Any, ClassVar
 
 from pydicom.dataset import Dataset
@@ -71,6 +71,8 @@ from connectors.dicom_stream import (
     StudyHint,
     StudyMatch,
     classify_status,
+    decode_identifier,
+    encode_identifier,
     file_meta,
     parse_hints,
     record_failure,
@@ -285,11 +287,13 @@ class DimseConnector(Connector):
             raise ConfigError("DimseConnector needs a DimseConfig")
         super().__init__(config)
         self.cfg: DimseConfig = config
-        configure_pynetdicom()
 
     # -- associations ----------------------------------------------------------------------
 
     def _ae(self) -> Any:
+        # pynetdicom's AE only for C-ECHO and the capability probe of ``endpoint check``:
+        # queries and retrieves use DimseLink and never load pynetdicom (resident memory)
+        configure_pynetdicom()
         from pynetdicom import AE
 
         ae = AE(ae_title=self.cfg.calling_ae)
@@ -650,9 +654,6 @@ class DimseConnector(Connector):
 
     def _retrieve_on(self, link: DimseLink, op: str, model: str, ds: Dataset, retrieval: _Retrieval,
                      dest: str | None) -> None:
-        from pydicom.uid import UID as _UID
-        from pynetdicom.dsutils import decode, encode
-
         study_uid = retrieval.study.study_uid
         ok = False
         try:
@@ -660,20 +661,19 @@ class DimseConnector(Connector):
                 _, ts = link.context_for(model)
             except KeyError:
                 raise AccessDenied(f"the archive does not accept {op} (Study Root)", item=study_uid) from None
-            tsu = _UID(ts)
-            identifier = encode(ds, tsu.is_implicit_VR, tsu.is_little_endian)
-            if identifier is None:
-                raise ProtocolError(f"cannot encode the {op} identifier", item=study_uid)
+            try:
+                identifier = encode_identifier(ds, ts)
+            except ValueError as exc:
+                raise ProtocolError(f"cannot encode the {op} identifier", item=study_uid) from exc
             try:
                 final, data, rsp_ts = link.retrieve(op, model, identifier, retrieval.on_instance, dest)
             except AssociationAborted as exc:
                 raise TransientConnectorError(f"{op} interrupted: {exc}", item=study_uid) from exc
             failed_ds = None
             if data:
-                rts = _UID(rsp_ts)
                 try:
-                    failed_ds = decode(BytesIO(data), rts.is_implicit_VR, rts.is_little_endian)
-                except Exception:
+                    failed_ds = decode_identifier(data, rsp_ts)
+                except ValueError:
                     log.warning("%s final identifier of study %s could not be decoded", op, study_uid)
             self._conclude(final, failed_ds, retrieval, op)
             ok = True
@@ -739,26 +739,23 @@ def _query(level: str, **keys: Any) -> Dataset:
 
 def _find(link: DimseLink, ds: Dataset, model: str) -> Iterator[Dataset]:
     """Yield the identifiers of a C-FIND; errors become connector errors (without the query)."""
-    from pydicom.uid import UID as _UID
-    from pynetdicom.dsutils import decode, encode
-
     level = str(ds.QueryRetrieveLevel)
     try:
         _, ts = link.context_for(model)
     except KeyError:
         raise AccessDenied("the archive does not accept this C-FIND model", item=level) from None
-    tsu = _UID(ts)
-    identifier = encode(ds, tsu.is_implicit_VR, tsu.is_little_endian)
-    if identifier is None:
-        raise ProtocolError("cannot encode the C-FIND identifier", item=level)
+    try:
+        identifier = encode_identifier(ds, ts)
+    except ValueError as exc:
+        raise ProtocolError("cannot encode the C-FIND identifier", item=level) from exc
     try:
         for code, data in link.find(model, identifier):
             st = classify_status(code)
             if st.pending:
                 if data:
                     try:
-                        yield decode(BytesIO(data), tsu.is_implicit_VR, tsu.is_little_endian)
-                    except Exception as exc:
+                        yield decode_identifier(data, ts)
+                    except ValueError as exc:
                         raise ProtocolError("a C-FIND response could not be decoded", item=level) from exc
                 continue
             if not st.ok:

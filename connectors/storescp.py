@@ -7,8 +7,8 @@ storage SOP class in whatever transfer syntax the archive proposes first (we nev
 any syntax is fine and the archive need not transcode), and hands each dataset on undecoded.
 
 It uses the same single-threaded PDU loop as the C-GET client (:class:`DimseLink`) rather than
-pynetdicom's server, whose per-message thread hand-offs made C-MOVE several times slower.
-pynetdicom still decodes and encodes the association negotiation PDUs.
+pynetdicom's server, whose per-message thread hand-offs made C-MOVE several times slower;
+the negotiation PDUs are :mod:`connectors.acse`'s.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import threading
 from collections.abc import Callable
 
 from aggregator.errors import ConfigError
+from connectors import acse
 from connectors.dicom_stream import (
-    APPLICATION_CONTEXT,
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
     NO_DATASET,
@@ -44,10 +44,21 @@ VERIFICATION = "1.2.840.10008.1.1"
 C_ECHO_RQ, C_ECHO_RSP = 0x0030, 0x8030
 
 
-def _storage_classes() -> frozenset[str]:
-    from pynetdicom import AllStoragePresentationContexts
+#: Every Storage SOP Class of the standard lives under this root (PS3.4 B.5), retired and
+#: future ones included; the named ones elsewhere come from pydicom's UID constants.
+STORAGE_ROOT = "1.2.840.10008.5.1.4.1.1."
 
-    return frozenset(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
+
+def _storage_classes() -> frozenset[str]:
+    """The storage SOP classes pydicom names (``...Storage`` constants of ``pydicom.uid``)."""
+    import pydicom.uid
+
+    return frozenset(str(v) for k, v in vars(pydicom.uid).items()
+                     if "Storage" in k and isinstance(v, pydicom.uid.UID) and "Commitment" not in k)
+
+
+def _accepts(classes: frozenset[str], abstract: str) -> bool:
+    return abstract in classes or abstract.startswith(STORAGE_ROOT) or abstract == VERIFICATION
 
 
 class StorageSCP:
@@ -156,70 +167,37 @@ class StorageSCP:
 
     def _negotiate(self, link: DimseLink) -> bool:
         """Answer the A-ASSOCIATE-RQ: accept storage contexts, reject strangers."""
-        from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
-        from pynetdicom.pdu_primitives import (
-            A_ASSOCIATE,
-            ImplementationClassUIDNotification,
-            ImplementationVersionNameNotification,
-            MaximumLengthNotification,
-        )
-        from pynetdicom.presentation import PresentationContext
-
         pdu_type, body = link._read_pdu()
-        if pdu_type != 0x01:
+        if pdu_type != acse.A_ASSOCIATE_RQ:
             link.abort()
             return False
-        rq = A_ASSOCIATE_RQ()
-        rq.decode(struct.pack(">BBI", pdu_type, 0, len(body)) + bytes(body))
-        calling = str(rq.calling_ae_title).strip()
-        called = str(rq.called_ae_title).strip()
+        try:
+            rq = acse.decode_rq(body)
+        except acse.PduError:
+            log.info("storage SCP aborted an association: malformed A-ASSOCIATE-RQ")
+            link.abort()
+            return False
         reason = None
-        if called != self.ae_title.strip():
+        if rq.called_ae != self.ae_title.strip():
             reason = 7  # called AE title not recognised
-        elif self.allowed_calling_ae and calling != self.allowed_calling_ae.strip():
+        elif self.allowed_calling_ae and rq.calling_ae != self.allowed_calling_ae.strip():
             reason = 3  # calling AE title not recognised
         if reason is not None:
-            rj = A_ASSOCIATE_RJ()
-            rj.result, rj.source, rj.reason_diagnostic = 0x01, 0x01, reason
-            link._send(rj.encode())
+            link._send(acse.encode_rj(0x01, 0x01, reason))
             log.info("storage SCP rejected an association (reason %d)", reason)
             link.close()
             return False
-        link.peer_ae = calling
-        ui = rq.user_information
-        link.peer_max_pdu = int(ui.maximum_length or 0) if ui is not None and ui.maximum_length is not None else 16384
-
+        link.peer_ae = rq.calling_ae
+        link.peer_max_pdu = rq.max_pdu if rq.max_pdu is not None else 16384
         results = []
-        for item in rq.presentation_context:
-            cx = PresentationContext()
-            if item.context_id is None:
-                continue
-            cx.context_id = item.context_id
-            abstract = str(item.abstract_syntax)
-            syntaxes = [str(ts) for ts in item.transfer_syntax]
-            cx.abstract_syntax = item.abstract_syntax
-            if (abstract in self._classes or abstract == VERIFICATION) and syntaxes:
-                cx.transfer_syntax = [syntaxes[0]]
-                cx.result = 0x00
-                link.accepted[int(item.context_id)] = (abstract, syntaxes[0])
+        for cx in rq.contexts:
+            if _accepts(self._classes, cx.abstract_syntax) and cx.transfer_syntaxes:
+                # the first proposed transfer syntax: the sender's preference, so it need not convert
+                results.append(acse.ContextResult(cx.context_id, acse.ACCEPTANCE, cx.transfer_syntaxes[0]))
+                link.accepted[cx.context_id] = (cx.abstract_syntax, cx.transfer_syntaxes[0])
             else:
-                cx.transfer_syntax = [syntaxes[0] if syntaxes else "1.2.840.10008.1.2"]
-                cx.result = 0x03  # abstract syntax not supported
-            results.append(cx)
-        prim = A_ASSOCIATE()
-        prim.application_context_name = APPLICATION_CONTEXT
-        prim.calling_ae_title = calling
-        prim.called_ae_title = called
-        prim.result = 0x00
-        prim.presentation_context_definition_results_list = results
-        ml = MaximumLengthNotification()
-        ml.maximum_length_received = 0
-        ic = ImplementationClassUIDNotification()
-        ic.implementation_class_uid = IMPLEMENTATION_CLASS_UID
-        iv = ImplementationVersionNameNotification()
-        iv.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-        prim.user_information = [ml, ic, iv]
-        ac = A_ASSOCIATE_AC()
-        ac.from_primitive(prim)
-        link._send(ac.encode())
+                ts = cx.transfer_syntaxes[0] if cx.transfer_syntaxes else "1.2.840.10008.1.2"
+                results.append(acse.ContextResult(cx.context_id, acse.ABSTRACT_SYNTAX_NOT_SUPPORTED, ts))
+        link._send(acse.encode_ac(rq.called_ae, rq.calling_ae, results, max_pdu=0,
+                                  impl_uid=IMPLEMENTATION_CLASS_UID, impl_version=IMPLEMENTATION_VERSION_NAME))
         return True
