@@ -8,8 +8,17 @@ reads the record, the gap report and the blob store.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+import hashlib
+import shutil
+import tempfile
+import weakref
+from array import array
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
 
 
 @dataclass(frozen=True)
@@ -82,28 +91,154 @@ class Quarantined:
     reason: str
 
 
-@dataclass
+BUNDLE_HEAD = b'{"resourceType":"Bundle","type":"collection","entry":[\n'
+BUNDLE_TAIL = b"\n]}\n"
+
+
+class BundleWriter:
+    """Writes a collection Bundle one entry per line, inside one valid JSON document.
+
+    Why this shape: the record of a large case must never be one dict in memory. Each entry is
+    one ``orjson`` line, so a reader can stream it line by line (or seek to one entry through
+    the index kept here), and the file as a whole still parses as an ordinary FHIR Bundle.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._f = open(path, "wb")
+        self._f.write(BUNDLE_HEAD)
+        self._pos = len(BUNDLE_HEAD)
+        self.index: dict[str, tuple[array[int], array[int]]] = {}
+
+    def add(self, resource: dict[str, Any]) -> None:
+        """Append a resource as an entry whose fullUrl is ``urn:uuid:<id>``."""
+        self.add_raw(str(resource["resourceType"]),
+                     orjson.dumps({"fullUrl": f"urn:uuid:{resource['id']}", "resource": resource}))
+
+    def add_entry(self, entry: dict[str, Any]) -> None:
+        """Append an entry as given (a Bundle built elsewhere keeps its own fullUrls)."""
+        res = entry.get("resource")
+        self.add_raw(str(res.get("resourceType") or "") if isinstance(res, dict) else "", orjson.dumps(entry))
+
+    def add_raw(self, resource_type: str, line: bytes) -> None:
+        """Append one entry already serialized as compact JSON (no newline inside)."""
+        if self._pos > len(BUNDLE_HEAD):
+            self._f.write(b",\n")
+            self._pos += 2
+        offsets, lengths = self.index.setdefault(resource_type, (array("q"), array("q")))
+        offsets.append(self._pos)
+        lengths.append(len(line))
+        self._f.write(line)
+        self._pos += len(line)
+
+    def close(self) -> None:
+        self._f.write(BUNDLE_TAIL)
+        self._f.close()
+
+
 class NormalizedRecord:
-    bundle: dict[str, Any]
-    """A FHIR R4 ``collection`` Bundle. Ids are deterministic UUIDs; each entry's ``fullUrl`` is
-    ``urn:uuid:<id>`` and references between entries are written as ``urn:uuid:<id>``. Gap
-    reports and logs cite resources as ``Type/<id>``."""
-    documents: list[DocumentFile] = field(default_factory=list)
-    images: list[ImageRef] = field(default_factory=list)
-    quarantine: list[Quarantined] = field(default_factory=list)
-    unresolved: list[dict[str, Any]] = field(default_factory=list)
-    """References that do not resolve inside the bundle:
-    ``{"from": "Type/id", "reference": ..., "source_id": n}``."""
-    conflicts: list[dict[str, Any]] = field(default_factory=list)
-    """Identity conflicts for a navigator: ``{"field": "birthDate", "values": [...], "sources": [...]}``.
-    The values go to reports, never to logs."""
-    patient_ref: str | None = None
-    """``Patient/<id>`` of the record's patient in the bundle."""
+    """The case's normalized record: a FHIR R4 ``collection`` Bundle *in a file* plus side lists.
+
+    Ids are deterministic UUIDs; each entry's ``fullUrl`` is ``urn:uuid:<id>`` and references
+    between entries are written as ``urn:uuid:<id>``. Gap reports and logs cite resources as
+    ``Type/<id>``. The bundle file (:attr:`bundle_path`, one entry per line) is read through
+    :meth:`entries` / :meth:`iter_resources`, which stream it; only a per-type index of line
+    offsets stays in memory. The file lives in a temporary folder owned by the record and
+    removed with it (or by :meth:`close`).
+
+    Built from a ``bundle`` dict (tests, small tools), the dict is written to such a file first.
+    """
+
+    def __init__(self, bundle: dict[str, Any] | None = None, documents: list[DocumentFile] | None = None,
+                 images: list[ImageRef] | None = None, quarantine: list[Quarantined] | None = None,
+                 unresolved: list[dict[str, Any]] | None = None, conflicts: list[dict[str, Any]] | None = None,
+                 patient_ref: str | None = None, *, writer: BundleWriter | None = None) -> None:
+        self.documents: list[DocumentFile] = documents if documents is not None else []
+        self.images: list[ImageRef] = images if images is not None else []
+        self.quarantine: list[Quarantined] = quarantine if quarantine is not None else []
+        self.unresolved: list[dict[str, Any]] = unresolved if unresolved is not None else []
+        """References that do not resolve inside the bundle:
+        ``{"from": "Type/id", "reference": ..., "source_id": n}``."""
+        self.conflicts: list[dict[str, Any]] = conflicts if conflicts is not None else []
+        """Identity conflicts for a navigator: ``{"field": "birthDate", "values": [...], "sources": [...]}``.
+        The values go to reports, never to logs."""
+        self.patient_ref = patient_ref
+        """``Patient/<id>`` of the record's patient in the bundle."""
+        if writer is None:
+            writer = BundleWriter(new_bundle_path())
+            try:
+                for entry in (bundle or {}).get("entry") or []:
+                    if isinstance(entry, dict):
+                        writer.add_entry(entry)
+            finally:
+                writer.close()
+        self.bundle_path: Path = writer.path
+        self._index = writer.index
+        self._finalizer = weakref.finalize(self, shutil.rmtree, str(writer.path.parent), True)
+
+    def close(self) -> None:
+        """Remove the bundle file now (the record is unusable afterwards)."""
+        self._finalizer()
+
+    def types(self) -> list[str]:
+        return sorted(self._index)
+
+    def count(self, resource_type: str | None = None) -> int:
+        """Number of entries (of one type) without reading the file."""
+        if resource_type is not None:
+            return len(self._index.get(resource_type, ((), ()))[0])
+        return sum(len(o) for o, _ in self._index.values())
+
+    def entries(self, types: Collection[str] | None = None) -> Iterator[dict[str, Any]]:
+        """The bundle's entries in bundle order, read one at a time (only ``types``, if given)."""
+        if types is None:
+            for line in self.lines():
+                yield orjson.loads(line)
+            return
+        spans = sorted((o, n) for t in types if t in self._index for o, n in zip(*self._index[t], strict=True))
+        with open(self.bundle_path, "rb") as f:
+            for off, n in spans:
+                f.seek(off)
+                yield orjson.loads(f.read(n))
+
+    def lines(self) -> Iterator[bytes]:
+        """The entries as the compact JSON bytes stored in the file (for copying without parsing)."""
+        with open(self.bundle_path, "rb") as f:
+            f.readline()
+            for line in f:
+                line = line.rstrip(b",\n")
+                if line and line != b"]}":
+                    yield line
+
+    def iter_resources(self, resource_type: str | None = None) -> Iterator[dict[str, Any]]:
+        for entry in self.entries(None if resource_type is None else (resource_type,)):
+            yield entry["resource"]
 
     def resources(self, resource_type: str | None = None) -> list[dict[str, Any]]:
-        out = []
-        for entry in self.bundle.get("entry", []):
-            res = entry.get("resource") or {}
-            if resource_type is None or res.get("resourceType") == resource_type:
-                out.append(res)
-        return out
+        """All resources (of one type) as a list: for small records and tests; stream large ones
+        with :meth:`iter_resources`."""
+        return list(self.iter_resources(resource_type))
+
+    def copy_bundle(self, dest: IO[bytes]) -> None:
+        """Copy the bundle file's bytes to ``dest``."""
+        with open(self.bundle_path, "rb") as f:
+            shutil.copyfileobj(f, dest, 1 << 20)
+
+    def digest(self) -> str:
+        """SHA-256 of the bundle file: the same record gives the same bytes, hence the same digest."""
+        h = hashlib.sha256()
+        with open(self.bundle_path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        return h.hexdigest()
+
+    @property
+    def bundle(self) -> dict[str, Any]:
+        """The whole Bundle as one dict: a compatibility accessor for tests and small records.
+        Production code streams with :meth:`entries` instead (a large record does not fit)."""
+        return dict(orjson.loads(self.bundle_path.read_bytes()))
+
+
+def new_bundle_path(directory: str | None = None) -> Path:
+    """A path for a record's bundle file, in a fresh private temporary folder."""
+    return Path(tempfile.mkdtemp(prefix="aggregator-record-", dir=directory)) / "bundle.json"

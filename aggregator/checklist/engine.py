@@ -168,7 +168,7 @@ class RecordIndex:
         self.items: list[Res] = []
         self.by_key: dict[str, Res] = {}
         provenances = []
-        for entry in record.bundle.get("entry") or []:
+        for entry in record.entries():  # streamed: the record is never one dict in memory
             res = entry.get("resource") if isinstance(entry, Mapping) else None
             if not isinstance(res, Mapping):
                 continue

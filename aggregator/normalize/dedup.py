@@ -28,7 +28,6 @@ import hashlib
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
 from functools import lru_cache
 from importlib.resources import files
 from typing import Any
@@ -38,7 +37,7 @@ import yaml
 
 from aggregator.errors import ConfigError
 from aggregator.model import SourceInfo
-from aggregator.normalize.dicom import merge_study, study_uid_of
+from aggregator.normalize.dicom import merge_study
 from aggregator.normalize.parse import Item
 from aggregator.normalize.references import _base_of
 
@@ -88,32 +87,24 @@ def load_table() -> Table:
 @dataclass
 class Context:
     sources: dict[int, SourceInfo]
-    #: resolves a reference of an item to the bundle id of its target, or None
-    target_id: Callable[[Item, str], str | None]
-    #: attachment -> hex SHA-256 of its bytes when known
-    attachment_digest: Callable[[Item, dict[str, Any]], str | None]
-    #: bundle id -> group id, updated as groups form
+    #: ``(item, attachment index, attachment)`` -> hex SHA-256 of its bytes when known
+    attachment_digest: Callable[[Item, int, dict[str, Any]], str | None]
+    #: the targets of an item's references (cached on the item; see references.resolve_loaded)
+    references: Callable[[Item], tuple[Any, ...]]
+    #: bundle id -> group id, for ids whose group is not their own, updated as groups form
     group_of: dict[str, str] = field(default_factory=dict)
-    #: optional: ``(reference object, target)`` pairs of an item, resolved once (a cache); when
-    #: set, ``target_id`` is not used for hashing
-    references: Callable[[Item], list[tuple[dict[str, Any], Any]]] | None = None
-
-
-def _codes(cc: Any) -> tuple[str, ...]:
-    if not isinstance(cc, dict):
-        return ()
-    return tuple(sorted(f"{c.get('system') or ''}|{c.get('code') or ''}" for c in cc.get("coding") or []
-                        if isinstance(c, dict) and c.get("code"))) or ((str(cc.get("text")),) if cc.get("text")
-                                                                        else ())
+    #: bundle ids whose group changed at the last regrouping: a cached content digest whose
+    #: references point at none of them is still valid
+    changed: set[str] = field(default_factory=set)
 
 
 def server_of(item: Item, sources: dict[int, SourceInfo]) -> str:
     src = sources.get(item.source_id)
     if src is not None and src.base_url:
         return src.base_url.rstrip("/")
-    if item.meta.get("base_url"):
-        return str(item.meta["base_url"]).rstrip("/")
-    base = _base_of(str(item.meta.get("fullUrl") or ""))
+    if item.base_url:
+        return item.base_url.rstrip("/")
+    base = _base_of(item.full_url)
     if base:
         return base
     if _UUID.match(item.rid):
@@ -122,49 +113,23 @@ def server_of(item: Item, sources: dict[int, SourceInfo]) -> str:
 
 
 def _m_server_id(item: Item, ctx: Context) -> Iterable[str]:
-    if item.rid and not item.meta.get("derived"):
+    if item.rid and not item.derived:
         yield f"{item.rtype}|{server_of(item, ctx.sources)}|{item.rid}"
 
 
 def _m_identifier(item: Item, ctx: Context) -> Iterable[str]:
-    code = "|".join(_codes(item.data.get("code")))
-    idents = item.data.get("identifier")
-    if isinstance(idents, dict):
-        idents = [idents]
-    for i in idents or []:
-        if isinstance(i, dict) and i.get("system") and i.get("value"):
-            if item.rtype == "ImagingStudy" and i.get("system") == "urn:dicom:uid":
-                continue  # handled by study-instance-uid with merging
-            yield f"{item.rtype}|{i['system']}|{i['value']}|{code}"
+    return item.facts.ident_keys
 
 
-def _value(data: dict[str, Any]) -> str | None:
-    for k, v in data.items():
-        if not k.startswith("value"):
-            continue
-        if k == "valueQuantity" and isinstance(v, dict):
-            return f"Q|{v.get('value')}|{v.get('code') or v.get('unit') or ''}"
-        if k == "valueCodeableConcept":
-            return "C|" + ",".join(_codes(v))
-        return f"{k}|{orjson.dumps(v, option=orjson.OPT_SORT_KEYS).decode()}"
-    return None
-
-
-def _m_observation(item: Item, ctx: Context) -> Iterable[str]:
-    d = item.data
-    code = _codes(d.get("code"))
-    eff = d.get("effectiveDateTime") or d.get("effectiveInstant") or (
-        (d.get("effectivePeriod") or {}).get("start") if isinstance(d.get("effectivePeriod"), dict) else None)
-    value = _value(d)
-    comps = [f"{','.join(_codes(c.get('code')))}={_value(c)}" for c in d.get("component") or [] if isinstance(c, dict)]
-    if not code or not eff or (value is None and not comps):
-        return
-    yield f"Observation|{','.join(code)}|{eff}|{value}|{';'.join(sorted(comps))}"
+def _m_observation(item: Item, ctx: Context) -> Iterable[bytes]:
+    if item.facts.obs_key is not None:
+        yield item.facts.obs_key
 
 
 def _m_attachment(item: Item, ctx: Context) -> Iterable[str]:
+    body = item.body()
     if item.rtype == "Binary":
-        data = item.data.get("data")
+        data = body.get("data")
         if isinstance(data, str):
             try:
                 yield "bytes|" + hashlib.sha256(base64.b64decode(data, validate=False)).hexdigest()
@@ -172,69 +137,57 @@ def _m_attachment(item: Item, ctx: Context) -> Iterable[str]:
                 return
         return
     digests = []
-    for c in item.data.get("content") or []:
-        att = c.get("attachment") if isinstance(c, dict) else None
-        if isinstance(att, dict):
-            d = ctx.attachment_digest(item, att)
-            if d is None:
-                return
-            digests.append(d)
+    atts = [c.get("attachment") for c in body.get("content") or [] if isinstance(c, dict)]
+    for i, att in enumerate(a for a in atts if isinstance(a, dict)):
+        d = ctx.attachment_digest(item, i, att)
+        if d is None:
+            return
+        digests.append(d)
     if digests:
         yield f"{item.rtype}|" + ",".join(sorted(digests))
 
 
 def _m_study(item: Item, ctx: Context) -> Iterable[str]:
-    uid = study_uid_of(item.data)
-    if uid:
-        yield f"ImagingStudy|{uid}"
+    if item.facts.study_uid:
+        yield f"ImagingStudy|{item.facts.study_uid}"
 
 
-def _canon(node: Any, item: Item, ctx: Context) -> Any:
-    if isinstance(node, dict):
-        out = {}
-        for k, v in node.items():
-            if k == "reference" and isinstance(v, str):
-                tid = ctx.target_id(item, v)
-                out[k] = ctx.group_of.get(tid, tid) if tid else v
-            elif isinstance(v, dict | list):
-                out[k] = _canon(v, item, ctx)
-            else:
-                out[k] = v
-        return out
-    if isinstance(node, list):
-        return [_canon(v, item, ctx) for v in node]
-    return node
+def content_key(item: Item, ctx: Context) -> bytes:
+    """Digest of ``item``'s content without id, meta and text, with every resolved reference
+    replaced by its target's group id (so copies from different sources compare equal).
 
-
-def content_key(item: Item, ctx: Context) -> str:
-    """SHA-256 of the canonical JSON of ``item`` without id, meta and text, with every resolved
-    reference replaced by its target's group id (so copies from different sources compare equal).
-
-    With ``ctx.references`` the references are swapped in place for the time of one
-    ``orjson.dumps`` and put back, instead of copying the whole resource in Python: same bytes,
-    a fraction of the time (this runs several times per resource)."""
-    body = {k: v for k, v in item.data.items() if k not in ("id", "meta", "text")}
-    if ctx.references is None:
-        return hashlib.sha256(orjson.dumps(_canon(body, item, ctx), option=orjson.OPT_SORT_KEYS)).hexdigest()
-    swapped: list[tuple[dict[str, Any], Any]] = []
+    Made of the body digest the validation worker computed with reference values blanked
+    (``facts.cbase``) and the sorted reference values: no body is read here. Sorted rather than
+    positional, so two exports that order the same elements differently still match; the
+    price is that two references swapped between elements of one resource also match. The
+    digest is cached and recomputed only when the group of one of its targets changed.
+    """
+    refs = ctx.references(item)
+    if item.chash is not None and not (
+            ctx.changed and any(isinstance(t, Item) and t.new_id in ctx.changed for t in refs)):
+        return item.chash
     group_of = ctx.group_of
-    try:
-        for node, target in ctx.references(item):
-            tid = target.new_id if isinstance(target, Item) else None
-            if tid:
-                swapped.append((node, node["reference"]))
-                node["reference"] = group_of.get(tid, tid)
-        return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
-    finally:
-        for node, original in swapped:
-            node["reference"] = original
+    values = sorted(_reference_value(t, group_of) for t in refs)
+    h = hashlib.blake2b(item.facts.cbase, digest_size=16)
+    h.update(orjson.dumps(values))
+    item.chash = h.digest()
+    return item.chash
 
 
-def _m_content(item: Item, ctx: Context) -> Iterable[str]:
-    yield f"{item.rtype}|{content_key(item, ctx)}"
+def _reference_value(target: Any, group_of: dict[str, str]) -> str:
+    """What a reference contributes to a content digest: its target's group, else what it is."""
+    if isinstance(target, Item):
+        return group_of.get(target.new_id, target.new_id) if target.new_id else f"item:{target.source_id}:{target.key}"
+    if isinstance(target, str):
+        return target  # unresolved: the reference as written
+    return "#" if target is not None else ""
 
 
-MATCHERS: dict[str, Callable[[Item, Context], Iterable[str]]] = {
+def _m_content(item: Item, ctx: Context) -> Iterable[bytes]:
+    yield item.rtype.encode() + b"|" + content_key(item, ctx)
+
+
+MATCHERS: dict[str, Callable[[Item, Context], Iterable[str | bytes]]] = {
     "server-id": _m_server_id,
     "business-identifier": _m_identifier,
     "observation-value": _m_observation,
@@ -267,38 +220,6 @@ class _UnionFind:
         return True
 
 
-def carries(res: dict[str, Any]) -> frozenset[str]:
-    """What a report holds beyond metadata: ``text`` (attachments, narrative sections), ``results``."""
-    out = set()
-    atts = list(res.get("presentedForm") or []) + [c.get("attachment") for c in res.get("content") or []
-                                                    if isinstance(c, dict)]
-    if any(isinstance(a, dict) and (a.get("data") or a.get("url")) for a in atts):
-        out.add("text")
-    if res.get("section"):
-        out.add("text")
-    if res.get("result"):
-        out.add("results")
-    if res.get("conclusion"):
-        out.add("conclusion")
-    return frozenset(out)
-
-
-def _instant(value: Any) -> float:
-    if not isinstance(value, str) or not value:
-        return 0.0
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return 0.0
-
-
-def _version(value: Any) -> int:
-    try:
-        return int(str(value))
-    except (TypeError, ValueError):
-        return 0
-
-
 @dataclass
 class Outcome:
     #: (loser, winner, reason) - not in the bundle; references to the loser go to the winner
@@ -312,23 +233,29 @@ def deduplicate(items: list[Item], ctx: Context, table: Table | None = None) -> 
     table = table or load_table()
     pool = [it for it in items if it.rtype not in table.never_merge]
     uf = _UnionFind(len(pool))
+    ctx.group_of, ctx.changed = {}, set()
+    for it in pool:
+        it.chash = None
 
     def apply(rule: Rule) -> int:
-        keyed: dict[str, list[int]] = {}
+        # the first holder of a key is remembered as an int; only shared keys get a list
+        first: dict[str | bytes, int] = {}
+        shared: dict[str | bytes, list[int]] = {}
         for i, it in enumerate(pool):
             if rule.types is not None and it.rtype not in rule.types:
                 continue
             for key in MATCHERS[rule.match](it, ctx):
-                keyed.setdefault(key, []).append(i)
+                j = first.setdefault(key, i)
+                if j != i:
+                    shared.setdefault(key, [j]).append(i)
+        del first
         joined = 0
-        for members in keyed.values():
-            if len(members) < 2:
-                continue
+        for members in shared.values():
             if rule.unique_within_source:
                 per_source: dict[int, set[str]] = {}
                 for i in members:
                     per_source.setdefault(pool[i].source_id, set()).add(pool[i].rid)
-                statuses = {(pool[i].data.get("status"), pool[i].data.get("docStatus")) for i in members}
+                statuses = {(pool[i].facts.status, pool[i].facts.doc_status) for i in members}
                 if any(len(r) > 1 for r in per_source.values()) and len(statuses) == 1:
                     continue  # shared by peers (a claim group), not versions of one resource
             for i in members[1:]:
@@ -337,7 +264,14 @@ def deduplicate(items: list[Item], ctx: Context, table: Table | None = None) -> 
         return joined
 
     def regroup() -> None:
-        ctx.group_of = {it.new_id: pool[uf.find(i)].new_id for i, it in enumerate(pool)}
+        old = ctx.group_of
+        new: dict[str, str] = {}
+        for i, it in enumerate(pool):
+            root = pool[uf.find(i)].new_id
+            if root != it.new_id:
+                new[it.new_id] = root
+        ctx.changed = {k for k in old.keys() | new.keys() if old.get(k, k) != new.get(k, k)}
+        ctx.group_of = new
 
     joined = sum(apply(rule) for rule in table.rules)
     content_rules = [r for r in table.rules if r.match == "content-hash"]
@@ -361,32 +295,36 @@ def deduplicate(items: list[Item], ctx: Context, table: Table | None = None) -> 
 def _settle(members: list[Item], ctx: Context, table: Table, out: Outcome) -> None:
     ranked = sorted(members, key=lambda it: (it.source_id, it.key))
     ranked.sort(key=lambda it: (
-        table.status_rank.get(str(it.data.get("status") or ""), 0),
-        table.status_rank.get(str(it.data.get("docStatus") or ""), 0),
-        _instant((it.data.get("meta") or {}).get("lastUpdated") if isinstance(it.data.get("meta"), dict) else None),
-        _version((it.data.get("meta") or {}).get("versionId") if isinstance(it.data.get("meta"), dict) else None),
-        len(carries(it.data)),
-        not it.meta.get("derived"),
+        table.status_rank.get(it.facts.status, 0),
+        table.status_rank.get(it.facts.doc_status, 0),
+        it.facts.updated,
+        it.facts.version,
+        len(it.facts.carries),
+        not it.derived,
     ), reverse=True)
     winner, losers = ranked[0], ranked[1:]
     merge = any(r.merge == "union-series" and (r.types is None or winner.rtype in r.types) for r in table.rules)
     win_key = content_key(winner, ctx)
     win_server = next(iter(_m_server_id(winner, ctx)), None)
-    win_rank = table.status_rank.get(str(winner.data.get("status") or ""), 0)
+    win_rank = table.status_rank.get(winner.facts.status, 0)
+    merged: dict[str, Any] | None = None
     for lo in losers:
         if winner.rtype == "ImagingStudy" and lo.rtype == "ImagingStudy" and merge:
-            merge_study(winner.data, lo.data)
-            winner.refs = None  # new references may have arrived: resolve again when rewriting
+            merged = merged if merged is not None else winner.body()
+            merge_study(merged, lo.body())
         same = content_key(lo, ctx) == win_key
-        lo_carries = carries(lo.data)
+        lo_carries = lo.facts.carries
         same_version_line = win_server is not None and next(iter(_m_server_id(lo, ctx)), None) == win_server
         if lo.rtype in table.reports and not same and lo_carries & {"text", "results"} and (
-                not same_version_line or not lo_carries <= carries(winner.data)):
+                not same_version_line or not lo_carries <= winner.facts.carries):
             out.superseded.append((lo, winner))
             continue
-        lower = table.status_rank.get(str(lo.data.get("status") or ""), 0) < win_rank
+        lower = table.status_rank.get(lo.facts.status, 0) < win_rank
         reason = "duplicate of" if same or not (same_version_line or lower) else "superseded by"
         out.dropped.append((lo, winner, f"{reason} {winner.rtype}/{winner.new_id}"))
+    if merged is not None:
+        winner.store(merged)
+        winner.refs = None  # new references may have arrived: resolve again when rewriting
 
 
 def link_superseded(old: Item, new: Item, recorded: str) -> dict[str, Any] | None:
@@ -394,14 +332,16 @@ def link_superseded(old: Item, new: Item, recorded: str) -> dict[str, Any] | Non
 
     DocumentReference has the standard way: the new one ``replaces`` the old one, whose status
     becomes ``superseded``. Other reports (DiagnosticReport has no such element or status in R4)
-    get a Provenance on the successor with the old version as its ``revision`` entity.
+    get a Provenance on the successor with the old version as its ``revision`` entity. The
+    DocumentReference changes are recorded in the items' ``patch`` and applied when the bundle
+    is written, in the same order as every other change.
     """
     if old.rtype == "DocumentReference" and new.rtype == "DocumentReference":
-        old.data["status"] = "superseded"
-        rel = new.data.setdefault("relatesTo", [])
-        target = {"reference": f"urn:uuid:{old.new_id}"}
-        if not any(isinstance(r, dict) and r.get("target") == target for r in rel):
-            rel.append({"code": "replaces", "target": target})
+        old.patch = {**(old.patch or {}), "status": "superseded"}
+        patch = new.patch = dict(new.patch or {})
+        replaces = patch.setdefault("replaces", [])
+        if old.new_id not in replaces:
+            replaces.append(old.new_id)
         return None
     from aggregator.normalize import ids
 
@@ -417,3 +357,15 @@ def link_superseded(old: Item, new: Item, recorded: str) -> dict[str, Any] | Non
                    "who": {"display": "second-opinion-aggregator normalization"}}],
         "entity": [{"role": "revision", "what": {"reference": f"urn:uuid:{old.new_id}"}}],
     }
+
+
+def apply_patch(item: Item, body: dict[str, Any]) -> None:
+    """Apply the changes :func:`link_superseded` recorded to a loaded body."""
+    patch = item.patch or {}
+    if "status" in patch:
+        body["status"] = patch["status"]
+    for old_id in patch.get("replaces") or ():
+        rel = body.setdefault("relatesTo", [])
+        target = {"reference": f"urn:uuid:{old_id}"}
+        if not any(isinstance(r, dict) and r.get("target") == target for r in rel):
+            rel.append({"code": "replaces", "target": target})

@@ -38,15 +38,19 @@ EXT = {
 }
 
 
-def attachments_of(item: Item) -> list[dict[str, Any]]:
-    d = item.data
-    if item.rtype == "DocumentReference":
+def attachments_of(rtype: str, d: dict[str, Any]) -> list[dict[str, Any]]:
+    """The attachments of a resource body, in document order (their index names them)."""
+    if rtype == "DocumentReference":
         raw = [c.get("attachment") for c in d.get("content") or [] if isinstance(c, dict)]
-    elif item.rtype == "DiagnosticReport":
+    elif rtype == "DiagnosticReport":
         raw = list(d.get("presentedForm") or [])
     else:
         return []
     return [a for a in raw if isinstance(a, dict)]
+
+
+#: attachment types that can hold a document
+ATTACHMENT_TYPES = frozenset({"DocumentReference", "DiagnosticReport"})
 
 
 @dataclass
@@ -55,11 +59,26 @@ class Blob:
     size: int
     content_type: str
     sha1_b64: str | None = None
-    data: bytes | None = None  # only for inline content not yet in the blob store
+    data: bytes | None = None  # only for the bytes of a FHIR Binary not yet in the blob store
+    inline: bool = False  # the bytes are the attachment's own ``data`` (decoded again when needed)
+
+
+@dataclass(frozen=True)
+class Planned:
+    """How one attachment will point at its package file (applied when the bundle is written)."""
+
+    sha256: str
+    size: int
+    sha1_b64: str
+    content_type: str
 
 
 class Documents:
-    """Finds attachment bytes and collects the package's document files."""
+    """Finds attachment bytes and collects the package's document files.
+
+    Attachments are named by ``(item, index)``: bodies are loaded for a step and dropped, so the
+    identity of a loaded dict means nothing from one step to the next.
+    """
 
     def __init__(self, binaries: list[LedgerEntry], items: list[Item], sources: dict[int, SourceInfo],
                  blobs: BlobStore) -> None:
@@ -72,10 +91,12 @@ class Documents:
             if tid:
                 self._bin.setdefault((e.source_id, tid), e)
         self._fhir_binary: dict[tuple[int, str], Item] = {
-            (it.source_id, it.ref): it for it in items if it.rtype == "Binary" and isinstance(it.data.get("data"), str)}
+            (it.source_id, it.ref): it for it in items
+            if it.rtype == "Binary" and isinstance(it.body().get("data"), str)}
         self.used: set[tuple[int, str]] = set()
-        self._cache: dict[int, Blob | None] = {}
+        self._cache: dict[tuple[int, int], Blob | None] = {}
         self.files: dict[str, tuple[Blob, list[str], str]] = {}  # sha256 -> blob, resource refs, title
+        self.paths: dict[str, str] = {}
 
     def _entry_for(self, item: Item, url: str) -> LedgerEntry | Item | None:
         sid = item.source_id
@@ -87,8 +108,8 @@ class Documents:
             hit = self._bin.get((sid, url[len(base.rstrip("/")) + 1:]))
             if hit is not None:
                 return hit
-        if "://" not in url and not url.startswith(("urn:", "file:")) and item.meta.get("file"):
-            rel = posixpath.normpath(posixpath.join(posixpath.dirname(str(item.meta["file"])), url))
+        if "://" not in url and not url.startswith(("urn:", "file:")) and item.file:
+            rel = posixpath.normpath(posixpath.join(posixpath.dirname(item.file), url))
             hit = self._bin.get((sid, f"file:{rel}"))
             if hit is not None:
                 return hit
@@ -97,19 +118,21 @@ class Documents:
             return self._bin.get((sid, tid)) or self._fhir_binary.get((sid, tid))
         return None
 
-    def blob_for(self, item: Item, att: dict[str, Any]) -> Blob | None:
-        """The bytes behind an attachment, or None when they are not in the record."""
-        key = id(att)
+    def blob_for(self, item: Item, index: int, att: dict[str, Any]) -> Blob | None:
+        """The bytes behind attachment ``index`` of ``item``, or None when they are not in the record."""
+        key = (id(item), index)
         if key in self._cache:
             return self._cache[key]
         blob: Blob | None = None
         ctype = str(att.get("contentType") or "")
         if isinstance(att.get("data"), str):
             blob = _inline(att["data"], ctype)
+            if blob is not None:
+                blob.data, blob.inline = None, True  # the body holds the bytes; do not keep a copy
         elif isinstance(att.get("url"), str):
             hit = self._entry_for(item, att["url"])
             if isinstance(hit, Item):
-                blob = _inline(str(hit.data["data"]), ctype or str(hit.data.get("contentType") or ""))
+                blob = _inline(str(hit.body()["data"]), ctype or str(hit.body().get("contentType") or ""))
                 self.used.add((hit.source_id, f"resource:{hit.key}"))
             elif hit is not None and hit.sha256:
                 blob = Blob(hit.sha256, int(hit.size or 0), ctype or str(hit.content_type or ""))
@@ -117,42 +140,53 @@ class Documents:
         self._cache[key] = blob
         return blob
 
-    def digest(self, item: Item, att: dict[str, Any]) -> str | None:
-        b = self.blob_for(item, att)
+    def digest(self, item: Item, index: int, att: dict[str, Any]) -> str | None:
+        b = self.blob_for(item, index, att)
         return b.sha256 if b else None
 
-    def attach(self, item: Item) -> None:
-        """Point each attachment whose bytes are known at its package file (call after ids are final)."""
-        for att in attachments_of(item):
-            blob = self.blob_for(item, att)
+    def attach(self, item: Item, body: dict[str, Any]) -> None:
+        """Plan how each attachment whose bytes are known points at its package file (call after
+        ids are final); the plan goes to ``item.attach_plan`` and is applied by :meth:`apply`."""
+        plan: list[tuple[int, Any]] = []
+        for i, att in enumerate(attachments_of(item.rtype, body)):
+            blob = self.blob_for(item, i, att)
             if blob is None:
                 continue
             if blob.sha1_b64 is None:
-                blob.sha1_b64 = self._sha1(blob)
+                blob.sha1_b64 = self._sha1(blob, att)
             ref = f"{item.rtype}/{item.new_id}"
             if blob.sha256 in self.files:
                 self.files[blob.sha256][1].append(ref)
             else:
                 self.files[blob.sha256] = (blob, [ref], str(att.get("title") or ""))
-            att["_package_sha256"] = blob.sha256
-            att["size"] = blob.size
-            att["hash"] = blob.sha1_b64
-            if not att.get("contentType") and blob.content_type:
-                att["contentType"] = blob.content_type
+                self._store(blob, att)
+            plan.append((i, Planned(blob.sha256, blob.size, blob.sha1_b64, blob.content_type)))
+        item.attach_plan = plan or None
 
-    def _sha1(self, blob: Blob) -> str:
+    def _store(self, blob: Blob, att: dict[str, Any]) -> None:
+        """Put bytes that arrived inline into the blob store, so the package finds every document."""
+        if self.blobs.exists(blob.sha256):
+            return
+        if blob.data is not None:
+            self.blobs.put_bytes(blob.data)
+        elif blob.inline:
+            self.blobs.put_bytes(base64.b64decode(str(att["data"]), validate=False))
+        blob.data = None
+
+    def _sha1(self, blob: Blob, att: dict[str, Any]) -> str:
         h = hashlib.sha1()  # FHIR R4 Attachment.hash is defined as SHA-1
         if blob.data is not None:
             h.update(blob.data)
+        elif blob.inline:
+            h.update(base64.b64decode(str(att["data"]), validate=False))
         else:
             with self.blobs.open(blob.sha256) as f:
                 while chunk := f.read(1 << 20):
                     h.update(chunk)
         return base64.b64encode(h.digest()).decode("ascii")
 
-    def finish(self, items: list[Item]) -> list[DocumentFile]:
-        """Name the files, store inline bytes, and write the package paths into the attachments."""
-        paths: dict[str, str] = {}
+    def finish(self) -> list[DocumentFile]:
+        """Name the files (their package paths go into the attachments through :meth:`apply`)."""
         taken: set[str] = set()
         for sha in sorted(self.files):
             blob = self.files[sha][0]
@@ -162,20 +196,26 @@ class Documents:
                 if name not in taken:
                     break
             taken.add(name)
-            paths[sha] = name
-            if blob.data is not None and not self.blobs.exists(sha):
-                self.blobs.put_bytes(blob.data)
-        for it in items:
-            for att in attachments_of(it):
-                sha = att.pop("_package_sha256", None)
-                if sha:
-                    att["url"] = paths[sha]
+            self.paths[sha] = name
         out = []
         for sha in sorted(self.files):
             blob, refs, title = self.files[sha]
-            out.append(DocumentFile(paths[sha], sha, blob.size, blob.content_type or "application/octet-stream",
+            out.append(DocumentFile(self.paths[sha], sha, blob.size, blob.content_type or "application/octet-stream",
                                     title, sorted(refs)[0]))
         return sorted(out, key=lambda d: d.path)
+
+    def apply(self, item: Item, body: dict[str, Any]) -> None:
+        """Point the planned attachments of a loaded body at their package files."""
+        if not item.attach_plan:
+            return
+        atts = attachments_of(item.rtype, body)
+        for i, p in item.attach_plan:
+            att = atts[i]
+            att["size"] = p.size
+            att["hash"] = p.sha1_b64
+            if not att.get("contentType") and p.content_type:
+                att["contentType"] = p.content_type
+            att["url"] = self.paths[p.sha256]
 
 
 def _inline(data: str, ctype: str) -> Blob | None:

@@ -137,7 +137,7 @@ def dicom_identifier_system(issuer: str) -> str:
 
 
 def from_item(item: Item) -> Candidate:
-    p = item.data
+    p = item.body()
     idents = {(str(i.get("system") or ""), str(i.get("value"))) for i in p.get("identifier") or []
               if isinstance(i, dict) and i.get("value")}
     return Candidate(f"{item.ref}", item.source_id, fhir_names(p), _date(str(p.get("birthDate") or "")),
@@ -246,7 +246,7 @@ def merged_patient(pid: str, case: CaseInfo, members: list[Candidate]) -> dict[s
     """One Patient carrying every identifier and name of the cluster, plus ``link``s to the
     source copies it replaces (by identifier: those copies are not in the bundle)."""
     fhir = [c for c in members if c.item is not None]
-    base: dict[str, Any] = dict(fhir[0].item.data) if fhir and fhir[0].item is not None else {}
+    base: dict[str, Any] = fhir[0].item.body() if fhir and fhir[0].item is not None else {}
     base = {k: v for k, v in base.items() if k not in ("id", "meta", "text", "link")}
     patient: dict[str, Any] = {"resourceType": "Patient", "id": pid}
     idents: list[dict[str, Any]] = []
@@ -256,18 +256,19 @@ def merged_patient(pid: str, case: CaseInfo, members: list[Candidate]) -> dict[s
     links: list[dict[str, Any]] = []
     for c in fhir:
         assert c.item is not None
-        for i in c.item.data.get("identifier") or []:
+        data = c.item.body()
+        for i in data.get("identifier") or []:
             if isinstance(i, dict) and i.get("value"):
                 k = (str(i.get("system") or ""), str(i["value"]))
                 if k not in seen:
                     seen.add(k)
                     idents.append(i)
-        for nm in c.item.data.get("name") or []:
+        for nm in data.get("name") or []:
             nkey = repr(sorted(nm.items())) if isinstance(nm, dict) else repr(nm)
             if nkey not in seen_names:
                 seen_names.add(nkey)
                 names.append(nm)
-        for link in c.item.data.get("link") or []:
+        for link in data.get("link") or []:
             if isinstance(link, dict) and link not in links:
                 links.append(link)
         links.append({"other": {"identifier": {"system": f"urn:aggregator:source:{c.source_id}",

@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
+import tempfile
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from aggregator.blobs import BlobStore
 from aggregator.errors import AggregatorError
 from aggregator.ledger import LedgerEntry
 from aggregator.model import Quarantined
+from aggregator.normalize.facts import Facts, facts_of
 from aggregator.normalize.r5 import to_r4
 
 KIND_RESOURCE = "resource"
@@ -46,22 +48,102 @@ POOL_MIN = 3000
 CHUNK = 400
 
 
-@dataclass
-class Item:
-    """One raw resource of one source, as read from the ledger and the blob store."""
+class Spool:
+    """Append-only scratch file of resource bodies (orjson bytes), so that a record of any size
+    holds only compact facts per resource on the heap.
 
-    source_id: int
-    key: str
-    meta: dict[str, Any]
-    data: dict[str, Any]
-    rtype: str
-    rid: str
-    #: filled by later stages
-    new_id: str = ""
-    extra_sources: set[int] = field(default_factory=set)
-    #: the item's Reference objects and what each resolves to, cached between de-duplication
-    #: and rewriting (see :func:`aggregator.normalize.references.targets`); None = not computed
-    refs: list[tuple[dict[str, Any], Any]] | None = field(default=None, repr=False, compare=False)
+    The file is unlinked as soon as it is created: it disappears when closed, and even when the
+    process dies, so no PHI is left behind in TMPDIR. ``pread``/``pwrite`` keep no file position,
+    and recently written bodies are served from the page cache.
+    """
+
+    def __init__(self, directory: str | None = None) -> None:
+        fd, path = tempfile.mkstemp(prefix="aggregator-spool-", dir=directory)
+        os.unlink(path)
+        self._fd = fd
+        self._end = 0
+
+    def append(self, data: bytes) -> tuple[int, int]:
+        """Write ``data`` at the end; returns ``(offset, length)``."""
+        off = self._end
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self._fd, view, off + (len(data) - len(view)))
+            view = view[n:]
+        self._end += len(data)
+        return off, len(data)
+
+    def read(self, offset: int, length: int) -> bytes:
+        data = os.pread(self._fd, length, offset)
+        if len(data) != length:
+            raise AggregatorError("normalization scratch file is truncated")
+        return data
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+_NO_EXTRA: frozenset[int] = frozenset()
+
+
+class Item:
+    """One resource of one source: compact facts on the heap, the body in the :class:`Spool`.
+
+    The body is read with :meth:`body` (a fresh dict each time) and written back with
+    :meth:`store`; a change to a loaded dict that is not stored is lost, so every step that
+    changes a resource says so explicitly.
+    """
+
+    __slots__ = (
+        "_len",
+        "_off",
+        "_spool",
+        "attach_plan",
+        "base_url",
+        "bundle",
+        "chash",
+        "derived",
+        "extra_sources",
+        "facts",
+        "file",
+        "full_url",
+        "key",
+        "new_id",
+        "patch",
+        "refs",
+        "rid",
+        "rtype",
+        "source_id",
+    )
+
+    def __init__(self, source_id: int, key: str, meta: dict[str, Any], facts: Facts, spool: Spool,
+                 body: bytes | dict[str, Any], *, new_id: str = "",
+                 extra_sources: frozenset[int] = _NO_EXTRA) -> None:
+        self.source_id = source_id
+        self.key = key
+        self.rtype = facts.rtype
+        self.rid = facts.rid
+        self.file = _shared(meta.get("file"))
+        self.bundle = _shared(meta.get("bundle") or meta.get("file"))
+        self.full_url = str(meta.get("fullUrl") or "")
+        self.base_url = _shared(meta.get("base_url"))
+        self.derived = bool(meta.get("derived"))
+        self.facts = facts
+        self.new_id = new_id
+        self.extra_sources = extra_sources
+        #: resolved targets of the body's references, in :func:`reference_nodes` order (a cache
+        #: shared by de-duplication and rewriting); None = not computed
+        self.refs: tuple[Any, ...] | None = None
+        #: canonical content digest, valid while the groups of its targets do not change
+        self.chash: bytes | None = None
+        #: changes decided by global steps, applied when the bundle is written
+        self.patch: dict[str, Any] | None = None
+        #: ``(attachment index, package file facts)`` decided by the documents step
+        self.attach_plan: list[tuple[int, Any]] | None = None
+        self._spool = spool
+        self._off, self._len = spool.append(body if isinstance(body, bytes) else orjson.dumps(body))
 
     @property
     def ref(self) -> str:
@@ -69,9 +151,33 @@ class Item:
         return f"{self.rtype}/{self.rid}" if self.rid else self.key
 
     @property
-    def bundle(self) -> str:
-        """The enclosing bundle/file, for resolving urn:uuid and relative references inside it."""
-        return str(self.meta.get("bundle") or self.meta.get("file") or "")
+    def meta(self) -> dict[str, Any]:
+        """The ledger meta fields normalization uses (a new dict: changing it changes nothing)."""
+        out: dict[str, Any] = {}
+        for k, v in (("file", self.file), ("bundle", self.bundle), ("fullUrl", self.full_url),
+                     ("base_url", self.base_url), ("derived", self.derived)):
+            if v:
+                out[k] = v
+        return out
+
+    def body(self) -> dict[str, Any]:
+        """The resource as stored last (a fresh dict: call :meth:`store` to keep a change)."""
+        return dict(orjson.loads(self._spool.read(self._off, self._len)))
+
+    def store(self, body: dict[str, Any]) -> None:
+        """Replace the stored body (appended; the old bytes stay unused in the scratch file)."""
+        self._off, self._len = self._spool.append(orjson.dumps(body))
+
+
+_SHARED: dict[str, str] = {}
+
+
+def _shared(value: Any) -> str:
+    """One string object per distinct file/bundle/base name (thousands of items share each)."""
+    if not value:
+        return ""
+    text = str(value)
+    return _SHARED.setdefault(text, text) if len(_SHARED) < 100_000 else text
 
 
 def _first_error(exc: ValidationError) -> str:
@@ -133,30 +239,34 @@ def check_resource(obj: Any) -> tuple[str | None, dict[str, Any] | None]:
 MISSING = "raw content missing from the blob store"
 
 
-def _check_chunk(root: str, shas: list[str]) -> list[tuple[str | None, bytes | None]]:
-    """Read, parse and validate stored resources; ``(error, JSON to keep)`` per SHA-256.
+Checked = tuple[str | None, bytes | None, Facts | None]
+
+
+def _check_chunk(root: str, shas: list[str]) -> list[Checked]:
+    """Read, parse and validate stored resources; ``(error, JSON to keep, facts)`` per SHA-256.
 
     Runs in a worker: it reads the blobs itself, so the parent never holds the raw bytes of more
-    than the few chunks in flight, and it sends back bytes (cheap to pickle) rather than dicts.
+    than the few chunks in flight, and it sends back bytes (cheap to pickle) and the resource's
+    compact :class:`Facts`, so the parent never parses the JSON at all.
     """
     store = BlobStore(Path(root))
-    out: list[tuple[str | None, bytes | None]] = []
+    out: list[Checked] = []
     for sha in shas:
         try:
             raw = store.read_bytes(sha)
         except AggregatorError:
-            out.append((MISSING, None))
+            out.append((MISSING, None, None))
             continue
         try:
             obj = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            out.append(("invalid FHIR R4: malformed JSON", None))
+            out.append(("invalid FHIR R4: malformed JSON", None, None))
             continue
         err, fixed = check_resource(obj)
         if err is not None:
-            out.append((err, None))
+            out.append((err, None, None))
         else:
-            out.append((None, orjson.dumps(fixed) if fixed is not None else raw))
+            out.append((None, orjson.dumps(fixed) if fixed is not None else raw, facts_of(fixed or obj)))
     return out
 
 
@@ -170,25 +280,26 @@ def _workers() -> int:
 class _Loader:
     """Turns checked chunks into :class:`Item` s (in the parent, while workers check later chunks)."""
 
-    def __init__(self, quarantine: Callable[[Quarantined], None]) -> None:
+    def __init__(self, quarantine: Callable[[Quarantined], None], spool: Spool) -> None:
         self.quarantine = quarantine
+        self.spool = spool
         self.items: list[Item] = []
 
-    def take(self, rows: list[LedgerEntry], results: list[tuple[str | None, bytes | None]]) -> None:
+    def take(self, rows: list[LedgerEntry], results: list[Checked]) -> None:
         add = self.items.append
-        for e, (err, raw) in zip(rows, results, strict=True):
-            if err is not None or raw is None:
+        intern = sys.intern
+        for e, (err, raw, facts) in zip(rows, results, strict=True):
+            if err is not None or raw is None or facts is None:
                 self.quarantine(Quarantined(e.source_id, e.kind, e.key, err or MISSING))
                 continue
-            data = orjson.loads(raw)
-            rid = data.get("id")
-            # the ledger row's meta dict is shared, not copied: nothing downstream mutates it
-            add(Item(e.source_id, e.key, e.meta if e.meta is not None else {}, data, str(data["resourceType"]),
-                     str(rid) if rid else ""))
+            # one string object per distinct type and status, not one per resource
+            facts.rtype, facts.status, facts.doc_status = (intern(facts.rtype), intern(facts.status),
+                                                           intern(facts.doc_status))
+            add(Item(e.source_id, e.key, e.meta if e.meta is not None else {}, facts, self.spool, raw))
 
 
 def load_resources(
-    entries: Iterable[LedgerEntry], blobs: BlobStore, quarantine: Callable[[Quarantined], None]
+    entries: Iterable[LedgerEntry], blobs: BlobStore, quarantine: Callable[[Quarantined], None], spool: Spool
 ) -> list[Item]:
     """Every valid resource of ``entries`` (kind ``resource``), sorted by (source, key); the others
     go to ``quarantine``.
@@ -199,12 +310,12 @@ def load_resources(
     Validation does not depend on order; the items are sorted afterwards, so the result is the
     same whatever the pool's timing.
     """
-    loader = _Loader(quarantine)
+    loader = _Loader(quarantine, spool)
     root = str(blobs.root)
     workers = _workers()
     buf: list[LedgerEntry] = []
     pool: ProcessPoolExecutor | None = None
-    pending: deque[tuple[list[LedgerEntry], Future[list[tuple[str | None, bytes | None]]]]] = deque()
+    pending: deque[tuple[list[LedgerEntry], Future[list[Checked]]]] = deque()
 
     def submit(rows: list[LedgerEntry]) -> None:
         assert pool is not None

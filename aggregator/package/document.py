@@ -12,12 +12,13 @@ Determinism: ids are UUIDv5 of the case and the record content, the timestamp is
 
 from __future__ import annotations
 
-import hashlib
-import json
 import uuid
 from collections.abc import Sequence
 from html import escape
+from pathlib import Path
 from typing import Any
+
+import orjson
 
 from aggregator import __version__
 from aggregator.model import CaseInfo, NormalizedRecord, SourceInfo
@@ -99,7 +100,8 @@ def document_timestamp(case: CaseInfo, sources: Sequence[SourceInfo]) -> str:
 
 
 def record_digest(record: NormalizedRecord) -> str:
-    return hashlib.sha256(json.dumps(record.bundle, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    """SHA-256 of the record's bundle file (deterministic bytes, read in blocks)."""
+    return record.digest()
 
 
 def _uuid(*parts: str) -> str:
@@ -119,21 +121,23 @@ def patient_entry(record: NormalizedRecord) -> dict[str, Any] | None:
     """The entry of the record's patient (``record.patient_ref``), else the first Patient."""
     want = record.patient_ref.split("/", 1)[1] if record.patient_ref and "/" in record.patient_ref else None
     first = None
-    for entry in record.bundle.get("entry", []):
+    for entry in record.entries(("Patient",)):
         res = entry.get("resource") or {}
-        if res.get("resourceType") != "Patient":
-            continue
         if want is None or res.get("id") == want:
             return dict(entry)
         first = first or entry
     return dict(first) if first else None
 
 
-def build_document(case: CaseInfo, record: NormalizedRecord, sources: Sequence[SourceInfo]) -> dict[str, Any]:
-    """The FHIR R4 document Bundle for the package (Composition first, then every resource)."""
+def write_document(path: Path, case: CaseInfo, record: NormalizedRecord, sources: Sequence[SourceInfo]) -> None:
+    """Write the FHIR R4 document Bundle for the package (Composition first, then every resource).
+
+    Streamed: the record's entries are read twice (once to sort them into sections, once to copy
+    their bytes unchanged, one entry per line), so the package costs no more memory than the
+    section references, whatever the size of the record.
+    """
     digest = record_digest(record)
     timestamp = document_timestamp(case, sources)
-    entries = [dict(e) for e in record.bundle.get("entry", []) if isinstance(e, dict) and e.get("resource")]
     patient = patient_entry(record)
 
     device_id = _uuid(case.id, digest, "device")
@@ -145,27 +149,30 @@ def build_document(case: CaseInfo, record: NormalizedRecord, sources: Sequence[S
     }
     composition_id = _uuid(case.id, digest, "composition")
 
-    grouped: dict[str, list[dict[str, Any]]] = {key: [] for key, *_ in SECTIONS}
-    for entry in entries:
+    grouped: dict[str, list[str]] = {key: [] for key, *_ in SECTIONS}
+    for entry in record.entries():
+        if not isinstance(entry.get("resource"), dict):
+            continue
         key = section_of(entry["resource"])
         if key is not None:
-            grouped[key].append({"reference": _full_url(entry)})
+            grouped[key].append(_full_url(entry))
     sections = []
     for key, code, display, title in SECTIONS:
         section: dict[str, Any] = {
             "title": title,
             "code": {"coding": [{"system": LOINC, "code": code, "display": display}]},
         }
-        refs = grouped[key]
+        refs = grouped.pop(key)
         if refs:
             section["text"] = {"status": "generated", "div": _div(f"{len(refs)} resource(s) in this record.")}
-            section["entry"] = refs
+            section["entry"] = [{"reference": r} for r in refs]
         else:
             section["text"] = {"status": "generated", "div": _div("None found in the gathered record.")}
             section["emptyReason"] = {"coding": [{
                 "system": "http://terminology.hl7.org/CodeSystem/list-empty-reason",
                 "code": "unavailable", "display": "Unavailable"}]}
         sections.append(section)
+        del refs
 
     composition: dict[str, Any] = {
         "resourceType": "Composition",
@@ -197,21 +204,34 @@ def build_document(case: CaseInfo, record: NormalizedRecord, sources: Sequence[S
     if not provenance["entity"]:
         del provenance["entity"]
 
-    out_entries = [{"fullUrl": f"urn:uuid:{composition_id}", "resource": composition}]
-    if patient is not None:
-        out_entries.append(patient)
-    out_entries += [e for e in entries if patient is None or (e is not patient and _full_url(e) != _full_url(patient))]
-    out_entries.append({"fullUrl": f"urn:uuid:{device_id}", "resource": device})
-    out_entries.append({"fullUrl": f"urn:uuid:{provenance['id']}", "resource": provenance})
     bundle_id = _uuid(case.id, digest, "bundle")
-    return {
+    first = {"fullUrl": f"urn:uuid:{composition_id}", "resource": composition}
+    last = [{"fullUrl": f"urn:uuid:{device_id}", "resource": device},
+            {"fullUrl": f"urn:uuid:{provenance['id']}", "resource": provenance}]
+    shell = {
         "resourceType": "Bundle",
         "id": bundle_id,
         "identifier": {"system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{bundle_id}"},
         "type": "document",
         "timestamp": timestamp,
-        "entry": out_entries,
+        "entry": [first, *last],
     }
+    validate_document_shell(shell)
+    head = orjson.dumps({**shell, "entry": []})
+    assert head.endswith(b"[]}")
+    skip = (b'{"fullUrl":' + orjson.dumps(_full_url(patient)) + b",") if patient is not None else None
+    with open(path, "wb") as f:
+        f.write(head[:-2] + b"\n" + orjson.dumps(first))
+        if patient is not None:
+            f.write(b",\n" + orjson.dumps(patient))
+        for line in record.lines():
+            if (skip is not None and line.startswith(skip)) or b'"resource":{' not in line:
+                continue  # the patient is written second; an entry without a resource is no entry
+            f.write(b",\n")
+            f.write(line)
+        for entry in last:
+            f.write(b",\n" + orjson.dumps(entry))
+        f.write(b"\n]}\n")
 
 
 def _source_text(s: SourceInfo) -> str:

@@ -107,6 +107,10 @@ def quantity_text(res: Mapping[str, Any]) -> tuple[str, str]:
     return "", ""
 
 
+#: resource types the summary looks up by reference besides the ones its sections show
+_LOOKED_UP = frozenset({"Medication", "Observation", "ImagingStudy"})
+
+
 class _Index:
     """Resources of the record by fullUrl / Type/id, and documents by package path."""
 
@@ -114,8 +118,14 @@ class _Index:
         self.record = record
         self.blobs = blobs
         self.by_ref: dict[str, dict[str, Any]] = {}
-        for entry in record.bundle.get("entry", []):
+        self.by_section: dict[str, list[dict[str, Any]]] = {}
+        for entry in record.entries():
             res = entry.get("resource") or {}
+            key = section_of(res)
+            if key:
+                self.by_section.setdefault(key, []).append(res)
+            elif res.get("resourceType") not in _LOOKED_UP:
+                continue  # only what a section shows or links to is kept (not claims, encounters...)
             if entry.get("fullUrl"):
                 self.by_ref[str(entry["fullUrl"])] = res
             if res.get("resourceType") and res.get("id"):
@@ -376,7 +386,7 @@ def _sources(record: NormalizedRecord, sources: Sequence[SourceInfo]) -> str:
     for s in sorted(sources, key=lambda s: s.id):
         rows.append((str(s.id), _e(s.kind), _e(s.label), _e(s.organization or ""), _e(s.method),
                      _e(s.pulled_at or ""), str(quarantined.get(s.id, 0))))
-    provenance = len(record.resources("Provenance"))
+    provenance = record.count("Provenance")
     out = ["<h2 id=\"sources\">Sources and provenance</h2>",
            _table(("#", "Kind", "Source", "Organization", "Method", "Pulled at", "Items left out"), rows,
                   "No sources recorded."),
@@ -402,11 +412,7 @@ def render_summary(case: CaseInfo, record: NormalizedRecord, gap_report: Mapping
                    timestamp: str) -> str:
     """summary.html: the consultant's clinical summary, one self-contained page."""
     idx = _Index(record, blobs)
-    by_section: dict[str, list[dict[str, Any]]] = {}
-    for res in record.resources():
-        key = section_of(res)
-        if key:
-            by_section.setdefault(key, []).append(res)
+    by_section = idx.by_section
     images_by_study: dict[str, list[PlacedImage]] = {}
     for p in placed:
         images_by_study.setdefault(p.image.study_instance_uid, []).append(p)

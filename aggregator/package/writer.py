@@ -27,7 +27,7 @@ from aggregator.blobs import BlobStore
 from aggregator.errors import PackageError, StoreError
 from aggregator.model import CaseInfo, DocumentFile, NormalizedRecord, SourceInfo
 from aggregator.package.dicomdir import place_images, write_images
-from aggregator.package.document import build_document, document_timestamp, record_digest, validate_document_shell
+from aggregator.package.document import document_timestamp, record_digest, write_document
 from aggregator.package.manifest import MANIFEST, MANIFEST_SCHEMA, build_manifest, dump_manifest, unsafe_relpath
 from aggregator.package.summary import render_index, render_readme, render_summary
 from aggregator.package.xdm import PATH as XDM_PATH
@@ -175,9 +175,9 @@ def _build(root: Path, case: CaseInfo, record: NormalizedRecord, gap_report: dic
     placed = place_images(record.images, blobs)
     written += write_images(root, placed, blobs, seed=seed)
 
-    bundle = build_document(case, record, sources)
-    validate_document_shell(bundle)
-    _write(root, "fhir/bundle.json", _json_bytes(bundle, sort_keys=False), written)
+    (root / "fhir").mkdir(parents=True, exist_ok=True)
+    write_document(root / "fhir/bundle.json", case, record, sources)
+    written.append("fhir/bundle.json")
     _write(root, "fhir/gap-report.json", _json_bytes(gap_report, sort_keys=True), written)
 
     summary = render_summary(case, record, gap_report, sources, placed, blobs, timestamp)
@@ -187,7 +187,7 @@ def _build(root: Path, case: CaseInfo, record: NormalizedRecord, gap_report: dic
     _write(root, XDM_PATH, metadata_xml(documents, blobs, case_id=case.id, timestamp=timestamp, seed=seed), written)
 
     counts = {
-        "resources": len(record.bundle.get("entry", [])),
+        "resources": record.count(),
         "documents": len(documents),
         "images": len(placed),
         "quarantined": len(record.quarantine),
