@@ -44,13 +44,19 @@ def child(args: argparse.Namespace) -> None:
             retrieve=args.method, move_ae="AGGMOVE" if args.method == "move" else None,
             store_port=args.store_port if args.method == "move" else None))
     rss_before = _proc_status_kib("VmRSS")
+    import resource
+
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     conn.pull(PatientRef(id=args.patient), None, h.sink, NullProgress())  # type: ignore[attr-defined]
     t1 = time.perf_counter()
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
     h.sink.flush()  # the ledger commit: SQLite fsync, which on ext4 also flushes the blobs' dirty pages
     t2 = time.perf_counter()
     done = h.entries("done")
-    print(json.dumps({"seconds": t1 - t0, "commit_seconds": t2 - t1, "instances": len(done),
+    print(json.dumps({"seconds": t1 - t0, "user_seconds": r1.ru_utime - r0.ru_utime,
+                      "sys_seconds": r1.ru_stime - r0.ru_stime, "page_faults": r1.ru_minflt - r0.ru_minflt,
+                      "commit_seconds": t2 - t1, "instances": len(done),
                       "bytes": sum(e.size or 0 for e in done), "rss_before_kib": rss_before,
                       "hwm_kib": _proc_status_kib("VmHWM")}))
 
@@ -86,6 +92,18 @@ def run(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int, 
     return wall, rss, proc.stdout.decode()
 
 
+def release_pages(folder: Path) -> None:
+    """Write a run's output to disk and drop it from the page cache, keeping the files."""
+    os.sync()
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
 def generate(out: Path, n: int, rows: int) -> list[Path]:
     from fixtures.dicom import generate_ct_study
 
@@ -98,6 +116,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=512)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--only", default="get,move,wado", help="our methods to run")
+    ap.add_argument("--verbose", action="store_true", help="print every run as it ends")
     ap.add_argument("--child", dest="method", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -111,6 +130,7 @@ def main() -> None:
 
     from connectors.dicom_stream import split_part10
     from tests.integration.orthanc import orthanc_available, start_orthanc
+    from tests.support import make_sink
 
     reason = orthanc_available()
     if reason:
@@ -132,74 +152,85 @@ def main() -> None:
 
         study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
         results: dict[str, list[tuple[float, int]]] = {}
-
-        def peer(name: str, make_cmd: object, out_dir: Path) -> None:
-            for _ in range(args.repeat):
-                shutil.rmtree(out_dir, ignore_errors=True)
-                out_dir.mkdir(parents=True)
-                wall, rss, _ = run(make_cmd(out_dir), env)  # type: ignore[operator]
-                got = len(list(out_dir.iterdir()))
-                if got < len(files):
-                    raise RuntimeError(f"{name} retrieved {got} of {len(files)} files")
-                results.setdefault(name, []).append((wall, rss))
+        cpu: dict[str, list[float]] = {}
 
         q = ["-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}"]
         common = ["-aet", "AGGREGATOR", "-aec", "ORTHANC", "-S"]
-        peer("getscu", lambda d: ["getscu", *common, "-od", str(d), "127.0.0.1", str(server.dicom_port), *q],
-             tmp / "getscu")
-
-        def movescu_cmd(d: Path) -> list[str]:
-            # movescu with its own built-in storage SCP (+P port) - the same arrangement as storescp
-            return ["movescu", *common, "-aem", "AGGMOVE", "+P", str(server.store_port), "-od", str(d),
-                    "127.0.0.1", str(server.dicom_port), *q]
-
-        peer("movescu", movescu_cmd, tmp / "movescu")
         wado_url = f"{server.dicomweb}/studies/{study_uid}"
-
-        def curl_cmd(d: Path) -> list[str]:
-            return ["curl", "-sS", "--fail", "-H", "Accept: multipart/related; type=\"application/dicom\"",
-                    "-o", str(d / "study.multipart"), wado_url]
-
-        for _ in range(args.repeat):
-            out_dir = tmp / "curl"
-            shutil.rmtree(out_dir, ignore_errors=True)
-            out_dir.mkdir()
-            wall, rss, _ = run(curl_cmd(out_dir), env)
-            results.setdefault("curl", []).append((wall, rss))
-
+        peers = {
+            "getscu": lambda d: ["getscu", *common, "-od", str(d), "127.0.0.1", str(server.dicom_port), *q],
+            # movescu with its own built-in storage SCP (+P port): the same arrangement as storescp
+            "movescu": lambda d: ["movescu", *common, "-aem", "AGGMOVE", "+P", str(server.store_port), "-od",
+                                  str(d), "127.0.0.1", str(server.dicom_port), *q],
+            "curl": lambda d: ["curl", "-sS", "--fail", "-H", "Accept: multipart/related; type=\"application/dicom\"",
+                               "-o", str(d / "study.multipart"), wado_url],
+        }
         ours = {"get": "C-GET", "move": "C-MOVE", "wado": "WADO-RS"}
+        methods = args.only.split(",")
         inner: dict[str, list[float]] = {}
         growth: dict[str, list[int]] = {}
         before: dict[str, list[int]] = {}
-        for method in args.only.split(","):
+        out = tmp / "out"
+        # Every run writes into a fresh folder and nothing is deleted until the end: on ext4
+        # without a journal, creating files right after deleting many makes the inode allocator
+        # skip every recently freed inode (``recently_deleted`` in fs/ext4/ialloc.c), which took
+        # a third of a retrieve's CPU in a profile and hit whichever client ran after a cleanup.
+        # Our databases are created before the timed child runs, as a pull finds its home already
+        # set up (the child then never imports Alembic). Rounds interleave peers and ours, so a
+        # noisy moment hits both sides. After each run its output is synced and dropped from
+        # the page cache (kept on disk): otherwise every later run writes into memory the
+        # virtual machine has never touched, and the first touch of each page costs the guest
+        # a host fault - sys time went from 0.1 s to 0.45 s per run once earlier outputs had
+        # taken the recycled pages, whichever client it was.
+        for method in methods:
             for i in range(args.repeat):
-                work = tmp / f"ours-{method}-{i}"
+                make_sink(out / f"ours-{method}-{i}", kind=method).db.dispose()
+        for i in range(args.repeat):
+            for name, make_cmd in peers.items():
+                out_dir = out / f"{name}-{i}"
+                out_dir.mkdir(parents=True)
+                wall, rss, _ = run(make_cmd(out_dir), env)
+                release_pages(out_dir)
+                if name != "curl" and len(list(out_dir.iterdir())) < len(files):
+                    raise RuntimeError(f"{name} retrieved fewer than {len(files)} files")
+                results.setdefault(name, []).append((wall, rss))
+                if args.verbose:
+                    print(f"  round {i} {name}: {wall:.3f} s")
+            # our methods take turns at running first: on this VM the first writer after curl's
+            # single large file was released paid ~2 s of extra system time on a 1 GB study
+            for method in methods[i % len(methods):] + methods[: i % len(methods)]:
+                work = out / f"ours-{method}-{i}"
                 cmd = [sys.executable, __file__, "--child", method, "--work", str(work), "--port",
                        str(server.dicom_port), "--store-port", str(server.store_port), "--url", server.dicomweb]
-                wall, rss, out = run(cmd, env)
-                info = json.loads(out.strip().splitlines()[-1])
+                wall, rss, text = run(cmd, env)
+                release_pages(work)
+                info = json.loads(text.strip().splitlines()[-1])
                 if info["instances"] != len(files):
                     raise RuntimeError(f"our {method} stored {info['instances']} of {len(files)}")
                 results.setdefault(ours[method], []).append((info["seconds"], rss))
                 growth.setdefault(ours[method], []).append(max(0, info["hwm_kib"] - info["rss_before_kib"]))
                 before.setdefault(ours[method], []).append(info["rss_before_kib"])
                 inner.setdefault(method, []).append(wall)
-                if i == 0:
-                    check_identity(work, copies, split_part10, whole_file=(method == "wado"))
-                shutil.rmtree(work, ignore_errors=True)
+                cpu.setdefault(ours[method], []).append(info["user_seconds"] + info["sys_seconds"])
+                if args.verbose:
+                    print(f"  round {i} {ours[method]}: {info['seconds']:.3f} s, user {info['user_seconds']:.3f} s,"
+                          f" sys {info['sys_seconds']:.3f} s, {info['page_faults']} page faults")
+        for method in methods:
+            check_identity(out / f"ours-{method}-0", copies, split_part10, whole_file=(method == "wado"))
 
         find_ms = cfind_round_trip_ms(server.dicom_port)
 
         def med(name: str) -> float:
             return statistics.median(t for t, _ in results[name])
 
-        print(f"\n{'client':10} {'median s':>9} {'MB/s':>7} {'peak RSS MiB':>13} {'RSS before pull MiB':>20}"
-              f" {'RSS growth in pull MiB':>23}")
+        print(f"\n{'client':10} {'median s':>9} {'MB/s':>7} {'CPU s':>6} {'peak RSS MiB':>13}"
+              f" {'RSS before pull MiB':>20} {'RSS growth in pull MiB':>23}")
         for name, rows in results.items():
             grow = f"{max(growth[name]) / 1024:23.1f}" if name in growth else f"{'':23}"
             pre = f"{max(before[name]) / 1024:20.1f}" if name in before else f"{'':20}"
-            print(f"{name:10} {med(name):9.3f} {total_mb / med(name):7.0f} {max(r for _, r in rows) / 1024:13.1f}"
-                  f" {pre} {grow}")
+            used = f"{statistics.median(cpu[name]):6.3f}" if name in cpu else f"{'':6}"
+            peak = max(r for _, r in rows) / 1024
+            print(f"{name:10} {med(name):9.3f} {total_mb / med(name):7.0f} {used} {peak:13.1f} {pre} {grow}")
         print("\nratios (peer time / our time; >= 1.0 means at least as fast as the peer):")
         pairs = [("C-GET", "getscu"), ("C-MOVE", "movescu"), ("WADO-RS", "curl")]
         for mine, ref in pairs:
@@ -215,7 +246,8 @@ def main() -> None:
         print(f"  C-FIND round trip (STUDY level, one match, association open): median {find_ms:.2f} ms"
               " (target <= 5 ms)")
         print("(our times are the pull() call inside the child process; process start-up and imports are"
-              " excluded, DCMTK/curl times are whole-process wall times. 'RSS before pull' is what the imports"
+              " excluded, DCMTK/curl times are whole-process wall times. 'CPU s' is user + system time of"
+              " our process during pull(), all threads. 'RSS before pull' is what the imports"
               " (requests, SQLAlchemy + Alembic, and for DIMSE pydicom + pynetdicom) and the database set-up"
               " take; 'RSS growth' is peak minus that)")
     finally:
@@ -245,7 +277,7 @@ def cfind_round_trip_ms(port: int, repeat: int = 50) -> float:
 def check_identity(work: Path, copies: dict[str, bytes], split_part10: object, *, whole_file: bool) -> None:
     """Every stored instance equals Orthanc's copy (the dataset part for DIMSE, whole file for WADO)."""
     from aggregator.blobs import BlobStore
-    from aggregator.ledger import entries_for_case
+    from aggregator.ledger import entries_for_case, stored_path
     from aggregator.store.db import Database
 
     db = Database(f"sqlite:///{work / 'test.db'}")
@@ -253,7 +285,7 @@ def check_identity(work: Path, copies: dict[str, bytes], split_part10: object, *
     rows = [e for e in entries_for_case(db, "test-case") if e.state == "done"]
     assert {e.key for e in rows} == set(copies), "stored SOP instances differ from the archive's"
     for e in rows:
-        got = blobs.read_bytes(e.sha256 or "")
+        got = stored_path(blobs, e).read_bytes()
         orig = copies[e.key]
         if whole_file:
             same = got == orig
