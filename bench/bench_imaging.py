@@ -92,9 +92,8 @@ def run(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int, 
     return wall, rss, proc.stdout.decode()
 
 
-def release_pages(folder: Path, settle: float = 1.0) -> None:
-    """Write a run's output to disk and drop it from the page cache, keeping the files; then
-    let the machine settle (the archive finishing its side, writeback) before the next run."""
+def release_pages(folder: Path) -> None:
+    """Write a run's output to disk and drop it from the page cache, keeping the files."""
     os.sync()
     for path in folder.rglob("*"):
         if path.is_file():
@@ -103,7 +102,6 @@ def release_pages(folder: Path, settle: float = 1.0) -> None:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             finally:
                 os.close(fd)
-    time.sleep(settle)
 
 
 def generate(out: Path, n: int, rows: int) -> list[Path]:
