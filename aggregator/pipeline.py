@@ -39,7 +39,11 @@ def build_record(app: App, case_id: str) -> CaseRecord:
 
     sources = source_infos(app, case_id)
     raw = [e for e in entries_for_case(app.db, case_id) if e.kind != KIND_QUARANTINE]
-    record = normalize(case, sources, (e for e in raw if e.state == DONE), app.blobs(case_id))
+    # scratch files (the spooled resources, the bundle) hold PHI: they live in the case's own
+    # folder, never in a shared TMPDIR, and are removed with the record
+    work = app.case_dir(case_id) / "tmp"
+    work.mkdir(parents=True, exist_ok=True)
+    record = normalize(case, sources, (e for e in raw if e.state == DONE), app.blobs(case_id), workdir=str(work))
     _write_quarantine(app, case_id, record)
     ledger = list(entries_for_case(app.db, case_id))
     return CaseRecord(case, sources, ledger, record)

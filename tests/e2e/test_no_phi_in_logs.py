@@ -9,6 +9,7 @@ from pathlib import Path
 
 from aggregator.app import App
 from aggregator.ledger import entries_for_case
+from aggregator.pipeline import build_record
 from tests.e2e.test_cli_errors import EXE
 
 
@@ -17,7 +18,9 @@ def test_debug_logs_and_ledger_carry_no_phi(tmp_path: Path) -> None:
 
     info = generate_download(tmp_path / "dl", variant="identity-conflict")
     home = tmp_path / "home"
-    env = {**os.environ, "AGGREGATOR_HOME": str(home), "AGGREGATOR_LOG_LEVEL": "DEBUG"}
+    scratch = tmp_path / "tmpdir"
+    scratch.mkdir()
+    env = {**os.environ, "AGGREGATOR_HOME": str(home), "AGGREGATOR_LOG_LEVEL": "DEBUG", "TMPDIR": str(scratch)}
     env.pop("AGGREGATOR_DATABASE_URL", None)
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -39,7 +42,19 @@ def test_debug_logs_and_ledger_carry_no_phi(tmp_path: Path) -> None:
     for secret in [*words, info.birth_date, info.mrn]:
         assert secret not in stderr, "patient data in the log output"
 
+    # scratch copies of the record (spooled resources, the bundle) stay inside the case's folder
+    # and are gone once each command ends: nothing is left in the shared temporary directory
+    assert list(scratch.iterdir()) == []
+    leftovers = [p for p in home.rglob("aggregator-*") if "tmp" in p.parts]
+    assert leftovers == []
+
     app = App.open(home)
+    record = build_record(app, "c").record
+    try:
+        assert record.bundle_path.is_relative_to(app.case_dir("c"))
+    finally:
+        record.close()
+    assert not record.bundle_path.exists()
     for e in entries_for_case(app.db, "c"):
         blob = json.dumps({"reason": e.reason, "meta": e.meta, "key": e.key})
         for secret in [*words, info.birth_date, info.mrn]:
