@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import http.client
 import logging
-import os
 import re
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import quote
 
@@ -50,6 +48,7 @@ from connectors.dicom_stream import (
     select_hinted,
     split_part10,
 )
+from connectors.secrets import read_secret
 
 log = logging.getLogger(__name__)
 
@@ -82,20 +81,6 @@ class DicomwebConfig(ConnectorConfig):
             raise ConfigError("url must start with http:// or https://", item="url")
 
 
-def _secret(env: str | None, path: str | None, what: str) -> str:
-    if env:
-        value = os.environ.get(env)
-        if not value:
-            raise ConfigError(f"environment variable {env} with the {what} is not set", item=what)
-        return value.strip()
-    if path:
-        try:
-            return Path(path).read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"cannot read the {what} file: {exc.strerror}", item=path) from exc
-    raise ConfigError(f"the {what} must come from an environment variable or a file", item=what)
-
-
 def mask_url(url: str) -> str:
     """The URL with query values masked (they can carry PatientIDs)."""
     return re.sub(r"([?&][^=&]+=)[^&]*", r"\1***", url)
@@ -114,12 +99,13 @@ class DicomwebConnector(Connector):
         self.session = requests.Session()
         self.session.headers["Accept-Encoding"] = "identity"
         if config.auth == "bearer":
-            self.session.headers["Authorization"] = "Bearer " + _secret(config.token_env, config.token_file,
-                                                                         "token")
+            self.session.headers["Authorization"] = "Bearer " + read_secret(env=config.token_env,
+                                                                            file=config.token_file, what="token")
         elif config.auth == "basic":
             if not config.username:
                 raise ConfigError("basic auth needs --username", item="username")
-            self.session.auth = (config.username, _secret(config.password_env, config.password_file, "password"))
+            self.session.auth = (config.username, read_secret(env=config.password_env, file=config.password_file,
+                                                               what="password"))
 
     def close(self) -> None:
         self.session.close()
