@@ -87,16 +87,9 @@ class BlobStore:
         return self.put_chunks([data], expected_sha256=digest)
 
     def put_stream(self, stream: BinaryIO, *, expected_sha256: str | None = None) -> BlobRef:
-        def chunks() -> Iterator[bytes]:
-            while True:
-                block = stream.read(CHUNK)
-                if not block:
-                    return
-                yield block
+        return self.put_chunks(iter_blocks(stream), expected_sha256=expected_sha256)
 
-        return self.put_chunks(chunks(), expected_sha256=expected_sha256)
-
-    def put_chunks(self, chunks: Iterable[bytes], *, expected_sha256: str | None = None) -> BlobRef:
+    def put_chunks(self, chunks: Iterable[bytes | memoryview], *, expected_sha256: str | None = None) -> BlobRef:
         """Stream chunks to disk, hashing on the way; the blob appears only when complete."""
         h = hashlib.sha256()
         size = 0
@@ -232,6 +225,12 @@ def _write_gathered(fd: int, chunks: Iterable[bytes | memoryview]) -> int:
             batch_bytes = 0
     flush()
     return total
+
+
+def iter_blocks(stream: BinaryIO) -> Iterator[bytes]:
+    """A readable stream as blocks of at most :data:`CHUNK` bytes."""
+    while block := stream.read(CHUNK):
+        yield block
 
 
 def sha256_file(path: Path) -> tuple[str, int]:

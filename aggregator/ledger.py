@@ -21,7 +21,7 @@ import orjson
 from sqlalchemy import func, select, true
 from sqlalchemy.orm import Session
 
-from aggregator.blobs import CHUNK, BlobRef, BlobStore
+from aggregator.blobs import BlobRef, BlobStore, iter_blocks
 from aggregator.errors import StoreError
 from aggregator.store.db import Database
 from aggregator.store.models import LedgerItem, Pull, Source, utcnow
@@ -187,19 +187,7 @@ class LedgerSink:
     def dicom(self, sop_instance_uid: str, data: Data, *, meta: Mapping[str, Any] | None = None) -> int:
         # Kept by SOP Instance UID, not hashed here: see aggregator.blobs. The row's sha256 stays
         # empty; stored_path() finds the file.
-        if isinstance(data, bytes | bytearray | memoryview):
-            chunks: Iterable[bytes | memoryview] = [data]
-        elif hasattr(data, "read"):
-            stream = data
-
-            def read_all() -> Iterator[bytes]:
-                while block := stream.read(CHUNK):  # type: ignore[union-attr]
-                    yield block
-
-            chunks = read_all()
-        else:
-            chunks = data  # type: ignore[assignment]
-        size = self.blobs.put_instance(self.source_id, sop_instance_uid, chunks)
+        size = self.blobs.put_instance(self.source_id, sop_instance_uid, _chunks(data))
         self._add(Row(KIND_DICOM, sop_instance_uid, DONE, size=size,
                       content_type="application/dicom", meta=dict(meta or {})))
         return size
@@ -222,11 +210,7 @@ class LedgerSink:
     # -- internals --------------------------------------------------------------------------
 
     def _put(self, data: Data, expected: str | None) -> BlobRef:
-        if isinstance(data, bytes | bytearray | memoryview):
-            return self.blobs.put_chunks([bytes(data)], expected_sha256=expected)
-        if hasattr(data, "read"):
-            return self.blobs.put_stream(data, expected_sha256=expected)  # type: ignore[arg-type]
-        return self.blobs.put_chunks(data, expected_sha256=expected)  # type: ignore[arg-type]
+        return self.blobs.put_chunks(_chunks(data), expected_sha256=expected)
 
     def _add(self, row: Row) -> None:
         self._pending.append(row)
@@ -275,6 +259,15 @@ class LedgerEntry:
     content_type: str | None
     meta: dict[str, Any]
     updated_at: datetime | None = None
+
+
+def _chunks(data: Data) -> Iterable[bytes | memoryview]:
+    """What a connector handed the sink (bytes, a readable stream or chunks), as chunks."""
+    if isinstance(data, bytes | bytearray | memoryview):
+        return [data]
+    if hasattr(data, "read"):
+        return iter_blocks(data)  # type: ignore[arg-type]
+    return data  # type: ignore[return-value]
 
 
 def stored_path(blobs: BlobStore, entry: LedgerEntry) -> Path:
