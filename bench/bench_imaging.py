@@ -248,7 +248,7 @@ def main() -> None:
         print("(our times are the pull() call inside the child process; process start-up and imports are"
               " excluded, DCMTK/curl times are whole-process wall times. 'CPU s' is user + system time of"
               " our process during pull(), all threads. 'RSS before pull' is what the imports"
-              " (SQLAlchemy; requests for WADO-RS; pydicom, which loads requests too, for DIMSE) and the database"
+              " (SQLAlchemy; requests for WADO-RS; no pydicom on either path) and the database"
               " take; 'RSS growth' is peak minus that)")
     finally:
         if server is not None:

@@ -136,46 +136,6 @@ def classify_status(code: int) -> StatusClass:
     return StatusClass(code, category, category in ("Success", "Warning"), category == "Pending")
 
 
-# --- identifiers (C-FIND / C-GET / C-MOVE datasets) ----------------------------------------------
-
-
-def encode_identifier(ds: Any, transfer_syntax: str) -> bytes:
-    """A query/retrieve identifier encoded in the negotiated (uncompressed) transfer syntax.
-
-    Raises ValueError when the dataset cannot be encoded (the message names no value: the
-    identifier may hold a patient's name).
-    """
-    from pydicom.filebase import DicomBytesIO
-    from pydicom.filewriter import write_dataset
-    from pydicom.uid import UID
-
-    tsu = UID(transfer_syntax)
-    fp = DicomBytesIO()
-    fp.is_little_endian = tsu.is_little_endian
-    fp.is_implicit_VR = tsu.is_implicit_VR
-    try:
-        write_dataset(fp, ds)
-    except Exception as exc:  # pydicom raises many types for a bad value
-        raise ValueError(f"identifier cannot be encoded ({type(exc).__name__})") from None
-    return fp.getvalue()
-
-
-def decode_identifier(data: bytes, transfer_syntax: str) -> Any:
-    """A received identifier as a pydicom Dataset; ValueError when it is not a dataset."""
-    from io import BytesIO
-
-    from pydicom.filereader import read_dataset
-    from pydicom.uid import UID
-
-    tsu = UID(transfer_syntax)
-    try:
-        ds = read_dataset(BytesIO(data), tsu.is_implicit_VR, tsu.is_little_endian)
-        ds.set_original_encoding(tsu.is_implicit_VR, tsu.is_little_endian, ds.get("SpecificCharacterSet"))
-        return ds
-    except Exception as exc:
-        raise ValueError(f"identifier cannot be decoded ({type(exc).__name__})") from None
-
-
 # --- sockets ----------------------------------------------------------------------------------
 
 #: Socket buffer used for large transfers; big enough that one recv() moves a whole max PDU.
@@ -279,8 +239,8 @@ class SpoolBuffer:
 # pynetdicom moves every PDU through three threads and several queues and naps 1 ms whenever a
 # queue is empty; a C-GET of 300 instances spends most of its wall time there, not on the wire.
 # Retrieval is strictly request/response, so one thread reading PDUs straight off the socket is
-# enough. pynetdicom still encodes and decodes the association negotiation PDUs and identifiers
-# (where it is not on the hot path); here we frame P-DATA and the small command sets ourselves.
+# enough. Association PDUs are connectors.acse's and identifiers connectors.dicom_identifier's;
+# here we frame P-DATA and the small command sets ourselves.
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 #: Receive buffer size: one ``recv`` takes whatever the socket holds up to this. Smaller than

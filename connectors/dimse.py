@@ -10,9 +10,10 @@ STUDY level and its matches join the list; unmatched hints become ``query`` gaps
 
 Speed and memory: queries and retrieves run on :class:`~connectors.dicom_stream.DimseLink`, one
 thread reading PDUs straight off a TCP_NODELAY socket with an unlimited maximum PDU, never
-decoding an instance; association PDUs are :mod:`connectors.acse`'s and identifiers are
-encoded with pydicom alone. pynetdicom (its AE, with the socket reader replaced) is loaded only
-for C-ECHO and the capability probe of ``endpoint check``.
+decoding an instance; association PDUs are :mod:`connectors.acse`'s and identifiers
+:mod:`connectors.dicom_identifier`'s, so a query or retrieve never imports pydicom (~11 MiB).
+pynetdicom (its AE, with the socket reader replaced) is loaded only for C-ECHO and the
+capability probe of ``endpoint check``.
 """
 
 from __future__ import annotations
@@ -25,23 +26,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
-
-from pydicom.dataset import Dataset
-from pydicom.uid import (
-    JPEG2000,
-    UID,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    RLELossless,
-)
 
 from aggregator.errors import (
     AccessDenied,
@@ -61,6 +45,7 @@ from connectors.base import (
     Progress,
     Sink,
 )
+from connectors.dicom_identifier import decode_identifier, encode_identifier
 from connectors.dicom_stream import (
     NO_CRITERIA,
     AssociationAborted,
@@ -71,8 +56,6 @@ from connectors.dicom_stream import (
     StudyHint,
     StudyMatch,
     classify_status,
-    decode_identifier,
-    encode_identifier,
     file_meta,
     parse_hints,
     record_failure,
@@ -84,6 +67,9 @@ from connectors.dicom_stream import (
 
 log = logging.getLogger(__name__)
 
+#: an identifier's attributes by keyword (see :mod:`connectors.dicom_identifier`)
+Keys = dict[str, Any]
+
 #: Maximum PDU we accept: 0 means "no limit", so the archive sends its largest PDUs.
 MAX_PDU = 0
 
@@ -93,16 +79,31 @@ STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
 PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
 VERIFICATION = "1.2.840.10008.1.1"
 
+#: Transfer syntax UIDs (PS3.6 Annex A); spelled out so a retrieve never imports pydicom.
+ImplicitVRLittleEndian = "1.2.840.10008.1.2"
+ExplicitVRLittleEndian = "1.2.840.10008.1.2.1"
+DeflatedExplicitVRLittleEndian = "1.2.840.10008.1.2.1.99"
+ExplicitVRBigEndian = "1.2.840.10008.1.2.2"
+JPEGBaseline8Bit = "1.2.840.10008.1.2.4.50"
+JPEGExtended12Bit = "1.2.840.10008.1.2.4.51"
+JPEGLosslessP14 = "1.2.840.10008.1.2.4.57"
+JPEGLosslessSV1 = "1.2.840.10008.1.2.4.70"
+JPEGLSLossless = "1.2.840.10008.1.2.4.80"
+JPEGLSNearLossless = "1.2.840.10008.1.2.4.81"
+JPEG2000Lossless = "1.2.840.10008.1.2.4.90"
+JPEG2000 = "1.2.840.10008.1.2.4.91"
+RLELossless = "1.2.840.10008.1.2.5"
+
 #: Every transfer syntax gets its own presentation context, so the archive can send each
 #: instance in the syntax it stores it in: the acceptor picks ONE syntax per context, and an
 #: archive that got [explicit, implicit] in one context transcodes implicit files to explicit.
 UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian]
 COMPRESSED = [
-    JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLosslessSV1, UID("1.2.840.10008.1.2.4.57"),
+    JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLosslessSV1, JPEGLosslessP14,
     JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, JPEG2000, RLELossless,
     DeflatedExplicitVRLittleEndian,
-    UID("1.2.840.10008.1.2.4.100"), UID("1.2.840.10008.1.2.4.101"),  # MPEG2
-    UID("1.2.840.10008.1.2.4.102"), UID("1.2.840.10008.1.2.4.103"),  # MPEG-4
+    "1.2.840.10008.1.2.4.100", "1.2.840.10008.1.2.4.101",  # MPEG2
+    "1.2.840.10008.1.2.4.102", "1.2.840.10008.1.2.4.103",  # MPEG-4
 ]
 CONTEXTS_PER_CLASS = len(UNCOMPRESSED) + len(COMPRESSED)
 MAX_CONTEXTS = 128
@@ -368,9 +369,9 @@ class DimseConnector(Connector):
         ds = _query(level, StudyInstanceUID="2.25.1" if level != "PATIENT" else None)
         model = PATIENT_ROOT_FIND if level == "PATIENT" else STUDY_ROOT_FIND
         if level == "PATIENT":
-            ds.PatientID = "AGGREGATOR-PROBE-NO-SUCH-ID"
+            ds["PatientID"] = "AGGREGATOR-PROBE-NO-SUCH-ID"
         try:
-            for status, _ in assoc.send_c_find(ds, model):
+            for status, _ in assoc.send_c_find(_dataset(ds), model):
                 if status is None or not hasattr(status, "Status"):
                     return False
                 st = classify_status(int(status.Status))
@@ -384,13 +385,13 @@ class DimseConnector(Connector):
         """A retrieve of a UID that does not exist: allowed archives answer success/0 sub-ops."""
         ds = _query(level, StudyInstanceUID="2.25.1")
         if level in ("SERIES", "IMAGE"):
-            ds.SeriesInstanceUID = "2.25.1.1"
+            ds["SeriesInstanceUID"] = "2.25.1.1"
         if level == "IMAGE":
-            ds.SOPInstanceUID = "2.25.1.2"
+            ds["SOPInstanceUID"] = "2.25.1.2"
         dest = self.cfg.move_ae or self.cfg.calling_ae
         try:
-            responses = assoc.send_c_get(ds, STUDY_ROOT_GET) if op == "get" else \
-                assoc.send_c_move(ds, dest, STUDY_ROOT_MOVE)
+            responses = assoc.send_c_get(_dataset(ds), STUDY_ROOT_GET) if op == "get" else \
+                assoc.send_c_move(_dataset(ds), dest, STUDY_ROOT_MOVE)
             for status, _ in responses:
                 if status is None or not hasattr(status, "Status"):
                     return False
@@ -603,9 +604,9 @@ class DimseConnector(Connector):
                        classes: list[str], retrieval: _Retrieval) -> None:
         ds = _query(level, StudyInstanceUID=study.study_uid)
         if level in ("SERIES", "IMAGE") and series_uid:
-            ds.SeriesInstanceUID = series_uid
+            ds["SeriesInstanceUID"] = series_uid
         if level == "IMAGE":
-            ds.SOPInstanceUID = sops if len(sops) > 1 else sops[0]
+            ds["SOPInstanceUID"] = sops if len(sops) > 1 else sops[0]
         if self.cfg.retrieve == "get":
             self._c_get(ds, classes or COMMON_STORAGE_CLASSES, retrieval)
         else:
@@ -633,14 +634,14 @@ class DimseConnector(Connector):
             raise ConfigError(f"cannot build the association request: {exc}", item=where) from exc
         return link
 
-    def _c_get(self, ds: Dataset, classes: list[str], retrieval: _Retrieval) -> None:
+    def _c_get(self, ds: Keys, classes: list[str], retrieval: _Retrieval) -> None:
         contexts: list[tuple[str, Sequence[str]]] = [(STUDY_ROOT_GET, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])]
         for c in classes:
             contexts.extend((c, [ts]) for ts in (*UNCOMPRESSED, *COMPRESSED))
         link = self._open_link(contexts, classes)
         self._retrieve_on(link, "C-GET", STUDY_ROOT_GET, ds, retrieval, None)
 
-    def _c_move(self, ds: Dataset, retrieval: _Retrieval) -> None:
+    def _c_move(self, ds: Keys, retrieval: _Retrieval) -> None:
         from connectors.storescp import StorageSCP
 
         dest = self.cfg.move_ae or self.cfg.calling_ae
@@ -652,7 +653,7 @@ class DimseConnector(Connector):
             link = self._open_link([(STUDY_ROOT_MOVE, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])])
             self._retrieve_on(link, "C-MOVE", STUDY_ROOT_MOVE, ds, retrieval, dest)
 
-    def _retrieve_on(self, link: DimseLink, op: str, model: str, ds: Dataset, retrieval: _Retrieval,
+    def _retrieve_on(self, link: DimseLink, op: str, model: str, ds: Keys, retrieval: _Retrieval,
                      dest: str | None) -> None:
         study_uid = retrieval.study.study_uid
         ok = False
@@ -683,12 +684,12 @@ class DimseConnector(Connector):
             else:
                 link.abort()
 
-    def _conclude(self, final: int, identifier: Dataset | None, retrieval: _Retrieval, op: str) -> None:
+    def _conclude(self, final: int, identifier: Keys | None, retrieval: _Retrieval, op: str) -> None:
         """Classify the final C-GET/C-MOVE status; record failed SOP instances with it."""
         study_uid = retrieval.study.study_uid
         failed_list: list[str] = []
         if identifier is not None and "FailedSOPInstanceUIDList" in identifier:
-            value = identifier.FailedSOPInstanceUIDList
+            value = identifier["FailedSOPInstanceUIDList"]
             failed_list = [str(v) for v in ([value] if isinstance(value, str) else list(value)) if v]
         st = classify_status(final)
         if op == "C-MOVE" and not st.ok and not retrieval.received and (final == 0xA801 or not failed_list):
@@ -728,18 +729,26 @@ def _release(assoc: Any) -> None:
             log.debug("association abort failed", exc_info=True)
 
 
-def _query(level: str, **keys: Any) -> Dataset:
-    ds = Dataset()
-    ds.QueryRetrieveLevel = level
-    for k, v in keys.items():
-        if v is not None:
-            setattr(ds, k, v)
+def _query(level: str, **keys: Any) -> Keys:
+    """An identifier's attributes; ``None`` values are left out (empty ones are return keys)."""
+    ds: Keys = {"QueryRetrieveLevel": level}
+    ds.update((k, v) for k, v in keys.items() if v is not None)
     return ds
 
 
-def _find(link: DimseLink, ds: Dataset, model: str) -> Iterator[Dataset]:
+def _dataset(keys: Keys) -> Any:
+    """The identifier as a pydicom Dataset, for pynetdicom's AE (``endpoint check`` only)."""
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    for k, v in keys.items():
+        setattr(ds, k, v)
+    return ds
+
+
+def _find(link: DimseLink, ds: Keys, model: str) -> Iterator[Keys]:
     """Yield the identifiers of a C-FIND; errors become connector errors (without the query)."""
-    level = str(ds.QueryRetrieveLevel)
+    level = str(ds["QueryRetrieveLevel"])
     try:
         _, ts = link.context_for(model)
     except KeyError:
@@ -765,7 +774,7 @@ def _find(link: DimseLink, ds: Dataset, model: str) -> Iterator[Dataset]:
         raise TransientConnectorError(f"C-FIND interrupted: {exc}", item=level) from exc
 
 
-def _study_match(ds: Dataset) -> StudyMatch:
+def _study_match(ds: Keys) -> StudyMatch:
     """What a STUDY-level C-FIND answer says about a study and its patient."""
     return StudyMatch(
         study_uid=str(ds.get("StudyInstanceUID", "") or ""),
@@ -781,7 +790,7 @@ def _study_match(ds: Dataset) -> StudyMatch:
     )
 
 
-def _issuer_matches(ds: Dataset, issuer: str | None) -> bool:
+def _issuer_matches(ds: Keys, issuer: str | None) -> bool:
     """With an issuer given, a different non-empty IssuerOfPatientID means another patient."""
     if not issuer:
         return True

@@ -45,16 +45,25 @@ C_ECHO_RQ, C_ECHO_RSP = 0x0030, 0x8030
 
 
 #: Every Storage SOP Class of the standard lives under this root (PS3.4 B.5), retired and
-#: future ones included; the named ones elsewhere come from pydicom's UID constants.
+#: future ones included ...
 STORAGE_ROOT = "1.2.840.10008.5.1.4.1.1."
+#: ... but these (PS3.4 Annex B and GG, PS3.6 Annex A). Spelled out rather than read from
+#: pydicom's UID constants so a C-MOVE never imports pydicom (~11 MiB of resident memory).
+OTHER_STORAGE_CLASSES = frozenset({
+    "1.2.840.10008.1.3.10",  # Media Storage Directory Storage
+    "1.2.840.10008.5.1.4.34.7",  # RT Beams Delivery Instruction Storage
+    "1.2.840.10008.5.1.4.34.10",  # RT Brachy Application Setup Delivery Instruction Storage
+    "1.2.840.10008.5.1.4.38.1",  # Hanging Protocol Storage
+    "1.2.840.10008.5.1.4.39.1",  # Color Palette Storage
+    "1.2.840.10008.5.1.4.43.1",  # Generic Implant Template Storage
+    "1.2.840.10008.5.1.4.44.1",  # Implant Assembly Template Storage
+    "1.2.840.10008.5.1.4.45.1",  # Implant Template Group Storage
+})
 
 
 def _storage_classes() -> frozenset[str]:
-    """The storage SOP classes pydicom names (``...Storage`` constants of ``pydicom.uid``)."""
-    import pydicom.uid
-
-    return frozenset(str(v) for k, v in vars(pydicom.uid).items()
-                     if "Storage" in k and isinstance(v, pydicom.uid.UID) and "Commitment" not in k)
+    """The storage SOP classes outside :data:`STORAGE_ROOT` that the SCP accepts."""
+    return OTHER_STORAGE_CLASSES
 
 
 def _accepts(classes: frozenset[str], abstract: str) -> bool:
