@@ -137,7 +137,7 @@ def decode_identifier(data: bytes, transfer_syntax: str) -> dict[str, Any]:
     while pos < end:
         tag, vr, length, pos = _header(view, pos, implicit, order)
         if length == _UNDEFINED:
-            pos = _skip_undefined(view, pos, implicit or vr == "UN", order)
+            pos = _skip_undefined(view, pos, implicit or vr == "UN", "<" if vr == "UN" else order)
             continue
         if pos + length > end:
             raise ValueError("identifier element runs past the end of the data")
@@ -193,7 +193,7 @@ def _skip_undefined(view: memoryview, pos: int, implicit: bool, order: str) -> i
             if tag == _ITEM_END:
                 break
             if length == _UNDEFINED:
-                pos = _skip_undefined(view, pos, implicit or vr == "UN", order)
+                pos = _skip_undefined(view, pos, implicit or vr == "UN", "<" if vr == "UN" else order)
             else:
                 pos += length
             if pos > len(view):
