@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -117,6 +118,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--only", default="get,move,wado", help="our methods to run")
     ap.add_argument("--verbose", action="store_true", help="print every run as it ends")
+    ap.add_argument("--cli", action="store_true",
+                    help="also time the real 'aggregator pull' command once per method (whole process, peak RSS)")
     ap.add_argument("--child", dest="method", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -219,6 +222,8 @@ def main() -> None:
             check_identity(out / f"ours-{method}-0", copies, split_part10, whole_file=(method == "wado"))
 
         find_ms = cfind_round_trip_ms(server.dicom_port)
+        cli_runs = {ours[m]: cli_pull(m, out / f"cli-{m}", server, len(files), env)
+                    for m in methods} if args.cli else {}
 
         def med(name: str) -> float:
             return statistics.median(t for t, _ in results[name])
@@ -245,6 +250,13 @@ def main() -> None:
                       " includes Python start-up, imports, database set-up and the ledger commit)")
         print(f"  C-FIND round trip (STUDY level, one match, association open): median {find_ms:.2f} ms"
               " (target <= 5 ms)")
+        if cli_runs:
+            print("\nthe real command, 'aggregator pull CASE' (one run each; whole process: start-up, imports,"
+                  " the pull job, ledger and progress):")
+            for mine, ref in pairs:
+                if mine in cli_runs:
+                    wall, rss = cli_runs[mine]
+                    print(f"  {mine:8} {wall:7.3f} s  peak RSS {rss / 1024:5.1f} MiB  vs {ref} {med(ref) / wall:.2f}x")
         print("(our times are the pull() call inside the child process; process start-up and imports are"
               " excluded, DCMTK/curl times are whole-process wall times. 'CPU s' is user + system time of"
               " our process during pull(), all threads. 'RSS before pull' is what the imports"
@@ -254,6 +266,28 @@ def main() -> None:
         if server is not None:
             server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cli_pull(method: str, home: Path, server: object, expected: int, env: dict[str, str]) -> tuple[float, int]:
+    """Set up a case with the CLI (untimed), then time one ``aggregator pull``; (wall s, peak RSS KiB)."""
+    cli = str(Path(sys.executable).with_name("aggregator"))
+    srv: Any = server
+    if method == "wado":
+        endpoint = ["--kind", "dicomweb", "--url", srv.dicomweb]
+    else:
+        endpoint = ["--kind", "dimse", "--host", "127.0.0.1", "--port", str(srv.dicom_port), "--called-ae", "ORTHANC",
+                    "--calling-ae", "AGGREGATOR", "--retrieve", method]
+        if method == "move":
+            endpoint += ["--move-ae", "AGGMOVE", "--store-port", str(srv.store_port)]
+    for cmd in (["endpoint", "add", "pacs", *endpoint], ["case", "create", "bench", "--checklist", "general"],
+                ["source", "add", "bench", "--endpoint", "pacs", "--patient-id", "BENCH001"]):
+        run([cli, "--home", str(home), *cmd], env)
+    wall, rss, text = run([cli, "--home", str(home), "pull", "bench", "--json"], env)
+    release_pages(home)
+    (pulled,) = json.loads(text)
+    if pulled["items"].get("done", 0) != expected:
+        raise RuntimeError(f"aggregator pull ({method}) stored {pulled['items']} of {expected}")
+    return wall, rss
 
 
 def cfind_round_trip_ms(port: int, repeat: int = 50) -> float:
