@@ -815,3 +815,50 @@ def _contradicts(m: StudyMatch, patient: PatientRef) -> bool:
 def record_hint_gap(sink: Sink, hint: StudyHint, reason: str, status: str) -> None:
     log.info("study hint %s: %s", hint.ref, reason)
     sink.failed(KIND_QUERY, hint.key, reason, status=status, meta={"ref": hint.ref})
+
+
+# --- whose studies: one PatientID, several people -------------------------------------------------
+#
+# A PatientID is unique only within its issuer. An archive fed by several hospitals can hold two
+# people under one PatientID, and a query by PatientID alone returns both. With the source's
+# issuer configured, the connectors query with it and drop other issuers. Without one,
+# :func:`own_studies` decides: studies whose birth date or family name contradict the case's
+# patient are another person's; if what remains still belongs to more than one person
+# (different issuers or birth dates), none of it is taken, because guessing would put another
+# patient's images in the consultant's package. Both outcomes are query gaps, so the navigator
+# sees them and what to do.
+
+#: ledger key prefix of such a gap; the StudyInstanceUID follows (the gap report matches on it)
+PATIENT_STUDY = "patient-study:"
+
+
+def own_studies(found: Sequence[StudyMatch], patient: PatientRef, sink: Sink) -> list[StudyMatch]:
+    """The studies found by PatientID alone that are this patient's (see the rule above)."""
+    if patient.issuer or _people(found) <= 1:
+        return list(found)
+    other = [m for m in found if _contradicts(m, patient)]
+    for m in other:
+        _record_patient_gap(sink, m, "a study under this PatientID belongs to another patient at the archive "
+                                     "(birth date or name differ)", "other-patient")
+    rest = [m for m in found if m not in other]
+    if _people(rest) <= 1:
+        return rest
+    issuers = sorted({m.issuer for m in rest if m.issuer})
+    named = f" (issuers {', '.join(issuers)})" if issuers else " (different birth dates)"
+    reason = (f"this PatientID names several patients at the archive{named}; nothing of them was retrieved: "
+              "set the source's --issuer, or the case's --birth-date and patient name")
+    for m in rest:
+        _record_patient_gap(sink, m, reason, "ambiguous")
+    return []
+
+
+def _people(matches: Sequence[StudyMatch]) -> int:
+    """How many different people the studies certainly belong to (by issuer, then birth date)."""
+    issuers = {m.issuer for m in matches if m.issuer}
+    births = {d for d in (re.sub(r"\D", "", m.birth_date)[:8] for m in matches) if len(d) == 8}
+    return max(len(issuers), len(births), 1 if matches else 0)
+
+
+def _record_patient_gap(sink: Sink, m: StudyMatch, reason: str, status: str) -> None:
+    log.warning("study %s not retrieved: %s", m.study_uid, status)
+    sink.failed(KIND_QUERY, PATIENT_STUDY + m.study_uid, reason, status=status, meta={"study": m.study_uid})

@@ -42,6 +42,7 @@ from connectors.dicom_stream import (
     SpoolBuffer,
     StudyHint,
     StudyMatch,
+    own_studies,
     parse_hints,
     record_failure,
     record_hint_gap,
@@ -149,32 +150,35 @@ class DicomwebConnector(Connector):
         if not patient.id and not hints:
             raise UsageError("a DICOMweb pull needs the patient's PatientID at this archive (or study hints)")
         done_before: dict[str, int] = dict((since or {}).get("studies", {}).get("studies", {}))
-        studies = self._find_studies(patient) if patient.id else []
+        studies = self._find_studies(patient, sink) if patient.id else []
         if hints:
             studies += self._find_hinted(patient, hints, {uid for uid, _ in studies}, sink)
         return self._retrieve_studies(studies, done_before, since, sink, progress)
 
-    def _find_studies(self, patient: PatientRef) -> list[tuple[str, int | None]]:
-        """(StudyInstanceUID, instance count) of the patient's studies, issuer and filters applied."""
+    def _find_studies(self, patient: PatientRef, sink: Sink) -> list[tuple[str, int | None]]:
+        """(StudyInstanceUID, instance count) of the patient's studies, issuer and filters applied.
+
+        Without a configured issuer, studies of other people under the same PatientID are
+        left out and reported (:func:`~connectors.dicom_stream.own_studies`).
+        """
         assert patient.id
-        params = {"PatientID": patient.id, "includefield": "00100021,00201208,00080061"}
+        params = {"PatientID": patient.id, "includefield": HINT_FIELDS}
         if patient.issuer:
             params["IssuerOfPatientID"] = patient.issuer
         if self.cfg.date_from or self.cfg.date_to:
             params["StudyDate"] = "-".join((d or "").replace("-", "") for d in (self.cfg.date_from, self.cfg.date_to))
         wanted = {m.strip().upper() for m in (self.cfg.modalities or "").replace("\\", ",").split(",") if m.strip()}
-        studies: list[tuple[str, int | None]] = []
+        matches: list[StudyMatch] = []
         for item in self._qido("/studies", params):
-            uid = _value(item, "0020000D")
-            if not uid or _value(item, "00100020") not in (None, patient.id):
+            m = _study_match(item)
+            if not m.study_uid or (m.patient_id or patient.id) != patient.id:
                 continue
-            if patient.issuer and (_value(item, "00100021") or "") != patient.issuer:
+            if patient.issuer and m.issuer != patient.issuer.strip():
                 continue
-            if wanted and not wanted & set(_values(item, "00080061")):
+            if wanted and not wanted & m.modalities:
                 continue
-            raw_count = _value(item, "00201208")
-            studies.append((uid, int(raw_count) if raw_count not in (None, "") else None))
-        return studies
+            matches.append(m)
+        return [(m.study_uid, m.count) for m in own_studies(matches, patient, sink)]
 
     def _find_hinted(self, patient: PatientRef, hints: list[StudyHint], known: set[str],
                      sink: Sink) -> list[tuple[str, int | None]]:

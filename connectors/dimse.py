@@ -57,6 +57,7 @@ from connectors.dicom_stream import (
     StudyMatch,
     classify_status,
     file_meta,
+    own_studies,
     parse_hints,
     record_failure,
     record_hint_gap,
@@ -418,7 +419,7 @@ class DimseConnector(Connector):
             raise UsageError("a DIMSE pull needs the patient's PatientID at this archive (or study hints)")
         started = time.monotonic()
         done_before: dict[str, int] = dict((since or {}).get("studies", {}).get("studies", {}))
-        found = self._find_studies(patient) if patient.id else []
+        found = self._find_studies(patient, sink) if patient.id else []
         if hints:
             found += self._find_hinted(patient, hints, {s.study_uid for s in found}, sink)
         studies = [s for s in found if not (s.count is not None and done_before.get(s.study_uid) == s.count)]
@@ -464,8 +465,12 @@ class DimseConnector(Connector):
             except ConnectorError as exc:
                 log.info("instance enumeration not available for %s: %s", study.study_uid, exc.message)
 
-    def _find_studies(self, patient: PatientRef) -> list[StudyInfo]:
-        """The patient's studies (PATIENT then STUDY level C-FIND), issuer and filters applied."""
+    def _find_studies(self, patient: PatientRef, sink: Sink) -> list[StudyInfo]:
+        """The patient's studies (PATIENT then STUDY level C-FIND), issuer and filters applied.
+
+        Without a configured issuer, studies of other people under the same PatientID are
+        left out and reported (:func:`~connectors.dicom_stream.own_studies`).
+        """
         link = self._open_link([(STUDY_ROOT_FIND, UNCOMPRESSED), (PATIENT_ROOT_FIND, UNCOMPRESSED)])
         ok = False
         try:
@@ -478,27 +483,28 @@ class DimseConnector(Connector):
                 log.debug("patient-level C-FIND: %d match(es)", n_patients)
             sq = _query("STUDY", PatientID=patient.id, IssuerOfPatientID=patient.issuer or "",
                         StudyInstanceUID="", StudyDate=_date_range(self.cfg.date_from, self.cfg.date_to),
-                        ModalitiesInStudy="", NumberOfStudyRelatedInstances="", SOPClassesInStudy="")
-            studies: list[StudyInfo] = []
+                        ModalitiesInStudy="", NumberOfStudyRelatedInstances="", SOPClassesInStudy="",
+                        PatientName="", PatientBirthDate="")
+            matches: list[StudyMatch] = []
             wanted_modalities = _modalities(self.cfg.modalities)
             for ds in _find(link, sq, STUDY_ROOT_FIND):
-                uid = str(ds.get("StudyInstanceUID", "") or "")
-                if not uid:
+                m = _study_match(ds)
+                if not m.study_uid:
                     continue
-                if str(ds.get("PatientID", patient.id) or patient.id) != patient.id:
-                    log.warning("C-FIND returned a study of another PatientID; skipped: %s", uid)
+                if (m.patient_id or patient.id) != patient.id:
+                    log.warning("C-FIND returned a study of another PatientID; skipped: %s", m.study_uid)
                     continue
                 if not _issuer_matches(ds, patient.issuer):
-                    log.info("study %s belongs to another issuer of the same PatientID; skipped", uid)
+                    log.info("study %s belongs to another issuer of the same PatientID; skipped", m.study_uid)
                     continue
-                if wanted_modalities and not (wanted_modalities & _modalities(ds.get("ModalitiesInStudy"))):
+                if wanted_modalities and not (wanted_modalities & m.modalities):
                     continue
-                classes = sorted(_modalities_raw(ds.get("SOPClassesInStudy")))
-                studies.append(StudyInfo(uid, _int(ds.get("NumberOfStudyRelatedInstances")), sop_classes=classes))
+                matches.append(m)
             ok = True
-            return studies
         finally:
             link.release() if ok else link.abort()
+        return [StudyInfo(m.study_uid, m.count, sop_classes=list(m.sop_classes))
+                for m in own_studies(matches, patient, sink)]
 
     def _find_hinted(self, patient: PatientRef, hints: Sequence[StudyHint], known: set[str],
                      sink: Sink) -> list[StudyInfo]:

@@ -224,8 +224,12 @@ BUNDLED_FILES = [
 
 
 def rehome(src: Path, dest: Path, *, patient_id: str, issuer: str | None, salt: str,
-           study_uid: str | None = None) -> Path | None:
+           study_uid: str | None = None, birth_date: str = "19700101") -> Path | None:
     """Copy a DICOM file into another (synthetic) patient with fresh UIDs, keeping its encoding.
+
+    The patient gets one birth date across all files (several would be several people under
+    one PatientID, which the connectors rightly refuse to guess between); names are kept, for
+    their character sets.
 
     Group lengths and trailing padding are dropped, and sequences get explicit lengths, because
     the archive (DCMTK) re-encodes them that way when it sends an instance over DIMSE; so "the
@@ -240,6 +244,7 @@ def rehome(src: Path, dest: Path, *, patient_id: str, issuer: str | None, salt: 
     except Exception:
         return None
     ds.PatientID = patient_id
+    ds.PatientBirthDate = birth_date
     if issuer:
         ds.IssuerOfPatientID = issuer
     elif "IssuerOfPatientID" in ds:

@@ -11,7 +11,7 @@ import pytest
 from aggregator.jobs.hints import study_hints
 from aggregator.ledger import entries_for_case
 from connectors.base import KIND_RESOURCE, PatientRef
-from connectors.dicom_stream import StudyHint, StudyMatch, parse_hints, select_hinted
+from connectors.dicom_stream import StudyHint, StudyMatch, own_studies, parse_hints, select_hinted
 from tests.support import make_sink
 
 FILES = [
@@ -104,3 +104,25 @@ def test_rule_other_patient_id_needs_exact_match_and_no_contradiction() -> None:
     by_date = StudyHint("DiagnosticReport/d", date="20260804", modality="MG")
     foreign = _match(date="20260804", modalities=frozenset({"MG"}))
     assert select_hinted(by_date, "date+modality", [foreign], me)[2] == "not-found"
+
+
+@pytest.mark.parametrize(("found", "patient", "taken", "statuses"), [
+    # one person (same issuer, or no issuer and one birth date): everything is taken
+    ([StudyMatch("1", issuer="A", birth_date="19610305"), StudyMatch("2", issuer="A")], PatientRef(id="p"),
+     ["1", "2"], []),
+    ([StudyMatch("1", birth_date="19610305"), StudyMatch("2", birth_date="1961-03-05")], PatientRef(id="p"),
+     ["1", "2"], []),
+    # two issuers, nothing to tell them apart: nothing is taken
+    ([StudyMatch("1", issuer="A"), StudyMatch("2", issuer="B")], PatientRef(id="p", birth_date="1961-03-05"),
+     [], ["ambiguous", "ambiguous"]),
+    # the case's birth date tells them apart
+    ([StudyMatch("1", issuer="A", birth_date="19610305"), StudyMatch("2", issuer="B", birth_date="19881120")],
+     PatientRef(id="p", birth_date="1961-03-05"), ["1"], ["other-patient"]),
+    # a configured issuer is trusted: the query already asked for it
+    ([StudyMatch("1", issuer="A"), StudyMatch("2", issuer="B")], PatientRef(id="p", issuer="A"), ["1", "2"], []),
+])
+def test_own_studies(tmp_path: Path, found: list[StudyMatch], patient: PatientRef, taken: list[str],
+                     statuses: list[str]) -> None:
+    h = make_sink(tmp_path, kind="dimse")
+    assert [m.study_uid for m in own_studies(found, patient, h.sink)] == taken
+    assert sorted(e.status or "" for e in h.entries("failed")) == statuses
