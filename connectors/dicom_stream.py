@@ -828,8 +828,9 @@ def record_hint_gap(sink: Sink, hint: StudyHint, reason: str, status: str) -> No
 # patient's images in the consultant's package. Both outcomes are query gaps, so the navigator
 # sees them and what to do.
 
-#: ledger key prefix of such a gap; the StudyInstanceUID follows (the gap report matches on it)
-PATIENT_STUDY = "patient-study:"
+#: ledger key prefix of such a gap; the StudyInstanceUID follows. The gap report reads "Study" in
+#: a query key as "about images" and finds the study by its UID in the key.
+PATIENT_STUDY = "query:Study/"
 
 
 def own_studies(found: Sequence[StudyMatch], patient: PatientRef, sink: Sink) -> list[StudyMatch]:
