@@ -13,7 +13,7 @@ import shutil
 import tempfile
 import weakref
 from array import array
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -122,14 +122,22 @@ class BundleWriter:
 
     def add_raw(self, resource_type: str, line: bytes) -> None:
         """Append one entry already serialized as compact JSON (no newline inside)."""
+        self.add_parts(resource_type, (line,))
+
+    def add_parts(self, resource_type: str, parts: Iterable[bytes]) -> None:
+        """Append one entry given as consecutive pieces of compact JSON (no newline inside): an
+        entry too large to build as one bytes object (a Provenance naming every resource of a
+        large source) is written as it is produced."""
         if self._pos > len(BUNDLE_HEAD):
             self._f.write(b",\n")
             self._pos += 2
+        start = self._pos
+        for part in parts:
+            self._f.write(part)
+            self._pos += len(part)
         offsets, lengths = self.index.setdefault(resource_type, (array("q"), array("q")))
-        offsets.append(self._pos)
-        lengths.append(len(line))
-        self._f.write(line)
-        self._pos += len(line)
+        offsets.append(start)
+        lengths.append(self._pos - start)
 
     def close(self) -> None:
         self._f.write(BUNDLE_TAIL)

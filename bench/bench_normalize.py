@@ -18,7 +18,8 @@ Printed: resources/s of both and their ratio (>= 1.0 means normalization, with e
 beyond validation, keeps up with bare validation on one core), and the peak RSS per size next
 to the size of the output bundle itself (which the ``NormalizedRecord`` keeps in a file, streamed
 entry by entry), and to what the same bundle costs as one dict (``floor``): memory should stay
-flat as the record grows.
+flat as the record grows, so the growth between the smallest and the largest size is printed
+too, per 1k resources.
 
     .venv/bin/python bench/bench_normalize.py [--resources 200000] [--sizes 25000,50000,100000]
 """
@@ -261,6 +262,11 @@ def main() -> None:
         print("memory per size (MiB peak RSS of the normalizing process, per 1k input resources):")
         for n, res in rows:
             print(f"  {n:>7}: {res['hwm_mib']:6.0f} MiB  ({res['hwm_mib'] / n * 1000:.2f} MiB/1k)")
+        (n0, r0), (n1, r1) = rows[0], rows[-1]
+        if n1 > n0:
+            slope = (r1["hwm_mib"] - r0["hwm_mib"]) / (n1 - n0) * 1000
+            print(f"growth {n0} -> {n1} resources: {r1['hwm_mib'] - r0['hwm_mib']:+.0f} MiB = {slope:.3f} MiB per 1k "
+                  f"more resources; peak at {n1} / peak at {n0} = {r1['hwm_mib'] / r0['hwm_mib']:.2f} (flat = 1.0)")
         floor = _run_child(work, "floor", full, "--path", str(dump))
         print(f"floor: the {n}-resource output bundle alone, as a dict: {floor['hwm_mib']:.0f} MiB peak RSS; "
               f"normalize peak / floor = {rows[-1][1]['hwm_mib'] / floor['hwm_mib']:.2f}")

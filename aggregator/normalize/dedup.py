@@ -18,6 +18,11 @@ module only knows how to compute each key (``MATCHERS``). Resources sharing a ke
 References inside resources differ between sources (each source has its own ids), so the
 content hash replaces every resolved reference by its group's id, and is recomputed until no new
 group forms (a Condition copy matches once its two Encounter copies have matched).
+
+How, for a record of any size: match keys are columns of the scratch database (computed when a
+resource is loaded, or by one scan for the attachment and content keys), the items that share a
+key come out of one window query per rule, the union-find is an array over item ranks, and only
+the members of one group at a time are loaded as :class:`~.scratch.Item` views to be settled.
 """
 
 from __future__ import annotations
@@ -26,10 +31,12 @@ import base64
 import binascii
 import hashlib
 import re
-from collections.abc import Callable, Iterable
+from array import array
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib.resources import files
+from itertools import chain
 from typing import Any
 
 import orjson
@@ -38,8 +45,8 @@ import yaml
 from aggregator.errors import ConfigError
 from aggregator.model import SourceInfo
 from aggregator.normalize.dicom import merge_study
-from aggregator.normalize.parse import Item
-from aggregator.normalize.references import _base_of
+from aggregator.normalize.references import CONTAINED, Resolver, _base_of
+from aggregator.normalize.scratch import ITEM_COLS_I, KEPT, Item, Scratch, Spool
 
 TABLE = "tables/dedup.yaml"
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
@@ -81,133 +88,136 @@ def load_table() -> Table:
         raise ConfigError(f"cannot read the de-duplication table: {type(exc).__name__}", item=TABLE)
 
 
-# --- context for matchers ------------------------------------------------------------------
+# --- match keys ------------------------------------------------------------------------------
+
+
+def server_key(rtype: str, rid: str, derived: bool, sid: int, base_url: str, full_url: str,
+               sources: dict[int, SourceInfo]) -> str | None:
+    """The key of the server-id rule: ``Type|server|id``, or None (no id, or DICOM-derived).
+
+    Computed when a resource is loaded (it needs nothing decided later) and kept in its row.
+    """
+    if not rid or derived:
+        return None
+    src = sources.get(sid)
+    if src is not None and src.base_url:
+        server = src.base_url.rstrip("/")
+    elif base_url:
+        server = base_url.rstrip("/")
+    else:
+        server = _base_of(full_url)
+        if not server:
+            # globally unique ids (Synthea, many servers) are the same across downloads
+            server = "uuid" if _UUID.match(rid) else f"source:{sid}"
+    return f"{rtype}|{server}|{rid}"
 
 
 @dataclass
 class Context:
-    sources: dict[int, SourceInfo]
+    scratch: Scratch
+    spool: Spool
     #: ``(item, attachment index, attachment)`` -> hex SHA-256 of its bytes when known
     attachment_digest: Callable[[Item, int, dict[str, Any]], str | None]
-    #: the targets of an item's references (cached on the item; see references.resolve_loaded)
-    references: Callable[[Item], tuple[Any, ...]]
-    #: bundle id -> group id, for ids whose group is not their own, updated as groups form
-    group_of: dict[str, str] = field(default_factory=dict)
-    #: bundle ids whose group changed at the last regrouping: a cached content digest whose
-    #: references point at none of them is still valid
-    changed: set[str] = field(default_factory=set)
+    #: re-resolves the references of a body that de-duplication changed (a merged study)
+    resolver: Resolver
 
 
-def server_of(item: Item, sources: dict[int, SourceInfo]) -> str:
-    src = sources.get(item.source_id)
-    if src is not None and src.base_url:
-        return src.base_url.rstrip("/")
-    if item.base_url:
-        return item.base_url.rstrip("/")
-    base = _base_of(item.full_url)
-    if base:
-        return base
-    if _UUID.match(item.rid):
-        return "uuid"  # globally unique ids (Synthea, many servers): the same across downloads
-    return f"source:{item.source_id}"
-
-
-def _m_server_id(item: Item, ctx: Context) -> Iterable[str]:
-    if item.rid and not item.derived:
-        yield f"{item.rtype}|{server_of(item, ctx.sources)}|{item.rid}"
-
-
-def _m_identifier(item: Item, ctx: Context) -> Iterable[str]:
-    return item.facts.ident_keys
-
-
-def _m_observation(item: Item, ctx: Context) -> Iterable[bytes]:
-    if item.facts.obs_key is not None:
-        yield item.facts.obs_key
-
-
-def _m_attachment(item: Item, ctx: Context) -> Iterable[str]:
+def _attachment_key(item: Item, ctx: Context) -> str | None:
     body = item.body()
     if item.rtype == "Binary":
         data = body.get("data")
         if isinstance(data, str):
             try:
-                yield "bytes|" + hashlib.sha256(base64.b64decode(data, validate=False)).hexdigest()
+                return "bytes|" + hashlib.sha256(base64.b64decode(data, validate=False)).hexdigest()
             except (binascii.Error, ValueError):
-                return
-        return
+                return None
+        return None
     digests = []
     atts = [c.get("attachment") for c in body.get("content") or [] if isinstance(c, dict)]
     for i, att in enumerate(a for a in atts if isinstance(a, dict)):
         d = ctx.attachment_digest(item, i, att)
         if d is None:
-            return
+            return None
         digests.append(d)
-    if digests:
-        yield f"{item.rtype}|" + ",".join(sorted(digests))
+    return f"{item.rtype}|" + ",".join(sorted(digests)) if digests else None
 
 
-def _m_study(item: Item, ctx: Context) -> Iterable[str]:
-    if item.facts.study_uid:
-        yield f"ImagingStudy|{item.facts.study_uid}"
-
-
-def content_key(item: Item, ctx: Context) -> bytes:
-    """Digest of ``item``'s content without id, meta and text, with every resolved reference
-    replaced by its target's group id (so copies from different sources compare equal).
-
-    Made of the body digest the validation worker computed with reference values blanked
-    (``facts.cbase``) and the sorted reference values: no body is read here. Sorted rather than
-    positional, so two exports that order the same elements differently still match; the
-    price is that two references swapped between elements of one resource also match. The
-    digest is cached and recomputed only when the group of one of its targets changed.
-    """
-    refs = ctx.references(item)
-    if item.chash is not None and not (
-            ctx.changed and any(isinstance(t, Item) and t.new_id in ctx.changed for t in refs)):
-        return item.chash
-    group_of = ctx.group_of
-    values = sorted(_reference_value(t, group_of) for t in refs)
-    h = hashlib.blake2b(item.facts.cbase, digest_size=16)
-    h.update(orjson.dumps(values))
-    item.chash = h.digest()
-    return item.chash
-
-
-def _reference_value(target: Any, group_of: dict[str, str]) -> str:
-    """What a reference contributes to a content digest: its target's group, else what it is."""
-    if isinstance(target, Item):
-        return group_of.get(target.new_id, target.new_id) if target.new_id else f"item:{target.source_id}:{target.key}"
-    if isinstance(target, str):
-        return target  # unresolved: the reference as written
-    return "#" if target is not None else ""
-
-
-def _m_content(item: Item, ctx: Context) -> Iterable[bytes]:
-    yield item.rtype.encode() + b"|" + content_key(item, ctx)
-
-
-MATCHERS: dict[str, Callable[[Item, Context], Iterable[str | bytes]]] = {
-    "server-id": _m_server_id,
-    "business-identifier": _m_identifier,
-    "observation-value": _m_observation,
-    "attachment-hash": _m_attachment,
-    "study-instance-uid": _m_study,
-    "content-hash": _m_content,
+#: per match key: the SQL expressions of the key (two columns; NULL in both = no key) and the rows
+#: it reads, with ``i`` the item (``{pool}`` is the pool condition on ``i``)
+MATCHERS: dict[str, tuple[str, str, str]] = {
+    "server-id": ("i.skey", "NULL", "item i WHERE {pool} AND i.skey IS NOT NULL"),
+    "business-identifier": ("k.k", "NULL", "ikey k JOIN item i ON i.lid = k.lid WHERE {pool}"),
+    "observation-value": ("i.obs_key", "NULL", "item i WHERE {pool} AND i.obs_key IS NOT NULL"),
+    "attachment-hash": ("m.k", "NULL", "mk m JOIN item i ON i.lid = m.lid WHERE {pool}"),
+    "study-instance-uid": ("i.study_uid", "NULL", "item i WHERE {pool} AND i.study_uid != ''"),
+    "content-hash": ("i.rtype", "i.chash", "item i WHERE {pool}"),
 }
+
+
+# --- content digests -------------------------------------------------------------------------
+
+
+def _reference_value(mode: int, text: str, new_id: str | None, gid: str | None, sid: int | None,
+                     key: str | None) -> str:
+    """What a reference contributes to a content digest: its target's group, else what it is."""
+    if new_id is not None:  # resolved to an item
+        return (gid or new_id) if new_id else f"item:{sid}:{key}"
+    return "#" if mode == CONTAINED else text  # contained, or unresolved: the reference as written
+
+
+def refresh_digests(ctx: Context, where: str, params: Sequence[Any] = ()) -> None:
+    """Recompute ``chash`` of the items matching ``where`` (on ``i``).
+
+    The digest is the body digest the validation worker computed with reference values blanked
+    (``cbase``) plus the *sorted* values of the references, each replaced by its target's group id
+    (so copies from different sources compare equal): no body is read here. Sorted rather than
+    positional, so two exports that order the same elements differently still match; the price is
+    that two references swapped between elements of one resource also match.
+    """
+    db = ctx.scratch.db
+    db.execute("DELETE FROM ch")
+    rows = db.execute(
+        "SELECT i.lid, i.cbase, r.mode, r.text, t.new_id, t.gid, t.sid, t.key FROM item i "  # noqa: S608
+        "LEFT JOIN ref r ON r.lid = i.lid AND r.pos >= 0 LEFT JOIN item t ON t.lid = r.target "
+        f"WHERE {where} ORDER BY i.lid, r.pos", params)
+
+    def digests() -> Iterator[tuple[bytes, int]]:
+        lid: int | None = None
+        cbase, values = b"", list[str]()
+        for row in rows:
+            if row[0] != lid:
+                if lid is not None:
+                    yield _digest(cbase, values), lid
+                lid, cbase, values = row[0], row[1], []
+            if row[2] is not None:
+                values.append(_reference_value(*row[2:]))
+        if lid is not None:
+            yield _digest(cbase, values), lid
+
+    db.executemany("INSERT INTO ch(chash, lid) VALUES (?, ?)", digests())
+    db.execute("UPDATE item SET chash = ch.chash FROM ch WHERE ch.lid = item.lid")
+
+
+def _digest(cbase: bytes, values: list[str]) -> bytes:
+    h = hashlib.blake2b(cbase, digest_size=16)
+    h.update(orjson.dumps(sorted(values)))
+    return h.digest()
 
 
 # --- grouping ------------------------------------------------------------------------------
 
 
 class _UnionFind:
+    """Union-find over item ``ord`` s, in a compact array (4 bytes per item)."""
+
     def __init__(self, n: int) -> None:
-        self.parent = list(range(n))
+        self.parent = array("i", range(n))
 
     def find(self, i: int) -> int:
-        while self.parent[i] != i:
-            self.parent[i] = self.parent[self.parent[i]]
-            i = self.parent[i]
+        parent = self.parent
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
         return i
 
     def union(self, a: int, b: int) -> bool:
@@ -222,56 +232,65 @@ class _UnionFind:
 
 @dataclass
 class Outcome:
-    #: (loser, winner, reason) - not in the bundle; references to the loser go to the winner
-    dropped: list[tuple[Item, Item, str]] = field(default_factory=list)
-    #: (older version kept in the bundle, its successor)
-    superseded: list[tuple[Item, Item]] = field(default_factory=list)
+    #: (older version kept in the bundle, its successor), as lids. The dropped ones are rows of
+    #: the ``drop`` table: (loser, winner, reason); references to a loser go to its winner.
+    superseded: list[tuple[int, int]] = field(default_factory=list)
 
 
-def deduplicate(items: list[Item], ctx: Context, table: Table | None = None) -> Outcome:
-    """Group ``items`` (sorted, all with ``new_id``) by the table's rules; pick winners; merge."""
+def deduplicate(ctx: Context, table: Table | None = None) -> Outcome:
+    """Group the kept items by the table's rules; pick winners; merge. Writes ``gid``/``chash``
+    of the pool and the ``drop`` table."""
     table = table or load_table()
-    pool = [it for it in items if it.rtype not in table.never_merge]
-    uf = _UnionFind(len(pool))
-    ctx.group_of, ctx.changed = {}, set()
-    for it in pool:
-        it.chash = None
+    db = ctx.scratch.db
+    never = sorted(table.never_merge)
+    pool = f"i.state = {KEPT} AND i.rtype NOT IN ({','.join('?' * len(never))})"
+    n = ctx.scratch.next_ord()
+    uf = _UnionFind(n)
+    members = bytearray(n)
+    for (o,) in db.execute(f"SELECT i.ord FROM item i WHERE {pool}", never):  # noqa: S608
+        members[o] = 1
+    last = array("i", range(n))
+    db.execute(f"UPDATE item SET gid = NULL, chash = NULL WHERE lid IN (SELECT i.lid FROM item i WHERE {pool})",  # noqa: S608
+               never)
+    refresh_digests(ctx, pool, never)
 
     def apply(rule: Rule) -> int:
-        # the first holder of a key is remembered as an int; only shared keys get a list
-        first: dict[str | bytes, int] = {}
-        shared: dict[str | bytes, list[int]] = {}
-        for i, it in enumerate(pool):
-            if rule.types is not None and it.rtype not in rule.types:
-                continue
-            for key in MATCHERS[rule.match](it, ctx):
-                j = first.setdefault(key, i)
-                if j != i:
-                    shared.setdefault(key, [j]).append(i)
-        del first
+        if rule.match == "attachment-hash":
+            _fill_attachment_keys(ctx, rule, pool, never)
+        k, k2, source = MATCHERS[rule.match]
+        types = sorted(rule.types) if rule.types is not None else []
+        cond = f" AND i.rtype IN ({','.join('?' * len(types))})" if types else ""
+        inner = (f"SELECT {k} AS k, {k2} AS k2, i.ord AS o, i.sid AS sid, i.rid AS rid, i.status AS st, "  # noqa: S608
+                 f"i.doc_status AS ds FROM {source.format(pool=pool)}{cond}")
+        rows = db.execute(
+            "SELECT k, k2, o, sid, rid, st, ds FROM (SELECT *, count(*) OVER (PARTITION BY k, k2) AS c FROM "  # noqa: S608
+            f"({inner})) WHERE c > 1 ORDER BY k, k2, o", (*never, *types))
         joined = 0
-        for members in shared.values():
-            if rule.unique_within_source:
-                per_source: dict[int, set[str]] = {}
-                for i in members:
-                    per_source.setdefault(pool[i].source_id, set()).add(pool[i].rid)
-                statuses = {(pool[i].facts.status, pool[i].facts.doc_status) for i in members}
-                if any(len(r) > 1 for r in per_source.values()) and len(statuses) == 1:
-                    continue  # shared by peers (a claim group), not versions of one resource
-            for i in members[1:]:
-                if uf.union(members[0], i):
-                    joined += 1
+        group: list[tuple[Any, ...]] = []
+        for row in chain(rows, [None]):
+            if group and (row is None or row[:2] != group[0][:2]):
+                joined += _join(group, rule, uf)
+                group = []
+            if row is not None:
+                group.append(row)
         return joined
 
     def regroup() -> None:
-        old = ctx.group_of
-        new: dict[str, str] = {}
-        for i, it in enumerate(pool):
-            root = pool[uf.find(i)].new_id
-            if root != it.new_id:
-                new[it.new_id] = root
-        ctx.changed = {k for k in old.keys() | new.keys() if old.get(k, k) != new.get(k, k)}
-        ctx.group_of = new
+        """Point every pool item at its group's id; re-digest the items whose targets moved."""
+        moved = array("i")
+        for o in range(n):
+            if members[o]:
+                r = uf.find(o)
+                if r != last[o]:
+                    last[o] = r
+                    moved.append(o)
+        db.execute("DELETE FROM chg")
+        db.executemany("INSERT INTO chg(ord) VALUES (?)", ((o,) for o in moved))
+        db.executemany("UPDATE item SET gid = (SELECT r.new_id FROM item r WHERE r.ord = ?) WHERE ord = ?",
+                       ((last[o], o) for o in moved))
+        if moved:
+            refresh_digests(ctx, f"{pool} AND i.lid IN (SELECT r.lid FROM chg c JOIN item t ON t.ord = c.ord "  # noqa: S608
+                                 "JOIN ref r ON r.target = t.lid AND r.pos >= 0)", never)
 
     joined = sum(apply(rule) for rule in table.rules)
     content_rules = [r for r in table.rules if r.match == "content-hash"]
@@ -281,50 +300,106 @@ def deduplicate(items: list[Item], ctx: Context, table: Table | None = None) -> 
         regroup()
         joined = sum(apply(r) for r in content_rules)
     regroup()  # winners are judged with references mapped to groups
+    return _settle_groups(ctx, table, uf, members)
 
-    groups: dict[int, list[Item]] = {}
-    for i, it in enumerate(pool):
-        groups.setdefault(uf.find(i), []).append(it)
+
+def _join(group: list[tuple[Any, ...]], rule: Rule, uf: _UnionFind) -> int:
+    """Union the items sharing one key (rows ``(k, k2, ord, sid, rid, status, doc_status)``)."""
+    if rule.unique_within_source:
+        per_source: dict[int, set[str]] = {}
+        for row in group:
+            per_source.setdefault(row[3], set()).add(row[4])
+        statuses = {(row[5], row[6]) for row in group}
+        if any(len(r) > 1 for r in per_source.values()) and len(statuses) == 1:
+            return 0  # shared by peers (a claim group), not versions of one resource
+    first = group[0][2]
+    return sum(1 for row in group[1:] if uf.union(first, row[2]))
+
+
+def _fill_attachment_keys(ctx: Context, rule: Rule, pool: str, never: list[str]) -> None:
+    db = ctx.scratch.db
+    db.execute("DELETE FROM mk")
+    types = sorted(rule.types) if rule.types is not None else []
+    cond = f" AND i.rtype IN ({','.join('?' * len(types))})" if types else ""
+    rows = db.execute(f"SELECT {ITEM_COLS_I} FROM item i WHERE {pool}{cond} ORDER BY i.ord", (*never, *types))  # noqa: S608
+
+    def keys() -> Iterator[tuple[str, int]]:
+        for row in rows:
+            it = Item(row, ctx.scratch, ctx.spool)
+            key = _attachment_key(it, ctx)
+            if key is not None:
+                yield key, it.lid
+
+    db.executemany("INSERT INTO mk(k, lid) VALUES (?, ?)", keys())
+
+
+def _settle_groups(ctx: Context, table: Table, uf: _UnionFind, members: bytearray) -> Outcome:
+    """Settle every group of more than one item, in the order of their first members."""
+    db = ctx.scratch.db
+    n = len(members)
+    size = array("i", bytes(4 * n))
+    for o in range(n):
+        if members[o]:
+            size[uf.find(o)] += 1
+    db.execute("DELETE FROM grp")
+    db.executemany("INSERT INTO grp(root, ord) VALUES (?, ?)",
+                   ((r, o) for o in range(n) if members[o] and size[r := uf.find(o)] > 1))
+    del size
     out = Outcome()
-    for members in groups.values():
-        if len(members) > 1:
-            _settle(members, ctx, table, out)
+    merged: list[tuple[Item, dict[str, Any]]] = []
+    rows = db.execute(f"SELECT g.root, {ITEM_COLS_I} FROM grp g JOIN item i ON i.ord = g.ord ORDER BY g.root, g.ord")  # noqa: S608
+    group: list[Item] = []
+    root = None
+    for row in chain(rows, [None]):
+        if group and (row is None or row[0] != root):
+            done = _settle(group, table, out, ctx)
+            if done is not None:
+                merged.append(done)
+            group = []
+        if row is not None:
+            root = row[0]
+            group.append(Item(row[1:], ctx.scratch, ctx.spool))
+    for winner, body in merged:  # after the scan: these change rows it was reading
+        winner.store(body)
+        ctx.resolver.add(winner, body)  # new references may have arrived with the merged series
     return out
 
 
-def _settle(members: list[Item], ctx: Context, table: Table, out: Outcome) -> None:
+def _settle(members: list[Item], table: Table, out: Outcome, ctx: Context) -> tuple[Item, dict[str, Any]] | None:
+    """Pick the group's winner; record each loser as dropped or superseded. Returns the winner
+    and its merged body when ImagingStudy copies were merged (stored by the caller)."""
     ranked = sorted(members, key=lambda it: (it.source_id, it.key))
     ranked.sort(key=lambda it: (
-        table.status_rank.get(it.facts.status, 0),
-        table.status_rank.get(it.facts.doc_status, 0),
-        it.facts.updated,
-        it.facts.version,
-        len(it.facts.carries),
+        table.status_rank.get(it.status, 0),
+        table.status_rank.get(it.doc_status, 0),
+        it.updated,
+        it.version,
+        len(it.carries),
         not it.derived,
     ), reverse=True)
     winner, losers = ranked[0], ranked[1:]
     merge = any(r.merge == "union-series" and (r.types is None or winner.rtype in r.types) for r in table.rules)
-    win_key = content_key(winner, ctx)
-    win_server = next(iter(_m_server_id(winner, ctx)), None)
-    win_rank = table.status_rank.get(winner.facts.status, 0)
+    win_key = winner.chash
+    win_server = winner.skey
+    win_rank = table.status_rank.get(winner.status, 0)
     merged: dict[str, Any] | None = None
+    drops = []
     for lo in losers:
         if winner.rtype == "ImagingStudy" and lo.rtype == "ImagingStudy" and merge:
             merged = merged if merged is not None else winner.body()
             merge_study(merged, lo.body())
-        same = content_key(lo, ctx) == win_key
-        lo_carries = lo.facts.carries
-        same_version_line = win_server is not None and next(iter(_m_server_id(lo, ctx)), None) == win_server
+        same = lo.chash == win_key
+        lo_carries = lo.carries
+        same_version_line = win_server is not None and lo.skey == win_server
         if lo.rtype in table.reports and not same and lo_carries & {"text", "results"} and (
-                not same_version_line or not lo_carries <= winner.facts.carries):
-            out.superseded.append((lo, winner))
+                not same_version_line or not lo_carries <= winner.carries):
+            out.superseded.append((lo.lid, winner.lid))
             continue
-        lower = table.status_rank.get(lo.facts.status, 0) < win_rank
+        lower = table.status_rank.get(lo.status, 0) < win_rank
         reason = "duplicate of" if same or not (same_version_line or lower) else "superseded by"
-        out.dropped.append((lo, winner, f"{reason} {winner.rtype}/{winner.new_id}"))
-    if merged is not None:
-        winner.store(merged)
-        winner.refs = None  # new references may have arrived: resolve again when rewriting
+        drops.append((lo.lid, winner.lid, f"{reason} {winner.rtype}/{winner.new_id}"))
+    ctx.scratch.db.executemany("INSERT INTO drop_(lid, win, reason) VALUES (?, ?, ?)", drops)
+    return (winner, merged) if merged is not None else None
 
 
 def link_superseded(old: Item, new: Item, recorded: str) -> dict[str, Any] | None:

@@ -22,11 +22,13 @@ import posixpath
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from aggregator.blobs import BlobStore
 from aggregator.ledger import LedgerEntry
 from aggregator.model import DocumentFile, SourceInfo
-from aggregator.normalize.parse import Item
 from aggregator.normalize.references import type_id
+from aggregator.normalize.scratch import ITEM_COLS, Item, Scratch, Spool
 
 KIND_BINARY = "binary"
 EXT = {
@@ -63,40 +65,45 @@ class Blob:
     inline: bool = False  # the bytes are the attachment's own ``data`` (decoded again when needed)
 
 
-@dataclass(frozen=True)
-class Planned:
-    """How one attachment will point at its package file (applied when the bundle is written)."""
-
-    sha256: str
-    size: int
-    sha1_b64: str
-    content_type: str
+_FHIR_BINARIES = (f"SELECT {ITEM_COLS} FROM item WHERE lookup = 1 AND sid = ?1 AND rtype = 'Binary' "  # noqa: S608
+                  "AND (rid = ?2 OR (rid = '' AND key = ?3)) ORDER BY ord DESC")
 
 
 class Documents:
     """Finds attachment bytes and collects the package's document files.
 
     Attachments are named by ``(item, index)``: bodies are loaded for a step and dropped, so the
-    identity of a loaded dict means nothing from one step to the next.
+    identity of a loaded dict means nothing from one step to the next. Nothing is kept per
+    attachment: the bytes behind one are looked up again when needed (a cheap, deterministic
+    lookup), and the plan for an item's attachments is kept in its scratch row.
     """
 
-    def __init__(self, binaries: list[LedgerEntry], items: list[Item], sources: dict[int, SourceInfo],
-                 blobs: BlobStore) -> None:
+    def __init__(self, binaries: list[LedgerEntry], sources: dict[int, SourceInfo], blobs: BlobStore,
+                 scratch: Scratch, spool: Spool) -> None:
         self.blobs = blobs
         self.sources = sources
+        self.scratch = scratch
+        self.spool = spool
         self._bin: dict[tuple[int, str], LedgerEntry] = {}
         for e in binaries:
             self._bin.setdefault((e.source_id, e.key), e)
             tid = type_id(e.key)
             if tid:
                 self._bin.setdefault((e.source_id, tid), e)
-        self._fhir_binary: dict[tuple[int, str], Item] = {
-            (it.source_id, it.ref): it for it in items
-            if it.rtype == "Binary" and isinstance(it.body().get("data"), str)}
         self.used: set[tuple[int, str]] = set()
-        self._cache: dict[tuple[int, int], Blob | None] = {}
-        self.files: dict[str, tuple[Blob, list[str], str]] = {}  # sha256 -> blob, resource refs, title
+        self.files: dict[str, tuple[Blob, str, str]] = {}  # sha256 -> blob, first resource ref, title
         self.paths: dict[str, str] = {}
+
+    def _fhir_binary(self, sid: int, tid: str) -> Item | None:
+        """The last loaded FHIR Binary of source ``sid`` named ``tid`` (``Binary/<id>``, or the ledger
+        key of a Binary without id) whose body holds ``data``."""
+        rid = tid[len("Binary/"):] if tid.startswith("Binary/") else None
+        rows = self.scratch.db.execute(_FHIR_BINARIES, (sid, rid, tid))
+        for row in rows:
+            it = Item(row, self.scratch, self.spool)
+            if isinstance(it.body().get("data"), str):
+                return it
+        return None
 
     def _entry_for(self, item: Item, url: str) -> LedgerEntry | Item | None:
         sid = item.source_id
@@ -115,14 +122,11 @@ class Documents:
                 return hit
         tid = type_id(url)
         if tid:
-            return self._bin.get((sid, tid)) or self._fhir_binary.get((sid, tid))
+            return self._bin.get((sid, tid)) or self._fhir_binary(sid, tid)
         return None
 
     def blob_for(self, item: Item, index: int, att: dict[str, Any]) -> Blob | None:
         """The bytes behind attachment ``index`` of ``item``, or None when they are not in the record."""
-        key = (id(item), index)
-        if key in self._cache:
-            return self._cache[key]
         blob: Blob | None = None
         ctype = str(att.get("contentType") or "")
         if isinstance(att.get("data"), str):
@@ -137,7 +141,6 @@ class Documents:
             elif hit is not None and hit.sha256:
                 blob = Blob(hit.sha256, int(hit.size or 0), ctype or str(hit.content_type or ""))
                 self.used.add((hit.source_id, hit.key))
-        self._cache[key] = blob
         return blob
 
     def digest(self, item: Item, index: int, att: dict[str, Any]) -> str | None:
@@ -146,8 +149,8 @@ class Documents:
 
     def attach(self, item: Item, body: dict[str, Any]) -> None:
         """Plan how each attachment whose bytes are known points at its package file (call after
-        ids are final); the plan goes to ``item.attach_plan`` and is applied by :meth:`apply`."""
-        plan: list[tuple[int, Any]] = []
+        ids are final); the plan goes to the item's scratch row and is applied by :meth:`apply`."""
+        plan: list[tuple[int, str, int, str, str]] = []
         for i, att in enumerate(attachments_of(item.rtype, body)):
             blob = self.blob_for(item, i, att)
             if blob is None:
@@ -155,13 +158,16 @@ class Documents:
             if blob.sha1_b64 is None:
                 blob.sha1_b64 = self._sha1(blob, att)
             ref = f"{item.rtype}/{item.new_id}"
-            if blob.sha256 in self.files:
-                self.files[blob.sha256][1].append(ref)
+            known = self.files.get(blob.sha256)
+            if known is not None:
+                if ref < known[1]:
+                    self.files[blob.sha256] = (known[0], ref, known[2])
             else:
-                self.files[blob.sha256] = (blob, [ref], str(att.get("title") or ""))
+                self.files[blob.sha256] = (blob, ref, str(att.get("title") or ""))
                 self._store(blob, att)
-            plan.append((i, Planned(blob.sha256, blob.size, blob.sha1_b64, blob.content_type)))
-        item.attach_plan = plan or None
+            plan.append((i, blob.sha256, blob.size, blob.sha1_b64, blob.content_type))
+        if plan:
+            self.scratch.put(item.lid, plan=orjson.dumps(plan))
 
     def _store(self, blob: Blob, att: dict[str, Any]) -> None:
         """Put bytes that arrived inline into the blob store, so the package finds every document."""
@@ -199,23 +205,23 @@ class Documents:
             self.paths[sha] = name
         out = []
         for sha in sorted(self.files):
-            blob, refs, title = self.files[sha]
+            blob, ref, title = self.files[sha]
             out.append(DocumentFile(self.paths[sha], sha, blob.size, blob.content_type or "application/octet-stream",
-                                    title, sorted(refs)[0]))
+                                    title, ref))
         return sorted(out, key=lambda d: d.path)
 
     def apply(self, item: Item, body: dict[str, Any]) -> None:
         """Point the planned attachments of a loaded body at their package files."""
-        if not item.attach_plan:
+        if not item.plan:
             return
         atts = attachments_of(item.rtype, body)
-        for i, p in item.attach_plan:
+        for i, sha256, size, sha1_b64, content_type in item.plan:
             att = atts[i]
-            att["size"] = p.size
-            att["hash"] = p.sha1_b64
-            if not att.get("contentType") and p.content_type:
-                att["contentType"] = p.content_type
-            att["url"] = self.paths[p.sha256]
+            att["size"] = size
+            att["hash"] = sha1_b64
+            if not att.get("contentType") and content_type:
+                att["contentType"] = content_type
+            att["url"] = self.paths[sha256]
 
 
 def _inline(data: str, ctype: str) -> Blob | None:

@@ -27,7 +27,7 @@ from urllib.parse import quote
 
 from aggregator.model import CaseInfo
 from aggregator.normalize.dicom import Instance
-from aggregator.normalize.parse import Item
+from aggregator.normalize.scratch import Item
 
 SEX = {"M": "male", "F": "female", "O": "other"}
 

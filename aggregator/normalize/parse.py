@@ -9,9 +9,9 @@ be PHI).
 Why a process pool: R4B validation is pure-Python-heavy (~0.5-0.7 ms per resource) and dominates
 normalization time. For large inputs the work is split in fixed-size chunks over the machine's
 cores (``AGGREGATOR_NORMALIZE_WORKERS`` overrides the count); the workers read the blobs
-themselves and the parent turns finished chunks into items while later ones are being checked,
-so reading the ledger, parsing and validating overlap. Items are sorted by (source, key) at the
-end, so the output stays deterministic whatever the timing.
+themselves and the parent stores finished chunks (:mod:`.loader`) while later ones are being
+checked, so reading the ledger, parsing and validating overlap. The scratch database ranks the
+resources by (source, key) afterwards, so the output stays deterministic whatever the timing.
 
 Cheap repairs: an empty Narrative (``text`` without ``div``) is removed, and a few R5 shapes
 that differ from R4 only structurally (no information lost) are rewritten to their R4 form and
@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import sys
-import tempfile
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -40,144 +38,15 @@ from aggregator.ledger import LedgerEntry
 from aggregator.model import Quarantined
 from aggregator.normalize.facts import Facts, facts_of
 from aggregator.normalize.r5 import to_r4
+from aggregator.normalize.scratch import Spool
+
+__all__ = ["CHUNK", "KIND_RESOURCE", "POOL_MIN", "Spool", "check_resource", "load_resources"]
 
 KIND_RESOURCE = "resource"
 UNSUPPORTED = "unsupported type"
 #: below this many resources a pool costs more than it saves
 POOL_MIN = 3000
 CHUNK = 400
-
-
-class Spool:
-    """Append-only scratch file of resource bodies (orjson bytes), so that a record of any size
-    holds only compact facts per resource on the heap.
-
-    The file is unlinked as soon as it is created: it disappears when closed, and even when the
-    process dies, so no PHI is left behind in TMPDIR. ``pread``/``pwrite`` keep no file position,
-    and recently written bodies are served from the page cache.
-    """
-
-    def __init__(self, directory: str | None = None) -> None:
-        fd, path = tempfile.mkstemp(prefix="aggregator-spool-", dir=directory)
-        os.unlink(path)
-        self._fd = fd
-        self._end = 0
-
-    def append(self, data: bytes) -> tuple[int, int]:
-        """Write ``data`` at the end; returns ``(offset, length)``."""
-        off = self._end
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(self._fd, view, off + (len(data) - len(view)))
-            view = view[n:]
-        self._end += len(data)
-        return off, len(data)
-
-    def read(self, offset: int, length: int) -> bytes:
-        data = os.pread(self._fd, length, offset)
-        if len(data) != length:
-            raise AggregatorError("normalization scratch file is truncated")
-        return data
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-
-_NO_EXTRA: frozenset[int] = frozenset()
-
-
-class Item:
-    """One resource of one source: compact facts on the heap, the body in the :class:`Spool`.
-
-    The body is read with :meth:`body` (a fresh dict each time) and written back with
-    :meth:`store`; a change to a loaded dict that is not stored is lost, so every step that
-    changes a resource says so explicitly.
-    """
-
-    __slots__ = (
-        "_len",
-        "_off",
-        "_spool",
-        "attach_plan",
-        "base_url",
-        "bundle",
-        "chash",
-        "derived",
-        "extra_sources",
-        "facts",
-        "file",
-        "full_url",
-        "key",
-        "new_id",
-        "patch",
-        "refs",
-        "rid",
-        "rtype",
-        "source_id",
-    )
-
-    def __init__(self, source_id: int, key: str, meta: dict[str, Any], facts: Facts, spool: Spool,
-                 body: bytes | dict[str, Any], *, new_id: str = "",
-                 extra_sources: frozenset[int] = _NO_EXTRA) -> None:
-        self.source_id = source_id
-        self.key = key
-        self.rtype = facts.rtype
-        self.rid = facts.rid
-        self.file = _shared(meta.get("file"))
-        self.bundle = _shared(meta.get("bundle") or meta.get("file"))
-        self.full_url = str(meta.get("fullUrl") or "")
-        self.base_url = _shared(meta.get("base_url"))
-        self.derived = bool(meta.get("derived"))
-        self.facts = facts
-        self.new_id = new_id
-        self.extra_sources = extra_sources
-        #: resolved targets of the body's references, in :func:`reference_nodes` order (a cache
-        #: shared by de-duplication and rewriting); None = not computed
-        self.refs: tuple[Any, ...] | None = None
-        #: canonical content digest, valid while the groups of its targets do not change
-        self.chash: bytes | None = None
-        #: changes decided by global steps, applied when the bundle is written
-        self.patch: dict[str, Any] | None = None
-        #: ``(attachment index, package file facts)`` decided by the documents step
-        self.attach_plan: list[tuple[int, Any]] | None = None
-        self._spool = spool
-        self._off, self._len = spool.append(body if isinstance(body, bytes) else orjson.dumps(body))
-
-    @property
-    def ref(self) -> str:
-        """``Type/id`` as the source wrote it (for messages and reference lookup)."""
-        return f"{self.rtype}/{self.rid}" if self.rid else self.key
-
-    @property
-    def meta(self) -> dict[str, Any]:
-        """The ledger meta fields normalization uses (a new dict: changing it changes nothing)."""
-        out: dict[str, Any] = {}
-        for k, v in (("file", self.file), ("bundle", self.bundle), ("fullUrl", self.full_url),
-                     ("base_url", self.base_url), ("derived", self.derived)):
-            if v:
-                out[k] = v
-        return out
-
-    def body(self) -> dict[str, Any]:
-        """The resource as stored last (a fresh dict: call :meth:`store` to keep a change)."""
-        return dict(orjson.loads(self._spool.read(self._off, self._len)))
-
-    def store(self, body: dict[str, Any]) -> None:
-        """Replace the stored body (appended; the old bytes stay unused in the scratch file)."""
-        self._off, self._len = self._spool.append(orjson.dumps(body))
-
-
-_SHARED: dict[str, str] = {}
-
-
-def _shared(value: Any) -> str:
-    """One string object per distinct file/bundle/base name (thousands of items share each)."""
-    if not value:
-        return ""
-    text = str(value)
-    return _SHARED.setdefault(text, text) if len(_SHARED) < 100_000 else text
 
 
 def _first_error(exc: ValidationError) -> str:
@@ -277,40 +146,20 @@ def _workers() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-class _Loader:
-    """Turns checked chunks into :class:`Item` s (in the parent, while workers check later chunks)."""
-
-    def __init__(self, quarantine: Callable[[Quarantined], None], spool: Spool) -> None:
-        self.quarantine = quarantine
-        self.spool = spool
-        self.items: list[Item] = []
-
-    def take(self, rows: list[LedgerEntry], results: list[Checked]) -> None:
-        add = self.items.append
-        intern = sys.intern
-        for e, (err, raw, facts) in zip(rows, results, strict=True):
-            if err is not None or raw is None or facts is None:
-                self.quarantine(Quarantined(e.source_id, e.kind, e.key, err or MISSING))
-                continue
-            # one string object per distinct type and status, not one per resource
-            facts.rtype, facts.status, facts.doc_status = (intern(facts.rtype), intern(facts.status),
-                                                           intern(facts.doc_status))
-            add(Item(e.source_id, e.key, e.meta if e.meta is not None else {}, facts, self.spool, raw))
+#: receives finished chunks: the ledger rows and, for each, ``(error, JSON to keep, facts)``
+Take = Callable[[list[LedgerEntry], list[Checked]], None]
 
 
-def load_resources(
-    entries: Iterable[LedgerEntry], blobs: BlobStore, quarantine: Callable[[Quarantined], None], spool: Spool
-) -> list[Item]:
-    """Every valid resource of ``entries`` (kind ``resource``), sorted by (source, key); the others
-    go to ``quarantine``.
+def load_resources(entries: Iterable[LedgerEntry], blobs: BlobStore, quarantine: Callable[[Quarantined], None],
+                   take: Take) -> None:
+    """Validate every resource of ``entries`` (kind ``resource``) and hand the results to ``take``
+    chunk by chunk, in the order of ``entries``; rows without stored content go to ``quarantine``.
 
     ``entries`` is consumed as a stream: once :data:`POOL_MIN` rows have arrived, chunks go to a
     process pool while the rest of the ledger is still being read, and at most a few chunks are
     in flight, so neither the raw bytes nor the ledger rows of the whole record are held at once.
-    Validation does not depend on order; the items are sorted afterwards, so the result is the
-    same whatever the pool's timing.
+    Chunks are handed over in submission order, whatever the pool's timing.
     """
-    loader = _Loader(quarantine, spool)
     root = str(blobs.root)
     workers = _workers()
     buf: list[LedgerEntry] = []
@@ -322,7 +171,7 @@ def load_resources(
         pending.append((rows, pool.submit(_check_chunk, root, [str(e.sha256) for e in rows])))
         while len(pending) > 3 * workers:
             done_rows, fut = pending.popleft()
-            loader.take(done_rows, fut.result())
+            take(done_rows, fut.result())
 
     try:
         for e in entries:
@@ -342,20 +191,18 @@ def load_resources(
                     submit(buf[i : i + CHUNK])
                 buf = []
             elif workers < 2:
-                loader.take(buf, _check_chunk(root, [str(e.sha256) for e in buf]))
+                take(buf, _check_chunk(root, [str(e.sha256) for e in buf]))
                 buf = []
         if pool is None:
             for i in range(0, len(buf), CHUNK):
                 part = buf[i : i + CHUNK]
-                loader.take(part, _check_chunk(root, [str(e.sha256) for e in part]))
+                take(part, _check_chunk(root, [str(e.sha256) for e in part]))
         else:
             for i in range(0, len(buf), CHUNK):
                 submit(buf[i : i + CHUNK])
             while pending:
                 done_rows, fut = pending.popleft()
-                loader.take(done_rows, fut.result())
+                take(done_rows, fut.result())
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-    loader.items.sort(key=lambda it: (it.source_id, it.key))
-    return loader.items

@@ -11,10 +11,13 @@ Order of the steps, and why:
    dropped duplicate's id can simply be aliased to its winner and references follow;
 5. references, documents, superseded-version links, Provenance, then the sorted Bundle.
 
-Memory: each resource is held as compact facts (:class:`~aggregator.normalize.facts.Facts`) and
-its body lives in a scratch spool; steps that need a body load it, and the changes the global
-steps decide (reference rewrites, attachment paths, superseded links, ids) are applied in one
-final pass that writes the Bundle to a file entry by entry (see :class:`NormalizedRecord`).
+Memory stays flat as the record grows: each resource is a row of a scratch SQLite database
+(:mod:`.scratch`: its facts, references, match keys and every decision about it) and its body
+lives in a scratch spool; the steps are queries and scans over those rows, and load a resource
+into Python only while they look at it. The changes the global steps decide (reference rewrites,
+attachment paths, superseded links, ids) are applied in one final pass that writes the Bundle to
+a file entry by entry in (type, id) order (see :class:`NormalizedRecord`). What stays in memory
+is bounded by the number of patients, sources, studies and documents, not of resources.
 
 Pure and deterministic: inputs are sorted, ids are UUID-5 of stable inputs, times come from the
 pulls, never from the clock. The one side effect is storing inline attachment bytes in the
@@ -26,6 +29,7 @@ from __future__ import annotations
 import heapq
 import logging
 import time
+from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -39,10 +43,11 @@ from aggregator.normalize.dedup import Context, apply_patch, deduplicate, link_s
 from aggregator.normalize.documents import ATTACHMENT_TYPES, KIND_BINARY, Documents
 from aggregator.normalize.facts import facts_of
 from aggregator.normalize.identity import Candidate, from_instances, from_item, merged_patient, reconcile
-from aggregator.normalize.parse import KIND_RESOURCE, Item, Spool, load_resources
+from aggregator.normalize.loader import Loader
+from aggregator.normalize.parse import KIND_RESOURCE, load_resources
 from aggregator.normalize.provenance import EPOCH, instant, source_provenance
-from aggregator.normalize.references import Resolver, reference_nodes, resolve_loaded, rewrite
-from aggregator.normalize.references import targets as ref_targets
+from aggregator.normalize.references import Resolver, rewrite, targets_of
+from aggregator.normalize.scratch import DROPPED, EXCLUDED, KEPT, LOADED, PATIENT, Item, Scratch, Spool
 
 log = logging.getLogger(__name__)
 
@@ -57,23 +62,28 @@ def normalize(case: CaseInfo, sources: Sequence[SourceInfo], entries: Iterable[L
               blobs: BlobStore, *, workdir: str | None = None) -> NormalizedRecord:
     """Build the case's normalized record from the ``done`` ledger rows of all its sources.
 
-    Resource bodies are spooled to an unlinked scratch file (in ``workdir``, else TMPDIR) and
-    the bundle is written to a file entry by entry, so memory does not grow with the record
-    beyond a few compact facts per resource."""
+    Resource bodies are spooled to an unlinked scratch file and their facts kept in a scratch
+    SQLite database (both in ``workdir``, else TMPDIR), and the bundle is written to a file entry
+    by entry, so memory does not grow with the record."""
     spool = Spool(workdir)
     try:
-        return _normalize(case, sources, entries, blobs, spool, workdir)
+        scratch = Scratch(workdir)
+        try:
+            return _normalize(case, sources, entries, blobs, spool, scratch, workdir)
+        finally:
+            scratch.close()
     finally:
         spool.close()
 
 
 def _normalize(case: CaseInfo, sources: Sequence[SourceInfo], entries: Iterable[LedgerEntry],
-               blobs: BlobStore, spool: Spool, workdir: str | None) -> NormalizedRecord:
+               blobs: BlobStore, spool: Spool, scratch: Scratch, workdir: str | None) -> NormalizedRecord:
     srcmap = {s.id: s for s in sources}
     quarantine: list[Quarantined] = []
     q = quarantine.append
     side_rows: list[LedgerEntry] = []
     newest: dict[int, Any] = {}
+    db = scratch.db
 
     def resource_rows() -> Iterator[LedgerEntry]:
         """Resource rows go on to the (streaming) loader; only the few others are kept."""
@@ -88,56 +98,48 @@ def _normalize(case: CaseInfo, sources: Sequence[SourceInfo], entries: Iterable[
             else:
                 side_rows.append(e)
 
+    def view(lid: int) -> Item:
+        return Item(scratch.row(lid), scratch, spool)
+
     clock = PhaseClock("load")
-    items = load_resources(resource_rows(), blobs, q, spool)
+    resolver = Resolver(scratch, srcmap)
+    load_resources(resource_rows(), blobs, q, Loader(q, spool, scratch, resolver, srcmap).take)
+    scratch.finish_load()
+    resolver.settle_absolute()
+    resolver.resolve_pending()  # every reference resolved once, from the strings the workers extracted
     rows = sorted(side_rows, key=lambda e: (e.source_id, e.kind, e.key))
     instances = dicom.read_instances(rows, blobs, q)
-    resolver = Resolver(items, srcmap)
-    for it in items:  # every reference resolved once, from the strings the workers extracted
-        resolve_loaded(it, resolver)
     pid = ids.patient_id(case.id)
     purn = ids.urn(pid)
 
     clock.mark("identity")
     # -- identity -----------------------------------------------------------------------------
-    patients = [it for it in items if it.rtype == "Patient"]
-    cands = {id(it): from_item(it) for it in patients}
-    for it in items:
-        for ref in it.facts.patient_refs or ():
-            t = resolver.resolve(it, ref)
-            if isinstance(t, Item) and id(t) in cands:
-                cands[id(t)].refs += 1
+    patients = [Item(r, scratch, spool) for r in scratch.rows("lookup = 1 AND rtype = 'Patient'")]
+    cands = {it.lid: from_item(it) for it in patients}
+    for target, n in db.execute("SELECT target, count(*) FROM ref WHERE pos < 0 AND target IN "
+                                "(SELECT lid FROM item WHERE lookup = 1 AND rtype = 'Patient') GROUP BY target"):
+        cands[target].refs += n
     identity = reconcile(case, [*cands.values(), *from_instances(instances)])
     members = [c for c in identity.members if c.item is not None]
     base = members[0].item if members else None
     for c in members:
         assert c.item is not None
-        c.item.new_id = pid
+        scratch.put(c.item.lid, new_id=pid)
         if c.item is not base:
             q(Quarantined(c.item.source_id, KIND_RESOURCE, c.item.key, f"duplicate of Patient/{pid}"))
-    others = {id(c.item) for c in identity.others if c.item is not None}
     for c in identity.others:
         if c.item is not None:
             q(Quarantined(c.item.source_id, KIND_RESOURCE, c.item.key, ANOTHER_PATIENT))
         for inst in c.instances:
             q(Quarantined(inst.source_id, dicom.KIND_DICOM, inst.key, ANOTHER_PATIENT))
+    _exclude_others(scratch, [c.item.lid for c in identity.others if c.item is not None], q)
     mine = {(inst.source_id, inst.key) for c in identity.members for inst in c.instances}
     patient = merged_patient(pid, case, identity.members)
-    patient_item = Item(base.source_id if base else 0, base.key if base else "patient", base.meta if base else {},
-                        facts_of(patient), spool, patient, new_id=pid)
-    del patient
-
-    kept: list[Item] = []
-    for it in items:
-        belongs = _belongs_to(it, resolver, others)
-        it.facts.patient_refs = None  # identity is settled: the strings are not needed any more
-        if it.rtype == "Patient":
-            continue
-        if belongs:
-            q(Quarantined(it.source_id, KIND_RESOURCE, it.key, ANOTHER_PATIENT))
-            continue
-        it.new_id = ids.item_id(it.source_id, KIND_RESOURCE, it.key)
-        kept.append(it)
+    patient_item = view(scratch.add_made(base.source_id if base else 0, base.key if base else "patient",
+                                         base.meta if base else {}, facts_of(patient),
+                                         spool.append(orjson.dumps(patient)), pid, PATIENT))
+    resolver.add(patient_item, patient)
+    del patient, patients, cands
 
     clock.mark("dicom")
     # -- DICOM -> ImagingStudy ------------------------------------------------------------------
@@ -153,62 +155,47 @@ def _normalize(case: CaseInfo, sources: Sequence[SourceInfo], entries: Iterable[
     studies: dict[str, list[dicom.Instance]] = {}
     for inst in by_sop.values():
         studies.setdefault(inst.study_uid, []).append(inst)
-    study_items: dict[str, Item] = {}
+    study_lids: dict[str, int] = {}
     for uid in sorted(studies):
         group = studies[uid]
         sid = min(i.source_id for i in group)
         study = dicom.build_study(uid, group, purn)
-        st = Item(sid, f"dicom-study:{uid}", {"derived": "dicom"}, facts_of(study), spool, study,
-                  new_id=ids.study_id(uid), extra_sources=frozenset({i.source_id for i in group} - {sid}))
-        study_items[uid] = st
-        kept.append(st)
+        lid = scratch.add_made(sid, f"dicom-study:{uid}", {"derived": "dicom"}, facts_of(study),
+                               spool.append(orjson.dumps(study)), ids.study_id(uid), KEPT)
+        scratch.add_sources(lid, sorted({i.source_id for i in group} - {sid}))
+        resolver.add(view(lid), study)
+        study_lids[uid] = lid
 
     clock.mark("dedup")
     # -- de-duplication -----------------------------------------------------------------------
-    docs = Documents([e for e in rows if e.kind == KIND_BINARY], items, srcmap, blobs)
-    del items
-
-    def references(it: Item) -> tuple[Any, ...]:
-        if it.refs is None:
-            if it.facts.refs is not None:
-                resolve_loaded(it, resolver)
-            else:
-                ref_targets(it, reference_nodes(it.body(), []), resolver)
-        return it.refs or ()
-
-    outcome = deduplicate(kept, Context(srcmap, docs.digest, references))
-    dropped = set()
-    for lo, win, reason in sorted(outcome.dropped, key=lambda x: (x[0].source_id, x[0].key)):
-        dropped.add(id(lo))
-        lo.new_id = win.new_id
-        win.extra_sources = win.extra_sources | {lo.source_id} | lo.extra_sources
-        if not lo.derived:
-            q(Quarantined(lo.source_id, KIND_RESOURCE, lo.key, reason))
-        lo.refs = lo.chash = None  # not written: its cached reference targets are no longer needed
-    final = [it for it in kept if id(it) not in dropped]
-    del kept
+    docs = Documents([e for e in rows if e.kind == KIND_BINARY], srcmap, blobs, scratch, spool)
+    outcome = deduplicate(Context(scratch, spool, docs.digest, resolver))
+    for sid, key, reason in db.execute("SELECT lo.sid, lo.key, d.reason FROM drop_ d JOIN item lo ON lo.lid = d.lid "
+                                       "WHERE lo.derived = 0"):
+        q(Quarantined(sid, KIND_RESOURCE, key, reason))
+    # a dropped copy's id becomes its winner's (references follow), its sources the winner's too
+    db.execute("INSERT OR IGNORE INTO xsrc(lid, sid) SELECT d.win, lo.sid FROM drop_ d JOIN item lo ON lo.lid = d.lid")
+    db.execute("INSERT OR IGNORE INTO xsrc(lid, sid) SELECT d.win, x.sid FROM drop_ d JOIN xsrc x ON x.lid = d.lid")
+    db.execute("UPDATE item SET state = ?, new_id = w.new_id FROM drop_ d JOIN item w ON w.lid = d.win "
+               "WHERE item.lid = d.lid", (DROPPED,))
     for inst in dup_instances:
-        st = study_items[inst.study_uid]
-        q(Quarantined(inst.source_id, dicom.KIND_DICOM, inst.key, f"duplicate of ImagingStudy/{st.new_id}"))
-
-    clock.mark("references")
-    # -- references: resolve what de-duplication did not, then drop the lookup indexes ---------
-    known = {purn, ids.urn(dicom.ENDPOINT_ID)} | {ids.urn(s.new_id) for s in study_items.values()}
-    for it in [patient_item, *final]:
-        it.chash = None
-        references(it)
-    # the lookup indexes are the largest thing normalization holds besides the facts
-    resolver.release()
+        st_id = ids.study_id(inst.study_uid)
+        q(Quarantined(inst.source_id, dicom.KIND_DICOM, inst.key, f"duplicate of ImagingStudy/{st_id}"))
+    known = {purn, ids.urn(dicom.ENDPOINT_ID)} | {ids.urn(ids.study_id(uid)) for uid in study_lids}
 
     clock.mark("documents")
     # -- documents ----------------------------------------------------------------------------
-    for it in final:
-        if it.rtype in ATTACHMENT_TYPES:
-            docs.attach(it, it.body())
+    kinds = sorted(ATTACHMENT_TYPES)
+    with_attachments = array("q", scratch.lids(
+        "SELECT lid FROM item WHERE state = ? AND rtype IN (SELECT value FROM json_each(?)) ORDER BY ord",
+        (KEPT, orjson.dumps(kinds).decode())))
+    for lid in with_attachments:
+        it = view(lid)
+        docs.attach(it, it.body())
+    del with_attachments
     for e in rows:
         if e.kind == KIND_BINARY and (e.source_id, e.key) not in docs.used:
-            loose = _loose_document(e, purn, spool)
-            final.append(loose)
+            loose = _loose_document(e, purn, scratch, spool, resolver)
             docs.attach(loose, loose.body())
     documents = docs.finish()
 
@@ -216,8 +203,12 @@ def _normalize(case: CaseInfo, sources: Sequence[SourceInfo], entries: Iterable[
     # -- links, endpoint, provenance ------------------------------------------------------------
     recorded = _recorded_times(sources, newest)
     extra: list[dict[str, Any]] = []
-    for old, new in sorted(outcome.superseded, key=lambda x: (x[0].new_id, x[1].new_id)):
+    for old_lid, new_lid in sorted(outcome.superseded, key=lambda x: (_new_id(scratch, x[0]), _new_id(scratch, x[1]))):
+        old, new = view(old_lid), view(new_lid)  # fresh: an earlier link may have patched them
         prov = link_superseded(old, new, recorded.get(new.source_id, EPOCH))
+        for it in (old, new):
+            if it.patch is not None:
+                scratch.put(it.lid, patch=orjson.dumps(it.patch))
         if prov is not None:
             extra.append(prov)
     del outcome
@@ -225,20 +216,13 @@ def _normalize(case: CaseInfo, sources: Sequence[SourceInfo], entries: Iterable[
                     key=lambda r: (r.study_instance_uid, r.series_instance_uid, r.sop_instance_uid))
     if images:
         extra.append(dicom.endpoint())
-    targets: dict[int, set[str]] = {}
-    for it in final:
-        for sid in {it.source_id} | it.extra_sources:
-            targets.setdefault(sid, set()).add(it.new_id)
-    for c in identity.members:
-        targets.setdefault(c.source_id, set()).add(pid)
-    provenances: list[tuple[str, SourceInfo]] = []
-    for src in sorted(sources, key=lambda s: s.id):
-        if targets.get(src.id):
-            provenances.append((ids.provenance_id(src.id), src))
+    member_sources = {c.source_id for c in identity.members}
+    provenances = [(ids.provenance_id(src.id), src) for src in sorted(sources, key=lambda s: s.id)
+                   if src.id in member_sources or _has_targets(scratch, src.id)]
 
     clock.mark("write")
     # -- the bundle, written entry by entry in (type, id) order, the Patient first -------------
-    final.sort(key=lambda it: (it.rtype, it.new_id))
+    db.execute("CREATE INDEX item_out ON item(state, rtype, new_id, ord)")
     extras: list[tuple[str, str, Any]] = [(str(r["resourceType"]), str(r["id"]), r) for r in extra]
     extras += [("Provenance", prid, src) for prid, src in provenances]
     extras.sort(key=lambda x: (x[0], x[1]))
@@ -246,15 +230,17 @@ def _normalize(case: CaseInfo, sources: Sequence[SourceInfo], entries: Iterable[
     writer = BundleWriter(new_bundle_path(workdir))
     try:
         body = patient_item.body()
-        rewrite(patient_item, body, known, unresolved)
+        rewrite(patient_item, body, targets_of(scratch, patient_item.lid), known, unresolved)
         writer.add(body)
+        final = (Item(r, scratch, spool) for r in scratch.rows("state = ?", (KEPT,), order="rtype, new_id, ord"))
         merged = heapq.merge(((it.rtype, it.new_id, it) for it in final), extras, key=lambda x: (x[0], x[1]))
         for _rtype, _rid, obj in merged:
             if isinstance(obj, Item):
-                writer.add(_finished(obj, known, unresolved, docs, purn))
+                writer.add(_finished(obj, scratch, known, unresolved, docs, purn))
             elif isinstance(obj, SourceInfo):
-                src_targets = targets.pop(obj.id)
-                writer.add_raw("Provenance", _provenance_entry(obj, src_targets, recorded.get(obj.id, EPOCH)))
+                writer.add_parts("Provenance", _provenance_entry(
+                    obj, _targets(scratch, obj.id, pid if obj.id in member_sources else None),
+                    recorded.get(obj.id, EPOCH)))
             else:
                 writer.add(obj)
     finally:
@@ -267,12 +253,50 @@ def _normalize(case: CaseInfo, sources: Sequence[SourceInfo], entries: Iterable[
                             conflicts=identity.conflicts, patient_ref=f"Patient/{pid}", writer=writer)
 
 
-def _finished(it: Item, known: set[str], unresolved: list[dict[str, Any]], docs: Documents,
+def _exclude_others(scratch: Scratch, others: list[int], q: Any) -> None:
+    """Settle who stays: Patients leave the pool (the merged one stands for them), resources whose
+    subject/patient is another patient are quarantined, every other loaded resource is kept
+    under its bundle id."""
+    db = scratch.db
+    db.execute("CREATE TABLE excl(lid INTEGER PRIMARY KEY)")
+    db.executemany("INSERT OR IGNORE INTO excl(lid) SELECT DISTINCT lid FROM ref WHERE pos < 0 AND target = ?",
+                   ((lid,) for lid in others))
+    for sid, key in db.execute("SELECT i.sid, i.key FROM item i JOIN excl e ON e.lid = i.lid "
+                               "WHERE i.rtype != 'Patient' ORDER BY i.ord"):
+        q(Quarantined(sid, KIND_RESOURCE, key, ANOTHER_PATIENT))
+    db.execute("UPDATE item SET state = ? WHERE lookup = 1 AND (rtype = 'Patient' OR lid IN (SELECT lid FROM excl))",
+               (EXCLUDED,))
+    db.execute("UPDATE item SET state = ?, new_id = uid WHERE lookup = 1 AND state = ?", (KEPT, LOADED))
+
+
+def _new_id(scratch: Scratch, lid: int) -> str:
+    return str(scratch.db.execute("SELECT new_id FROM item WHERE lid = ?", (lid,)).fetchone()[0])
+
+
+_TARGETS = ("SELECT new_id FROM item WHERE state = ?3 AND sid = ?1 UNION SELECT i.new_id FROM xsrc x "
+            "JOIN item i ON i.lid = x.lid WHERE x.sid = ?1 AND i.state = ?3 UNION SELECT ?2 WHERE ?2 IS NOT NULL "
+            "ORDER BY 1")
+
+
+def _has_targets(scratch: Scratch, sid: int) -> bool:
+    return scratch.db.execute("SELECT 1 FROM item WHERE state = ?2 AND sid = ?1 UNION ALL SELECT 1 FROM xsrc x "
+                              "JOIN item i ON i.lid = x.lid WHERE x.sid = ?1 AND i.state = ?2 LIMIT 1",
+                              (sid, KEPT)).fetchone() is not None
+
+
+def _targets(scratch: Scratch, sid: int, patient_id: str | None) -> Iterator[str]:
+    """The bundle ids a source's Provenance targets, sorted: its kept resources, the merged ones it
+    contributed to, and the Patient when one of its Patients (or DICOM patients) was merged."""
+    for (rid,) in scratch.db.execute(_TARGETS, (sid, patient_id, KEPT)):
+        yield str(rid)
+
+
+def _finished(it: Item, scratch: Scratch, known: set[str], unresolved: list[dict[str, Any]], docs: Documents,
               purn: str) -> dict[str, Any]:
     """The bundle form of a kept item: every change decided by the global steps applied to its
     body in one place (references, subject, attachments, superseded links, id, meta.source)."""
     body = it.body()
-    rewrite(it, body, known, unresolved)
+    rewrite(it, body, targets_of(scratch, it.lid), known, unresolved)
     if it.rtype in SUBJECT_TYPES and not body.get("subject"):
         body["subject"] = {"reference": purn}
     docs.apply(it, body)
@@ -285,18 +309,24 @@ def _finished(it: Item, known: set[str], unresolved: list[dict[str, Any]], docs:
     return body
 
 
-def _provenance_entry(src: SourceInfo, targets: set[str], recorded: str) -> bytes:
-    """The bundle entry of a source's Provenance, built as bytes: it targets every resource of the
-    source, and as dicts that list would be the largest object of a large record."""
-    refs = sorted(targets)
-    prov = source_provenance(src, refs[:1], recorded)
+def _provenance_entry(src: SourceInfo, targets: Iterator[str], recorded: str) -> Iterator[bytes]:
+    """The bundle entry of a source's Provenance, as pieces of bytes: it targets every resource of
+    the source, and as one object that list would be the largest of a large record."""
+    first = next(targets)
+    prov = source_provenance(src, [first], recorded)
     assert prov is not None
     one = orjson.dumps(prov["target"])
     text = orjson.dumps({"fullUrl": ids.urn(prov["id"]), "resource": prov})
-    full = b"[" + b",".join(b'{"reference":"urn:uuid:%s"}' % r.encode() for r in refs) + b"]"
     head, sep, tail = text.partition(b'"target":' + one)
     assert sep
-    return head + b'"target":' + full + tail
+    yield head + b'"target":[{"reference":"urn:uuid:%s"}' % first.encode()
+    batch: list[bytes] = []
+    for rid in targets:
+        batch.append(b',{"reference":"urn:uuid:%s"}' % rid.encode())
+        if len(batch) >= 1024:
+            yield b"".join(batch)
+            batch = []
+    yield b"".join(batch) + b"]" + tail
 
 
 class PhaseClock:
@@ -315,16 +345,7 @@ class PhaseClock:
         return ", ".join(f"{k} {v:.1f}" for k, v in self.seconds.items())
 
 
-def _belongs_to(it: Item, resolver: Resolver, others: set[int]) -> bool:
-    """True when the item's subject/patient is a Patient that is not the case's patient."""
-    for ref in it.facts.patient_refs or ():
-        t = resolver.resolve(it, ref)
-        if isinstance(t, Item) and id(t) in others:
-            return True
-    return False
-
-
-def _loose_document(e: LedgerEntry, purn: str, spool: Spool) -> Item:
+def _loose_document(e: LedgerEntry, purn: str, scratch: Scratch, spool: Spool, resolver: Resolver) -> Item:
     """A binary no resource points at (a loose file): described by a minimal DocumentReference
     rather than dropped; Provenance still names its source."""
     title = str(e.meta.get("file") or e.key).rsplit("/", 1)[-1]
@@ -336,8 +357,9 @@ def _loose_document(e: LedgerEntry, purn: str, spool: Spool) -> Item:
             "subject": {"reference": purn}, "content": [{"attachment": att}]}
     facts = facts_of(data)
     facts.rid = ""
-    item = Item(e.source_id, e.key, dict(e.meta or {}), facts, spool, data, new_id=rid)
-    item.refs = tuple(None for _ in reference_nodes(data, []))  # only its subject, already a bundle urn
+    lid = scratch.add_made(e.source_id, e.key, dict(e.meta or {}), facts, spool.append(orjson.dumps(data)), rid, KEPT)
+    item = Item(scratch.row(lid), scratch, spool)
+    resolver.add(item, data)  # only its subject, already a bundle urn
     return item
 
 

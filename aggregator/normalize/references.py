@@ -5,7 +5,13 @@ of their own server, ``urn:uuid:`` fullUrls valid only inside one Bundle file, c
 references (``Type?identifier=system|value``, as Synthea's transaction bundles use), and ``#id``
 for contained resources. Resolution is always *within one source*: ``Patient/1`` from hospital A
 and ``Patient/1`` from hospital B are different people until identity says otherwise. A reference
-first resolves inside its own bundle/file, then across the files of the same download.
+first resolves inside its own bundle/file, then across the files of the same download; of several
+resources that match, the first in (source, ledger key) order wins.
+
+How, for a record of any size: each reference string is parsed once in Python into a *plan*
+(which lookup it needs and with which keys, :func:`plan`) and written to the scratch database;
+then all pending references are resolved by a few ``UPDATE`` statements over indexed lookups
+(:class:`Resolver`), so no lookup dict of the whole record is ever held in memory.
 
 Unresolvable references keep their original ``reference`` string (and ``display``) untouched and
 are listed in ``record.unresolved`` with their source: rewriting them to something invented would
@@ -15,16 +21,18 @@ hide that the target is missing, and dropping them would lose what the source sa
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import unquote
 
 from aggregator.model import SourceInfo
 from aggregator.normalize.facts import reference_nodes
-from aggregator.normalize.parse import Item
+from aggregator.normalize.scratch import Item, Scratch
 
 _TAIL = re.compile(r"(?:^|/)([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[^/]+)?/?$")
-CONTAINED = object()
+
+# how a reference is looked up (ref.mode)
+NONE, CONTAINED, FULL, FULL_TID, TID, IDENT, ABSOLUTE = range(7)
 
 
 def type_id(reference: str) -> str | None:
@@ -39,90 +47,127 @@ def _base_of(url: str) -> str:
     return url[: m.start()].rstrip("/") if m and "://" in url else ""
 
 
-class Resolver:
-    """Index of one case's items for reference lookup; answers with the target :class:`Item`.
+Plan = tuple[int, str | None, str | None, str | None, str | None]
 
-    Nested per source (and bundle) rather than keyed by tuples: the keys are the items' own
-    strings, so the index costs a dict slot per entry, not a tuple and a new string.
+
+def plan(reference: str, own_base: str, bases: set[str] | None) -> Plan:
+    """``(mode, url, type, id, base)``: how ``reference`` is looked up within its source.
+
+    ``own_base`` is the server base of the referring resource's fullUrl; ``bases`` the known
+    server bases of its source, or None while they are not all known yet (an absolute URL on a
+    foreign base is then :data:`ABSOLUTE`, decided by :meth:`Resolver.settle_absolute`).
     """
-
-    def __init__(self, items: list[Item], sources: dict[int, SourceInfo]) -> None:
-        self.sources = sources
-        self._full: dict[tuple[int, str], dict[str, Item]] = {}
-        self._full_any: dict[int, dict[str, Item]] = {}
-        self._tid_bundle: dict[tuple[int, str], dict[tuple[str, str], Item]] = {}
-        self._tid: dict[int, dict[tuple[str, str], Item]] = {}
-        self._ident: dict[tuple[int, str], dict[str, Item]] = {}
-        self._bases: dict[int, set[str]] = {}
-        for it in items:  # items arrive sorted by (source, key): the first one of a key wins
-            sid, bundle = it.source_id, it.bundle
-            full = it.full_url
-            if full:
-                self._full.setdefault((sid, bundle), {}).setdefault(full, it)
-                self._full_any.setdefault(sid, {}).setdefault(full, it)
-                base = _base_of(full)
-                if base:
-                    self._bases.setdefault(sid, set()).add(base)
-            for b in (it.base_url, sources[sid].base_url if sid in sources else None):
-                if b:
-                    self._bases.setdefault(sid, set()).add(str(b).rstrip("/"))
-            if it.rid:
-                key = (it.rtype, it.rid)
-                self._tid_bundle.setdefault((sid, bundle), {}).setdefault(key, it)
-                self._tid.setdefault(sid, {}).setdefault(key, it)
-            if it.facts.idents:
-                idx = self._ident.setdefault((sid, it.rtype), {})
-                for system, v in it.facts.idents:
-                    idx.setdefault(f"{system}|{v}", it)
-                    idx.setdefault(v, it)
-
-    def release(self) -> None:
-        """Drop the indexes (once references are resolved); later lookups resolve nothing."""
-        self._full.clear()
-        self._full_any.clear()
-        self._tid_bundle.clear()
-        self._tid.clear()
-        self._ident.clear()
-        self._bases.clear()
-
-    def resolve(self, item: Item, reference: str) -> Item | object | None:
-        """The target item, :data:`CONTAINED` for ``#id``, or None when it is not in the case."""
-        ref = reference.strip()
-        if not ref:
-            return None
-        if ref.startswith("#"):
-            return CONTAINED
-        sid, bundle = item.source_id, item.bundle
-        if ref.startswith(("urn:uuid:", "urn:oid:")):
-            return self._full_get(sid, bundle, ref)
-        if "?" in ref:
-            return self._conditional(sid, ref)
-        if "://" in ref:
-            hit = self._full_get(sid, bundle, ref)
-            if hit is not None:
-                return hit
-            base = _base_of(ref)
-            own = _base_of(item.full_url)
-            if not base or (base != own and base not in self._bases.get(sid, set())):
-                return None
-        m = _TAIL.search(ref)
-        if m is None:
-            return None
-        key = (m.group(1), m.group(2))
-        hit = self._tid_bundle.get((sid, bundle), {}).get(key)
-        return hit if hit is not None else self._tid.get(sid, {}).get(key)
-
-    def _full_get(self, sid: int, bundle: str, ref: str) -> Item | None:
-        hit = self._full.get((sid, bundle), {}).get(ref)
-        return hit if hit is not None else self._full_any.get(sid, {}).get(ref)
-
-    def _conditional(self, sid: int, ref: str) -> Item | None:
+    ref = reference.strip()
+    if not ref:
+        return NONE, None, None, None, None
+    if ref.startswith("#"):
+        return CONTAINED, None, None, None, None
+    if ref.startswith(("urn:uuid:", "urn:oid:")):
+        return FULL, ref, None, None, None
+    if "?" in ref:
         rtype, _, query = ref.partition("?")
         for part in query.split("&"):
             name, _, value = part.partition("=")
             if name == "identifier" and value:
-                return self._ident.get((sid, rtype.rsplit("/", 1)[-1]), {}).get(unquote(value))
-        return None
+                return IDENT, None, rtype.rsplit("/", 1)[-1], unquote(value), None
+        return NONE, None, None, None, None
+    m = _TAIL.search(ref)
+    if "://" in ref:
+        base = _base_of(ref)
+        if not base or m is None:
+            return FULL, ref, None, None, None
+        if base == own_base or (bases is not None and base in bases):
+            return FULL_TID, ref, m.group(1), m.group(2), None
+        if bases is None:
+            return ABSOLUTE, ref, m.group(1), m.group(2), base
+        return FULL, ref, None, None, None
+    if m is None:
+        return NONE, None, None, None, None
+    return TID, None, m.group(1), m.group(2), None
+
+
+def pending_rows(lid: int, refs: Sequence[str], patient_refs: Sequence[str], own_base: str,
+                 bases: set[str] | None) -> Iterator[tuple[Any, ...]]:
+    """``pend`` rows of one item: its references at positions 0.. (:func:`reference_nodes` order)
+    and its top-level subject/patient references at -1, -2, ... (identity reads those)."""
+    for pos, text in enumerate(refs):
+        yield (lid, pos, text, *plan(text, own_base, bases))
+    for i, text in enumerate(patient_refs):
+        yield (lid, -1 - i, text, *plan(text, own_base, bases))
+
+
+INSERT_PENDING = "INSERT INTO pend(lid, pos, text, mode, url, ty, rid, base) VALUES (?,?,?,?,?,?,?,?)"
+
+# Each lookup takes the first match in (source, key) order among the loaded resources of the
+# referring resource's source (``o``): in its own bundle first, then anywhere in the source.
+_RESOLVE = (
+    ("UPDATE pend SET target = coalesce("
+     "(SELECT i.lid FROM item o JOIN item i ON i.sid = o.sid AND i.bundle = o.bundle AND i.full_url = pend.url "
+     "WHERE o.lid = pend.lid AND i.lookup = 1 ORDER BY i.ord LIMIT 1), "
+     "(SELECT i.lid FROM item o JOIN item i ON i.sid = o.sid AND i.full_url = pend.url "
+     "WHERE o.lid = pend.lid AND i.lookup = 1 ORDER BY i.ord LIMIT 1)) "
+     "WHERE pend.mode IN (?, ?)", (FULL, FULL_TID)),
+    ("UPDATE pend SET target = coalesce("
+     "(SELECT i.lid FROM item o JOIN item i ON i.sid = o.sid AND i.bundle = o.bundle AND i.rtype = pend.ty "
+     "AND i.rid = pend.rid WHERE o.lid = pend.lid AND i.lookup = 1 ORDER BY i.ord LIMIT 1), "
+     "(SELECT i.lid FROM item o JOIN item i ON i.sid = o.sid AND i.rtype = pend.ty AND i.rid = pend.rid "
+     "WHERE o.lid = pend.lid AND i.lookup = 1 ORDER BY i.ord LIMIT 1)) "
+     "WHERE pend.mode IN (?, ?) AND pend.target IS NULL", (FULL_TID, TID)),
+    ("UPDATE pend SET target = (SELECT d.lid FROM item o JOIN ident d ON d.sid = o.sid AND d.rtype = pend.ty "
+     "AND d.k = pend.rid JOIN item i ON i.lid = d.lid WHERE o.lid = pend.lid ORDER BY i.ord LIMIT 1) "
+     "WHERE pend.mode = ?", (IDENT,)),
+)
+
+
+class Resolver:
+    """Resolves the pending references of the scratch database against the loaded resources.
+
+    Holds only the server bases of each source (a handful of strings): the lookup indexes are
+    the scratch database's.
+    """
+
+    def __init__(self, scratch: Scratch, sources: dict[int, SourceInfo]) -> None:
+        self.scratch = scratch
+        self.sources = sources
+        self.bases: dict[int, set[str]] = {}
+
+    def note(self, sid: int, full_url: str, base_url: str) -> None:
+        """Learn the server bases a loaded resource reveals (its fullUrl's, its file's, its
+        source's)."""
+        src = self.sources.get(sid)
+        for b in (_base_of(full_url) if full_url else "", base_url.rstrip("/") if base_url else "",
+                  src.base_url.rstrip("/") if src is not None and src.base_url else ""):
+            if b:
+                self.bases.setdefault(sid, set()).add(b)
+
+    def settle_absolute(self) -> None:
+        """Absolute references on a base that was not known when they were planned: now that
+        every base of the source is known, look them up by ``Type/id`` too, or by URL only."""
+        db = self.scratch.db
+        rows = db.execute("SELECT p.rowid, p.base, i.sid FROM pend p JOIN item i ON i.lid = p.lid "
+                          "WHERE p.mode = ?", (ABSOLUTE,)).fetchall()
+        db.executemany("UPDATE pend SET mode = ? WHERE rowid = ?",
+                       [(FULL_TID if base in self.bases.get(sid, set()) else FULL, rowid)
+                        for rowid, base, sid in rows])
+
+    def resolve_pending(self) -> None:
+        """Resolve every pending reference and move it to the ``ref`` table."""
+        db = self.scratch.db
+        for sql, params in _RESOLVE:
+            db.execute(sql, params)
+        db.execute("INSERT OR REPLACE INTO ref(lid, pos, mode, text, target) "
+                   "SELECT lid, pos, mode, text, target FROM pend")
+        db.execute("DELETE FROM pend")
+
+    def add(self, item: Item, body: dict[str, Any], patient_refs: Sequence[str] = ()) -> None:
+        """Plan and resolve the references of one item (made by normalization, or whose body
+        changed), replacing whatever was known of them."""
+        self.scratch.db.execute("DELETE FROM ref WHERE lid = ?", (item.lid,))
+        refs = [n["reference"] for n in reference_nodes(body, [])]
+        own = _base_of(item.full_url) if item.full_url else ""
+        self.scratch.db.executemany(INSERT_PENDING, pending_rows(item.lid, refs, patient_refs, own,
+                                                                 self.bases.get(item.source_id, set())))
+        self.resolve_pending()
 
 
 def iter_references(node: Any, path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
@@ -138,52 +183,36 @@ def iter_references(node: Any, path: str = "") -> Iterator[tuple[str, dict[str, 
             yield from iter_references(v, f"{path}[{i}]")
 
 
-def resolve_loaded(item: Item, resolver: Resolver) -> None:
-    """Resolve an item's references from the strings its facts carry, without reading its body,
-    and drop the strings (the targets are all later steps need)."""
-    refs = item.facts.refs
-    if refs is not None:
-        item.refs = tuple(_target(resolver, item, r) for r in refs)
-        item.facts.refs = None
+#: what a reference is rewritten to: a bundle id, "contained" (left alone), or None (unresolved)
+IS_CONTAINED = "#"
+
+TARGETS_OF = ("SELECT r.mode, t.new_id FROM ref r LEFT JOIN item t ON t.lid = r.target "
+              "WHERE r.lid = ? AND r.pos >= 0 ORDER BY r.pos")
 
 
-def _target(resolver: Resolver, item: Item, reference: str) -> Any:
-    """The resolved target, or the reference string itself when nothing in the case matches
-    (kept so a content digest still tells two different unresolved references apart)."""
-    t = resolver.resolve(item, reference)
-    return reference if t is None else t
+def targets_of(scratch: Scratch, lid: int) -> list[str | None]:
+    """What each reference of an item (in :func:`reference_nodes` order) becomes in the bundle."""
+    return [IS_CONTAINED if mode == CONTAINED else (new_id or None)
+            for mode, new_id in scratch.db.execute(TARGETS_OF, (lid,))]
 
 
-def targets(item: Item, nodes: list[dict[str, Any]], resolver: Resolver) -> tuple[Any, ...]:
-    """The target of every reference of ``item`` (``nodes`` = :func:`reference_nodes` of its
-    body), resolved once and cached on the item: de-duplication hashes each resource several
-    times and rewriting needs the same answers; resolving again each time was most of
-    normalization's own cost. The cache is positional, so it holds no part of the body."""
-    if item.refs is None or len(item.refs) != len(nodes):
-        item.refs = tuple(_target(resolver, item, node["reference"]) for node in nodes)
-    return item.refs
-
-
-def rewrite(item: Item, body: dict[str, Any], known: set[str], unresolved: list[dict[str, Any]]) -> None:
-    """Point every reference of ``body`` (the body of ``item``, whose targets are cached in
-    ``item.refs``) at ``urn:uuid:<bundle id>``; list the ones that fail.
+def rewrite(item: Item, body: dict[str, Any], targets: Sequence[str | None], known: set[str],
+            unresolved: list[dict[str, Any]]) -> None:
+    """Point every reference of ``body`` at ``urn:uuid:<bundle id>`` (``targets``: see
+    :func:`targets_of`); list the ones that fail.
 
     ``known`` holds the urn:uuid references already written by normalization (the case Patient,
     DICOM-derived studies), which need no lookup.
     """
-    if item.refs == ():
-        return  # resolved from the worker's facts: the body holds no reference at all
+    if not targets:
+        return  # no reference in the body at all
     nodes = reference_nodes(body, [])
-    pairs = zip(nodes, item.refs or (), strict=True)
     failed: list[dict[str, Any]] = []
-    for ref, target in pairs:
-        original = ref["reference"]
-        if original in known:
+    for ref, target in zip(nodes, targets, strict=True):
+        if ref["reference"] in known or target == IS_CONTAINED:
             continue
-        if target is CONTAINED:
-            continue
-        if isinstance(target, Item) and target.new_id:
-            ref["reference"] = f"urn:uuid:{target.new_id}"
+        if target:
+            ref["reference"] = f"urn:uuid:{target}"
             continue
         failed.append(ref)
     if failed:
@@ -191,3 +220,4 @@ def rewrite(item: Item, body: dict[str, Any], known: set[str], unresolved: list[
         for ref in failed:
             unresolved.append({"from": f"{item.rtype}/{item.new_id}", "path": paths[id(ref)],
                                "reference": ref["reference"], "source_id": item.source_id})
+
