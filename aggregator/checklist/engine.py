@@ -23,9 +23,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
-from typing import Any
+from typing import Any, NamedTuple
 
 from aggregator.checklist import reasons as R
+from aggregator.checklist import stream
 from aggregator.checklist.loader import Checklist, Item, Link, Selector
 from aggregator.ledger import LedgerEntry
 from aggregator.model import CaseInfo, NormalizedRecord, SourceInfo
@@ -135,15 +136,59 @@ def _display(res: Mapping[str, Any]) -> str:
     return ""
 
 
-@dataclass
+class DocumentFacts(NamedTuple):
+    """What :meth:`Content.state` reads of a report or document: does it carry the document itself?"""
+
+    has_bytes: bool
+    """An attachment with inline data, or a package document (``documents/...``) with a size."""
+    has_attachments: bool
+    composition_text: bool
+    """A Composition whose sections carry narrative text."""
+    results: int
+    """Number of ``result`` references (structured results of a report)."""
+    urls: tuple[str, ...]
+    """Attachment URLs, to look their retrieval up in the ledger."""
+    conclusion: bool
+
+
+class StudyFacts(NamedTuple):
+    """What the image check reads of an ImagingStudy: its UID and the counts it declares."""
+
+    uid: str
+    listed: frozenset[str]
+    """SOP Instance UIDs the study lists."""
+    instances: int | None
+    series_count: int | None
+    series: tuple[tuple[Any, int], ...]
+    """(series UID, numberOfInstances) of each series that declares a count, in order."""
+
+
 class Res:
-    ref: str
-    type: str
-    id: str
-    data: Mapping[str, Any]
-    classes: frozenset[str]
-    date: date | None
-    sources: frozenset[int] = frozenset()
+    """One resource the checklist's rules can match, as the few facts they read of it.
+
+    Why not the resource itself: a large record holds hundreds of thousands of resources; the
+    engine used to keep each one it read as a dict, which cost more memory than normalizing the
+    record. Only resources that a selector of the checklist can match are kept, and of each only
+    what :class:`Needs` says its rules read (document facts for report targets, study facts for
+    image targets, references at the link paths, a display name for subjects...).
+    """
+
+    __slots__ = ("classes", "date", "display", "document", "identifiers", "ref", "refs", "sources", "status",
+                 "study", "type")
+
+    def __init__(self, ref: str, rtype: str, classes: frozenset[str], date_: date | None, status: str) -> None:
+        self.ref = ref
+        self.type = rtype
+        self.classes = classes
+        self.date = date_
+        self.status = status
+        self.sources: frozenset[int] = frozenset()
+        self.display = ""
+        self.document: DocumentFacts | None = None
+        self.study: StudyFacts | None = None
+        self.refs: dict[str, tuple[str, ...]] | None = None
+        """Raw reference strings at the link paths the checklist compares (only non-empty paths)."""
+        self.identifiers: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -156,44 +201,178 @@ class State:
     reason: R.Reason | None = None
 
 
+# --- what the checklist needs ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Which facts of a resource to keep (the union over every selector that matches it)."""
+
+    keep: bool = False
+    document: bool = False
+    images: bool = False
+    display: bool = False
+    paths: frozenset[str] = frozenset()
+    identifiers: bool = False
+
+    def __or__(self, other: _Plan) -> _Plan:
+        return _Plan(self.keep or other.keep, self.document or other.document, self.images or other.images,
+                     self.display or other.display, self.paths | other.paths,
+                     self.identifiers or other.identifiers)
+
+
+_NOTHING = _Plan()
+
+
+class Needs:
+    """What one checklist's rules read of the record: which resources, and which facts of each.
+
+    Why: the rules only ever look at resources that a selector (applies_if, subjects, target,
+    components, summaries) matches by type and class, and at a handful of their fields. Deciding
+    that once per (resource type, classes) pair lets the index drop everything else while it
+    streams the record: billing resources, vital signs no item asks for, and the bulk of every
+    kept resource.
+    """
+
+    def __init__(self, items: Iterable[Item]) -> None:
+        self._rules: list[tuple[Selector, _Plan]] = []
+        for item in items:
+            self._add_item(item)
+        self._cache: dict[tuple[str, frozenset[str]], _Plan] = {}
+
+    def _add_item(self, item: Item) -> None:
+        if item.applies_if is not None:
+            self._rules.append((item.applies_if, _Plan(keep=True)))
+        for comp in item.components:
+            self._rules.append((comp, _content_plan(comp)))
+        if item.target is not None:
+            target = _content_plan(item.target)
+            if item.rule == "each" and item.subjects is not None:
+                s_paths: set[str] = set()
+                t_paths: set[str] = set()
+                idents = False
+                for lk in item.links:
+                    if lk.via == "reference":
+                        (t_paths if lk.from_ == "target" else s_paths).add(lk.path)
+                    elif lk.via == "shared-reference":
+                        s_paths.add(lk.path)
+                        t_paths.add(lk.path)
+                    elif lk.via == "encounter":
+                        s_paths.update(_ENCOUNTER_PATHS)
+                        t_paths.update(_ENCOUNTER_PATHS)
+                    elif lk.via == "shared-identifier":
+                        idents = True
+                self._rules.append((item.subjects, _Plan(keep=True, display=True, paths=frozenset(s_paths),
+                                                         identifiers=idents)))
+                target = target | _Plan(keep=True, paths=frozenset(t_paths), identifiers=idents)
+            self._rules.append((item.target, target))
+        if item.summaries:
+            self._rules.append((Selector(classes_any=item.summaries), _Plan(keep=True)))
+
+    def plan(self, rtype: str, classes: frozenset[str]) -> _Plan:
+        """The facts to keep of a resource of this type and classes (nothing: do not keep it)."""
+        key = (rtype, classes)
+        got = self._cache.get(key)
+        if got is None:
+            got = _NOTHING
+            for sel, plan in self._rules:
+                if sel.matches(rtype, classes):
+                    got = got | plan
+            self._cache[key] = got
+        return got
+
+
+def _content_plan(sel: Selector) -> _Plan:
+    return _Plan(keep=True, document=sel.content not in ("any", "images"), images=sel.content == "images")
+
+
 # --- the record index ---------------------------------------------------------------------
 
-
 class RecordIndex:
-    """The bundle's resources with classes, dates, sources; reference resolution both ways."""
+    """The resources a checklist can match, with classes, dates, sources; reference resolution.
 
-    def __init__(self, record: NormalizedRecord, sources: Sequence[SourceInfo],
+    The record is streamed once; a resource is kept only when :class:`Needs` says a rule can
+    match it, and then only as its :class:`Res` facts. What the rules read of the record as a
+    whole is counted on the way: the number of resources (for the report) and the newest date
+    (the reference date of a case without one). Provenance is read at the end from its bytes, and
+    references that point outside the kept resources are resolved, when a rule compares them, by
+    one more pass that keeps only the names of those targets.
+    """
+
+    def __init__(self, record: NormalizedRecord, sources: Sequence[SourceInfo], needs: Needs,
                  classify_fn: Callable[[Mapping[str, Any]], frozenset[str]] = classify) -> None:
         self.record = record
+        self.needs = needs
         self.items: list[Res] = []
         self.by_key: dict[str, Res] = {}
-        provenances = []
-        for entry in record.entries():  # streamed: the record is never one dict in memory
+        self.aliases: dict[str, str] = {}
+        """Reference string -> ``Type/id`` of a resource that is in the record but not kept."""
+        self.count = 0
+        """Resources in the record that the engine considers (not Provenance, not ignored statuses)."""
+        self.newest: date | None = None
+        """The newest date of any considered resource but the Patient."""
+        self._shared: dict[Any, Any] = {}
+        self._names = _source_names(sources)
+        self._sources = sources
+        provenances: list[tuple[Mapping[str, Any], bytes | None]] = []
+        for entry, targets in stream.entries(record):  # streamed: the record is never one dict in memory
             res = entry.get("resource") if isinstance(entry, Mapping) else None
             if not isinstance(res, Mapping):
                 continue
-            rtype = str(res.get("resourceType") or "")
-            rid = str(res.get("id") or "")
-            full = str(entry.get("fullUrl") or "")
-            if not rid and full.startswith("urn:uuid:"):
-                rid = full[len("urn:uuid:"):]
-            if rtype == "Provenance":
-                provenances.append(res)
-            if not rtype or rtype in _SKIP_TYPES or not rid:
-                continue
-            if str(res.get("status") or "") in IGNORED_STATUS:
-                continue
-            r = Res(f"{rtype}/{rid}", rtype, rid, res, classify_fn(res), self._date(rtype, res))
-            self.items.append(r)
-            for key in (r.ref, f"urn:uuid:{rid}", full):
-                if key:
-                    self.by_key[key] = r
+            if res.get("resourceType") == "Provenance":
+                provenances.append((res, targets))  # without their target lists, when plain
+            else:
+                self._add(entry, res, classify_fn)
         self.items.sort(key=lambda r: r.ref)
-        self._attach_sources(provenances, sources)
+        self._attach_sources(provenances)
+        self._resolve_outside()
+        self._shared.clear()
         self.doc_refs = {d.resource_ref for d in record.documents if d.size > 0}
         self.images_by_study: dict[str, list[Any]] = {}
         for img in record.images:
             self.images_by_study.setdefault(img.study_instance_uid, []).append(img)
+
+    def _share(self, value: Any) -> Any:
+        """One object per distinct value (classes, dates, statuses, names repeat across resources)."""
+        return self._shared.setdefault(value, value)
+
+    def _add(self, entry: Mapping[str, Any], res: Mapping[str, Any],
+             classify_fn: Callable[[Mapping[str, Any]], frozenset[str]]) -> None:
+        rtype = str(res.get("resourceType") or "")
+        rid = str(res.get("id") or "")
+        full = str(entry.get("fullUrl") or "")
+        if not rid and full.startswith("urn:uuid:"):
+            rid = full[len("urn:uuid:"):]
+        if not rtype or rtype in _SKIP_TYPES or not rid:
+            return
+        status = str(res.get("status") or "")
+        if status in IGNORED_STATUS:
+            return
+        when = self._date(rtype, res)
+        self.count += 1
+        if when is not None and rtype != "Patient" and (self.newest is None or when > self.newest):
+            self.newest = when
+        classes = classify_fn(res)
+        plan = self.needs.plan(rtype, classes)
+        if not plan.keep:
+            return
+        r = Res(f"{rtype}/{rid}", self._share(rtype), self._share(classes), self._share(when), self._share(status))
+        r.sources = self._share(_meta_sources(res, self._names))
+        if plan.display:
+            r.display = self._share(_display(res))
+        if plan.document:
+            r.document = _document_facts(rtype, res)
+        if plan.images and rtype == "ImagingStudy":
+            r.study = _study_facts(res)
+        if plan.paths:
+            refs = {p: tuple(_ref_strings(res, p)) for p in sorted(plan.paths)}
+            r.refs = {p: v for p, v in refs.items() if v} or None
+        if plan.identifiers:
+            r.identifiers = frozenset(_identifiers(res))
+        self.items.append(r)
+        for key in (r.ref, f"urn:uuid:{rid}", full):
+            if key:
+                self.by_key[key] = r
 
     @staticmethod
     def _date(rtype: str, res: Mapping[str, Any]) -> date | None:
@@ -204,52 +383,110 @@ class RecordIndex:
                     return d
         return None
 
-    def _attach_sources(self, provenances: list[Mapping[str, Any]], sources: Sequence[SourceInfo]) -> None:
-        """Map resources to the sources they came from, through Provenance and meta.source."""
-        names: dict[str, int] = {}
-        for s in sources:
-            names[f"urn:aggregator:source:{s.id}"] = s.id
-            for v in (s.label, s.endpoint_name, s.base_url, s.organization):
-                if v:
-                    names.setdefault(v, s.id)
-        got: dict[str, set[int]] = {}
-        for prov in provenances:
+    def _attach_sources(self, provenances: list[tuple[Mapping[str, Any], bytes | None]]) -> None:
+        """Map resources to the sources they came from, through Provenance (meta.source was read
+        with each resource). A Provenance's plain targets are read from its bytes, one at a time."""
+        names = self._names
+        for prov, targets in provenances:
             ids = {names[t] for t in _strings(prov) if t in names}
-            ids |= {s.id for s in sources for ident in values_at(prov, ["entity", "what", "identifier"])
+            if targets is not None:
+                ids |= {names[t] for t in stream.plain_refs(targets) if t in names}
+            ids |= {s.id for s in self._sources for ident in values_at(prov, ["entity", "what", "identifier"])
                     if isinstance(ident, Mapping) and "source" in str(ident.get("system") or "")
                     and str(ident.get("value")) == str(s.id)}
             if not ids:
                 continue
-            for ref in _ref_strings(prov, "target"):
+            refs = stream.plain_refs(targets) if targets is not None else iter(_ref_strings(prov, "target"))
+            for ref in refs:
                 r = self.resolve(ref)
-                if r is not None:
-                    got.setdefault(r.ref, set()).update(ids)
+                if r is not None and not ids <= r.sources:
+                    r.sources = self._share(r.sources | ids)
+
+    def _resolve_outside(self) -> None:
+        """Resolve the compared references that point at resources the index did not keep.
+
+        Two reports "share" a basedOn or an encounter when their references name the same
+        resource, whatever the spelling (``urn:uuid:``, ``Type/id``, an absolute URL); that
+        resource is usually one the checklist never matches (a ServiceRequest, an Encounter).
+        Only the strings in question are looked for, in one more streamed pass.
+        """
+        wanted: set[str] = set()
         for r in self.items:
-            meta = r.data.get("meta")
-            src = meta.get("source") if isinstance(meta, Mapping) else None
-            if isinstance(src, str):
-                for name, sid in names.items():
-                    if src == name or (name.startswith("http") and src.startswith(name)):
-                        got.setdefault(r.ref, set()).add(sid)
-            r.sources = frozenset(got.get(r.ref, ()))
+            for refs in (r.refs or {}).values():
+                wanted.update(s for s in refs if self.resolve(s) is None)
+        if not wanted:
+            return
+        tails: dict[str, list[str]] = {}
+        for s in wanted:
+            tail = _tail(s)
+            if tail is not None:
+                tails.setdefault(tail, []).append(s)
+        exact: dict[str, str] = {}
+        by_tail: dict[str, str] = {}
+        for entry, _ in stream.entries(self.record):
+            res = entry.get("resource") if isinstance(entry, Mapping) else None
+            if not isinstance(res, Mapping):
+                continue
+            rtype = str(res.get("resourceType") or "")
+            rid = str(res.get("id") or "")
+            full = str(entry.get("fullUrl") or "")
+            if not rid and full.startswith("urn:uuid:"):
+                rid = full[len("urn:uuid:"):]
+            if not rtype or rtype in _SKIP_TYPES or not rid or str(res.get("status") or "") in IGNORED_STATUS:
+                continue
+            ref = f"{rtype}/{rid}"
+            for key in (ref, f"urn:uuid:{rid}", full):
+                if key in wanted:
+                    exact[key] = ref
+            for s in tails.get(ref, ()):
+                by_tail[s] = ref
+        for s in wanted:
+            target = exact.get(s) or by_tail.get(s)
+            if target is not None:
+                self.aliases[s] = target
 
     def resolve(self, reference: str) -> Res | None:
         if reference in self.by_key:
             return self.by_key[reference]
-        parts = reference.split("/_history/")[0].rstrip("/").split("/")
-        if len(parts) >= 2:
-            return self.by_key.get(f"{parts[-2]}/{parts[-1]}")
-        return None
+        tail = _tail(reference)
+        return self.by_key.get(tail) if tail is not None else None
 
     def resolved(self, res: Res, path: str) -> set[str]:
+        """The resources ``res`` references at ``path``, as ``Type/id`` when they are in the record."""
         out = set()
-        for s in _ref_strings(res.data, path):
+        for s in (res.refs or {}).get(path, ()):
             r = self.resolve(s)
-            out.add(r.ref if r is not None else s)
+            out.add(r.ref if r is not None else self.aliases.get(s, s))
         return out
 
     def select(self, sel: Selector) -> list[Res]:
         return [r for r in self.items if sel.matches(r.type, r.classes)]
+
+
+def _tail(reference: str) -> str | None:
+    """``Type/id`` from the end of a reference (absolute URL, ``_history`` version), if it has one."""
+    parts = reference.split("/_history/")[0].rstrip("/").split("/")
+    return f"{parts[-2]}/{parts[-1]}" if len(parts) >= 2 else None
+
+
+def _source_names(sources: Sequence[SourceInfo]) -> dict[str, int]:
+    """What a Provenance or meta.source may call each source: its URN, label, endpoint, base URL."""
+    names: dict[str, int] = {}
+    for s in sources:
+        names[f"urn:aggregator:source:{s.id}"] = s.id
+        for v in (s.label, s.endpoint_name, s.base_url, s.organization):
+            if v:
+                names.setdefault(v, s.id)
+    return names
+
+
+def _meta_sources(res: Mapping[str, Any], names: Mapping[str, int]) -> frozenset[int]:
+    meta = res.get("meta")
+    src = meta.get("source") if isinstance(meta, Mapping) else None
+    if not isinstance(src, str):
+        return frozenset()
+    return frozenset(sid for name, sid in names.items()
+                     if src == name or (name.startswith("http") and src.startswith(name)))
 
 
 def _strings(node: Any) -> Iterable[str]:
@@ -266,13 +503,13 @@ def _strings(node: Any) -> Iterable[str]:
 # --- content -------------------------------------------------------------------------------
 
 
-def _attachments(res: Res) -> list[Mapping[str, Any]]:
-    if res.type == "DiagnosticReport":
-        raw = list(res.data.get("presentedForm") or [])
-    elif res.type == "DocumentReference":
-        raw = [c.get("attachment") for c in res.data.get("content") or [] if isinstance(c, Mapping)]
-    elif res.type == "Media":
-        raw = [res.data.get("content")]
+def _attachments(rtype: str, res: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    if rtype == "DiagnosticReport":
+        raw = list(res.get("presentedForm") or [])
+    elif rtype == "DocumentReference":
+        raw = [c.get("attachment") for c in res.get("content") or [] if isinstance(c, Mapping)]
+    elif rtype == "Media":
+        raw = [res.get("content")]
     else:
         raw = []
     return [a for a in raw if isinstance(a, Mapping)]
@@ -286,11 +523,37 @@ def _has_bytes(att: Mapping[str, Any]) -> bool:
     return isinstance(url, str) and url.startswith("documents/") and isinstance(size, int) and size > 0
 
 
-def _composition_text(res: Res) -> bool:
-    for div in values_at(res.data, ["section", "text", "div"]):
+def _composition_text(res: Mapping[str, Any]) -> bool:
+    for div in values_at(res, ["section", "text", "div"]):
         if isinstance(div, str) and len(div) > 40:
             return True
     return False
+
+
+def _document_facts(rtype: str, res: Mapping[str, Any]) -> DocumentFacts:
+    atts = _attachments(rtype, res)
+    return DocumentFacts(
+        has_bytes=any(_has_bytes(a) for a in atts),
+        has_attachments=bool(atts),
+        composition_text=rtype == "Composition" and _composition_text(res),
+        results=len(_ref_strings(res, "result")),
+        urls=tuple(str(a.get("url")) for a in atts if a.get("url")),
+        conclusion=bool(res.get("conclusion") or res.get("conclusionCode")),
+    )
+
+
+def _study_facts(res: Mapping[str, Any]) -> StudyFacts:
+    expected = res.get("numberOfInstances")
+    n_series = res.get("numberOfSeries")
+    series = tuple((s.get("uid"), n) for s in res.get("series") or []
+                   if isinstance(s, Mapping) and isinstance((n := s.get("numberOfInstances")), int))
+    return StudyFacts(
+        uid=study_uid(res),
+        listed=frozenset(str(i.get("uid")) for i in values_at(res, ["series", "instance"]) if isinstance(i, Mapping)),
+        instances=expected if isinstance(expected, int) else None,
+        series_count=n_series if isinstance(n_series, int) else None,
+        series=series,
+    )
 
 
 def study_uid(res: Mapping[str, Any]) -> str:
@@ -309,7 +572,7 @@ class Content:
         self.ledger = ledger
 
     def state(self, res: Res, sel: Selector) -> State:
-        status = str(res.data.get("status") or "")
+        status = res.status
         if sel.final_only and status in PENDING_STATUS:
             return State(False, R.PENDING, f"{res.ref} is {status}: the final report is pending")
         need = sel.content
@@ -320,15 +583,15 @@ class Content:
         return self._document(res, allow_results=need == "full")
 
     def _document(self, res: Res, *, allow_results: bool) -> State:
-        atts = _attachments(res)
-        if any(_has_bytes(a) for a in atts) or (res.ref in self.index.doc_refs and atts):
+        doc = res.document
+        assert doc is not None, "Needs keeps document facts for every document target"
+        if doc.has_bytes or (res.ref in self.index.doc_refs and doc.has_attachments):
             return State(True)
-        if res.type == "Composition" and _composition_text(res):
+        if doc.composition_text:
             return State(True)
-        results = [r for r in _ref_strings(res.data, "result")]
-        if allow_results and results:
+        if allow_results and doc.results:
             return State(True)
-        urls = [str(a.get("url")) for a in atts if a.get("url")]
+        urls = list(doc.urls)
         failure = self.ledger.for_keys(urls) if urls else None
         if failure is not None:
             return State(False, failure.code, f"{res.ref}: the document was not received - {failure.detail}", failure)
@@ -336,10 +599,10 @@ class Content:
             return State(False, R.RETRIEVAL_FAILED,
                          f"{res.ref} points at a document that was not retrieved ({len(urls)} attachment(s))")
         what = []
-        if res.data.get("conclusion") or res.data.get("conclusionCode"):
+        if doc.conclusion:
             what.append("a conclusion line")
-        if results:
-            what.append(f"{len(results)} structured result(s)")
+        if doc.results:
+            what.append(f"{doc.results} structured result(s)")
         if not what:
             what.append("metadata")
         return State(False, R.SUMMARY_ONLY, f"{res.ref} has only {' and '.join(what)}, no report text")
@@ -347,9 +610,11 @@ class Content:
     def _images(self, res: Res) -> State:
         if res.type != "ImagingStudy":
             return State(False, R.IMAGES_NOT_RETRIEVED, f"{res.ref} is not an imaging study")
-        uid = study_uid(res.data)
+        study = res.study
+        assert study is not None, "Needs keeps study facts for every image target"
+        uid = study.uid
         images = self.index.images_by_study.get(uid, []) if uid else []
-        listed = {str(i.get("uid")) for i in values_at(res.data, ["series", "instance"]) if isinstance(i, Mapping)}
+        listed = study.listed
         have = {i.sop_instance_uid for i in images}
         if not images:
             failure = self.ledger.for_study(uid, sorted(listed)) if uid else None
@@ -357,20 +622,17 @@ class Content:
                 return State(False, failure.code, f"{res.ref}: images not received - {failure.detail}", failure)
             return State(False, R.IMAGES_NOT_RETRIEVED, f"{res.ref}: no DICOM instances of this study in the record")
         problems = []
-        expected = res.data.get("numberOfInstances")
-        if isinstance(expected, int) and len(have) < expected:
+        expected = study.instances
+        if expected is not None and len(have) < expected:
             problems.append(f"{len(have)} of {expected} instances")
-        n_series = res.data.get("numberOfSeries")
+        n_series = study.series_count
         got_series = {i.series_instance_uid for i in images}
-        if isinstance(n_series, int) and len(got_series) < n_series:
+        if n_series is not None and len(got_series) < n_series:
             problems.append(f"{len(got_series)} of {n_series} series")
-        for s in res.data.get("series") or []:
-            if not isinstance(s, Mapping):
-                continue
-            n = s.get("numberOfInstances")
-            got = sum(1 for i in images if i.series_instance_uid == s.get("uid"))
-            if isinstance(n, int) and got < n:
-                problems.append(f"series {s.get('uid')}: {got} of {n} instances")
+        for s_uid, n in study.series:
+            got = sum(1 for i in images if i.series_instance_uid == s_uid)
+            if got < n:
+                problems.append(f"series {s_uid}: {got} of {n} instances")
         missing = sorted(listed - have)
         if missing and not problems:
             problems.append(f"{len(missing)} listed instance(s) absent")
@@ -433,12 +695,12 @@ class ItemResult:
 
 class Evaluator:
     def __init__(self, record: NormalizedRecord, ledger: Sequence[LedgerEntry], case: CaseInfo,
-                 sources: Sequence[SourceInfo]) -> None:
+                 sources: Sequence[SourceInfo], items: Sequence[Item]) -> None:
         self.record = record
         self.case = case
         self.sources = sorted(sources, key=lambda s: s.id)
         self.source_by_id = {s.id: s for s in self.sources}
-        self.index = RecordIndex(record, self.sources)
+        self.index = RecordIndex(record, self.sources, Needs(items))
         self.ledger = R.LedgerIndex(ledger, self.sources)
         self.content = Content(self.index, self.ledger)
         case_date = parse_date(case.case_date) if case.case_date else None
@@ -446,9 +708,8 @@ class Evaluator:
             self.reference_date: date | None = case_date
             self.reference_basis = "case-date"
         else:
-            dates = [r.date for r in self.index.items if r.date is not None and r.type != "Patient"]
-            self.reference_date = max(dates) if dates else None
-            self.reference_basis = "newest-record-date" if dates else "none"
+            self.reference_date = self.index.newest
+            self.reference_basis = "newest-record-date" if self.index.newest is not None else "none"
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -474,7 +735,7 @@ class Evaluator:
                     break
         label = label or res.type
         when = f" of {res.date.isoformat()}" if res.date else ""
-        disp = _display(res.data)
+        disp = res.display
         return f"the {label}{when}" + (f" ({disp})" if disp and disp.lower() != label.lower() else "")
 
     def target_types(self, sel: Selector) -> set[str]:
@@ -734,7 +995,7 @@ class Evaluator:
             enc_s = set().union(*(idx.resolved(s, p) for p in _ENCOUNTER_PATHS))
             return bool(enc_s & enc_t)
         if lk.via == "shared-identifier":
-            return bool(_identifiers(s.data) & _identifiers(t.data))
+            return bool(s.identifiers & t.identifiers)
         return False
 
 
@@ -769,10 +1030,10 @@ _STATE_ORDER = {R.ACCESS_DENIED: 0, R.NOT_FOUND_AT_SOURCE: 1, R.RETRIEVAL_FAILED
 def evaluate(checklist: Checklist, record: NormalizedRecord, ledger: Sequence[LedgerEntry], case: CaseInfo,
              sources: Sequence[SourceInfo]) -> dict[str, Any]:
     """The gap report of ``record`` against ``checklist`` (valid against gap-report.schema.json)."""
-    ev = Evaluator(record, ledger, case, sources)
     items = list(checklist.items)
     if not any(i.rule == "identity" for i in items):
         items.insert(0, Item(id="identity", title="One patient, identity confirmed", rule="identity"))
+    ev = Evaluator(record, ledger, case, sources, items)
     results = [ev.evaluate(i) for i in items]
     applicable = [r for r in results if r.status != "not-applicable"]
     score = sum(r.score for r in applicable) / len(applicable) if applicable else 1.0
@@ -804,7 +1065,7 @@ def evaluate(checklist: Checklist, record: NormalizedRecord, ledger: Sequence[Le
             for s in ev.sources
         ],
         "record": {
-            "resources": len(ev.index.items),
+            "resources": ev.index.count,
             "documents": len(record.documents),
             "images": len(record.images),
             "quarantined": len(record.quarantine),

@@ -423,3 +423,65 @@ def test_report_linked_to_its_study_does_not_borrow_a_nearby_one() -> None:
     report = run(record(res, imgs=imgs))
     assert gaps(report) == {"radiology-images": ["images-not-retrieved"]}
     assert item(report, "radiology-images")["gaps"][0]["resource"] == "ImagingStudy/is1"
+
+
+# --- what the index keeps ----------------------------------------------------------------------
+
+
+def _index(rec: NormalizedRecord, checklist: str = "oncology") -> Any:
+    from aggregator.checklist.engine import Item, Needs, RecordIndex
+
+    items = [*load_checklist(checklist).items, Item(id="identity", title="identity", rule="identity")]
+    return RecordIndex(rec, [HOSPITAL, PACS], Needs(items))
+
+
+def test_billing_and_unasked_resources_are_counted_not_kept() -> None:
+    res = complete_resources()
+    res["claim1"] = {"resourceType": "Claim", "id": "claim1", "status": "active", "created": "2026-03-02"}
+    res["eob1"] = {"resourceType": "ExplanationOfBenefit", "id": "eob1", "status": "active"}
+    res["hr1"] = {"resourceType": "Observation", "id": "hr1", "status": "final",
+                  "category": [cc("http://terminology.hl7.org/CodeSystem/observation-category", "vital-signs")],
+                  "code": cc(LOINC, "8867-4", "Heart rate"), "effectiveDateTime": "2026-03-09"}
+    rec = record(res)
+    idx = _index(rec)
+    kept = {r.ref for r in idx.items}
+    assert not kept & {"Claim/claim1", "ExplanationOfBenefit/eob1", "Observation/hr1"}
+    assert {"DiagnosticReport/path1", "Procedure/bx1", "Encounter/enc1", "Observation/lab1"} <= kept
+    assert not any(hasattr(r, "data") or hasattr(r, "__dict__") for r in idx.items)
+    # the report still counts every resource, and the newest date of any of them is the reference
+    report = run(rec, "oncology", case=CaseInfo("case-1", "oncology"))
+    assert report["record"]["resources"] == len(res)
+    assert report["reference_date"] == "2026-03-09"
+    assert gaps(report) == {}
+
+
+def test_sources_come_from_the_provenance_bytes_and_from_parsed_targets() -> None:
+    from aggregator.checklist.stream import entries
+
+    rec = record(complete_resources())
+    provs = [(e, t) for e, t in entries(rec) if e["resource"]["resourceType"] == "Provenance"]
+    assert len(provs) == 1 and provs[0][1] is not None and "target" not in provs[0][0]["resource"]
+    assert {r.ref: r.sources for r in _index(rec).items}["DiagnosticReport/path1"] == {1}
+    # a target that is not a plain reference: the Provenance is parsed whole, with the same result
+    bundle = rec.bundle
+    bundle["entry"][-1]["resource"]["target"][0]["display"] = "shown"
+    rec2 = NormalizedRecord(bundle=bundle, documents=rec.documents, images=rec.images, patient_ref="Patient/p1")
+    provs = [(e, t) for e, t in entries(rec2) if e["resource"]["resourceType"] == "Provenance"]
+    assert provs[0][1] is None and len(provs[0][0]["resource"]["target"]) == len(complete_resources())
+    assert {r.ref: r.sources for r in _index(rec2).items}["DiagnosticReport/path1"] == {1}
+
+
+@pytest.mark.parametrize("with_order", [True, False])
+def test_shared_basedon_spelled_two_ways_names_the_same_order(with_order: bool) -> None:
+    """The biopsy and its report share an order that the checklist never keeps: the two spellings
+    of its reference match only when the ServiceRequest is in the record."""
+    res = complete_resources()
+    res["path1"].pop("specimen")
+    res["path1"]["effectiveDateTime"] = "2026-06-30"  # beyond the date window of the biopsy
+    res["bx1"]["basedOn"] = [{"reference": u("sr1")}]
+    res["path1"]["basedOn"] = [{"reference": "ServiceRequest/sr1"}]
+    if with_order:
+        res["sr1"] = {"resourceType": "ServiceRequest", "id": "sr1", "status": "completed", "intent": "order"}
+    report = run(record(res), "oncology", case=CaseInfo("case-1", "oncology", case_date="2026-07-01"))
+    subjects = {s["ref"]: s for s in item(report, "pathology-report").get("subjects", [])}
+    assert ("DiagnosticReport/path1" in subjects["Procedure/bx1"]["linked"]) is with_order
