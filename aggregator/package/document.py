@@ -12,15 +12,19 @@ Determinism: ids are UUIDv5 of the case and the record content, the timestamp is
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import uuid
 from collections.abc import Sequence
+from contextlib import ExitStack
 from html import escape
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import orjson
 
 from aggregator import __version__
+from aggregator.checklist import stream
 from aggregator.model import CaseInfo, NormalizedRecord, SourceInfo
 from aggregator.package.manifest import TOOL_NAME
 
@@ -42,6 +46,9 @@ SECTIONS: tuple[tuple[str, str, str, str], ...] = (
 
 _MEDICATION_TYPES = frozenset({"MedicationRequest", "MedicationStatement", "MedicationAdministration",
                                "MedicationDispense"})
+#: every resource type that :func:`section_of` puts in a section, whatever its classes
+SECTION_TYPES = _MEDICATION_TYPES | frozenset({"Condition", "AllergyIntolerance", "ImagingStudy", "Procedure",
+                                               "DiagnosticReport", "DocumentReference", "Observation", "Composition"})
 
 
 def _classes(resource: dict[str, Any]) -> frozenset[str]:
@@ -133,9 +140,38 @@ def write_document(path: Path, case: CaseInfo, record: NormalizedRecord, sources
     """Write the FHIR R4 document Bundle for the package (Composition first, then every resource).
 
     Streamed: the record's entries are read twice (once to sort them into sections, once to copy
-    their bytes unchanged, one entry per line), so the package costs no more memory than the
-    section references, whatever the size of the record.
+    their bytes unchanged, one entry per line). The Composition's section entries, one reference
+    per sectioned resource, are spooled to unlinked files next to ``path`` and spliced into its
+    JSON as it is written, so memory stays flat whatever the size of the record.
     """
+    with ExitStack() as stack:
+        spools: dict[str, IO[bytes]] = {}
+        firsts: dict[str, str] = {}
+        counts: dict[str, int] = {key: 0 for key, *_ in SECTIONS}
+        for entry, _ in stream.entries(record):  # a Provenance's target list is not materialised
+            if not isinstance(entry.get("resource"), dict):
+                continue
+            key = section_of(entry["resource"])
+            if key is None:
+                continue
+            ref = _full_url(entry)
+            spool = spools.get(key)
+            if spool is None:
+                spool = spools[key] = stack.enter_context(tempfile.TemporaryFile(dir=path.parent))
+                firsts[key] = ref
+            else:
+                spool.write(b",")
+            spool.write(orjson.dumps({"reference": ref}))
+            counts[key] += 1
+        _write_document(path, case, record, sources, counts, spools, firsts)
+
+
+#: stands for a section's entry list in the Composition's JSON until the spooled list replaces it
+_SPLICE = "\x00section:"
+
+
+def _write_document(path: Path, case: CaseInfo, record: NormalizedRecord, sources: Sequence[SourceInfo],
+                    counts: dict[str, int], spools: dict[str, IO[bytes]], firsts: dict[str, str]) -> None:
     digest = record_digest(record)
     timestamp = document_timestamp(case, sources)
     patient = patient_entry(record)
@@ -149,30 +185,22 @@ def write_document(path: Path, case: CaseInfo, record: NormalizedRecord, sources
     }
     composition_id = _uuid(case.id, digest, "composition")
 
-    grouped: dict[str, list[str]] = {key: [] for key, *_ in SECTIONS}
-    for entry in record.entries():
-        if not isinstance(entry.get("resource"), dict):
-            continue
-        key = section_of(entry["resource"])
-        if key is not None:
-            grouped[key].append(_full_url(entry))
     sections = []
     for key, code, display, title in SECTIONS:
         section: dict[str, Any] = {
             "title": title,
             "code": {"coding": [{"system": LOINC, "code": code, "display": display}]},
         }
-        refs = grouped.pop(key)
-        if refs:
-            section["text"] = {"status": "generated", "div": _div(f"{len(refs)} resource(s) in this record.")}
-            section["entry"] = [{"reference": r} for r in refs]
+        n = counts[key]
+        if n:
+            section["text"] = {"status": "generated", "div": _div(f"{n} resource(s) in this record.")}
+            section["entry"] = [_SPLICE + key]
         else:
             section["text"] = {"status": "generated", "div": _div("None found in the gathered record.")}
             section["emptyReason"] = {"coding": [{
                 "system": "http://terminology.hl7.org/CodeSystem/list-empty-reason",
                 "code": "unavailable", "display": "Unavailable"}]}
         sections.append(section)
-        del refs
 
     composition: dict[str, Any] = {
         "resourceType": "Composition",
@@ -216,12 +244,13 @@ def write_document(path: Path, case: CaseInfo, record: NormalizedRecord, sources
         "timestamp": timestamp,
         "entry": [first, *last],
     }
-    validate_document_shell(shell)
+    validate_document_shell(shell, firsts)
     head = orjson.dumps({**shell, "entry": []})
     assert head.endswith(b"[]}")
     skip = (b'{"fullUrl":' + orjson.dumps(_full_url(patient)) + b",") if patient is not None else None
     with open(path, "wb") as f:
-        f.write(head[:-2] + b"\n" + orjson.dumps(first))
+        f.write(head[:-2] + b"\n")
+        _write_spliced(f, orjson.dumps(first), spools)
         if patient is not None:
             f.write(b",\n" + orjson.dumps(patient))
         for line in record.lines():
@@ -245,17 +274,48 @@ def _source_text(s: SourceInfo) -> str:
     return ", ".join(parts)
 
 
-def validate_document_shell(bundle: dict[str, Any]) -> None:
+def _write_spliced(f: IO[bytes], data: bytes, spools: dict[str, IO[bytes]]) -> None:
+    """Write ``data`` with each section's placeholder replaced by its spooled entry list."""
+    pos = 0
+    for key in sorted(spools, key=lambda k: data.index(orjson.dumps(_SPLICE + k))):
+        mark = orjson.dumps(_SPLICE + key)
+        at = data.index(mark, pos)
+        f.write(data[pos:at])
+        spool = spools[key]
+        spool.seek(0)
+        shutil.copyfileobj(spool, f, 1 << 20)
+        pos = at + len(mark)
+    f.write(data[pos:])
+
+
+def _first_entries(bundle: dict[str, Any], firsts: dict[str, str]) -> dict[str, Any]:
+    """The shell with each spliced section's entry list as its first reference (the rest are alike)."""
+    comp = bundle["entry"][0]["resource"]
+    sections = []
+    for section in comp.get("section") or []:
+        entry = section.get("entry")
+        if isinstance(entry, list) and len(entry) == 1 and isinstance(entry[0], str) and entry[0].startswith(_SPLICE):
+            section = {**section, "entry": [{"reference": firsts[entry[0][len(_SPLICE):]]}]}
+        sections.append(section)
+    first = {**bundle["entry"][0], "resource": {**comp, "section": sections}}
+    return {**bundle, "entry": [first, *bundle["entry"][1:]]}
+
+
+def validate_document_shell(bundle: dict[str, Any], firsts: dict[str, str] | None = None) -> None:
     """Validate what this module adds (Composition, Device, Provenance, Bundle fields) with R4B.
 
     The record's own resources were validated by normalization; re-validating a large record
-    here would only cost time. Raises :class:`PackageError` naming the resource on failure.
+    here would only cost time. Each Composition section is validated with its first entry only:
+    every entry is the same ``{"reference": fullUrl}`` shape, and a section of a large record
+    lists a hundred thousand of them. Raises :class:`PackageError` naming the resource on failure.
     """
     from fhir.resources.R4B.bundle import Bundle
     from pydantic import ValidationError
 
     from aggregator.errors import PackageError
 
+    if firsts is not None:
+        bundle = _first_entries(bundle, firsts)
     entries = bundle["entry"]
     shell = dict(bundle)
     shell["entry"] = [entries[0], *entries[-2:]]
