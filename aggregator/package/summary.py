@@ -20,9 +20,10 @@ from typing import Any
 
 from aggregator import __version__
 from aggregator.blobs import BlobStore
+from aggregator.checklist import stream
 from aggregator.model import CaseInfo, DocumentFile, NormalizedRecord, SourceInfo
 from aggregator.package.dicomdir import PlacedImage
-from aggregator.package.document import patient_entry, section_of
+from aggregator.package.document import SECTION_TYPES, patient_entry, section_of
 from aggregator.package.manifest import TOOL_NAME
 
 MAX_INLINE_TEXT = 2 << 20
@@ -109,33 +110,145 @@ def quantity_text(res: Mapping[str, Any]) -> tuple[str, str]:
 
 #: resource types the summary looks up by reference besides the ones its sections show
 _LOOKED_UP = frozenset({"Medication", "Observation", "ImagingStudy"})
+#: resource types a reference from a card or a medication can resolve to (as in a by-reference map
+#: of everything a section shows or links to: not claims, encounters...)
+_BY_REF_TYPES = SECTION_TYPES | _LOOKED_UP
+
+
+def _ref_key(ref: Any) -> str | None:
+    """The key a Reference (or a plain reference string) is looked up by."""
+    if isinstance(ref, Mapping):
+        ref = ref.get("reference")
+    return str(ref) if ref else None
+
+
+class _Lab:
+    """One lab test (per code) while the record streams: its latest value and how many values."""
+
+    __slots__ = ("count", "date", "latest", "title")
+
+    def __init__(self, res: dict[str, Any]) -> None:
+        self.title = cc_text(res.get("code")).lower()
+        """Sort key: the code text of the test's first value in the record."""
+        self.count = 1
+        self.date = res_date(res)
+        self.latest = res
+
+    def add(self, res: dict[str, Any]) -> None:
+        self.count += 1
+        when = res_date(res)
+        if when >= self.date:  # a stable sort by date would put the last of equal dates last
+            self.date = when
+            self.latest = res
 
 
 class _Index:
-    """Resources of the record by fullUrl / Type/id, and documents by package path."""
+    """What the summary shows, gathered while the record streams past, and documents by path.
 
-    def __init__(self, record: NormalizedRecord, blobs: BlobStore) -> None:
+    Why not the resources themselves: a large record holds tens of thousands of Observations,
+    medications and conditions. Each section keeps only what it prints: the rows of its table
+    (already escaped), one latest Observation per lab test, the few report cards in full (their
+    text is printed whole); references from cards and medications are looked up in one more pass
+    that keeps only what those lines show.
+    """
+
+    def __init__(self, record: NormalizedRecord, blobs: BlobStore,
+                 images_by_study: Mapping[str, list[PlacedImage]]) -> None:
         self.record = record
         self.blobs = blobs
-        self.by_ref: dict[str, dict[str, Any]] = {}
-        self.by_section: dict[str, list[dict[str, Any]]] = {}
-        for entry in record.entries():
+        self.images_by_study = images_by_study
+        self.docs = {d.path: d for d in record.documents}
+        self.docs_by_ref: dict[str, list[DocumentFile]] = {}
+        for d in record.documents:
+            self.docs_by_ref.setdefault(d.resource_ref, []).append(d)
+        self.problems: list[tuple[str, tuple[str, ...]]] = []
+        self.pathology: list[dict[str, Any]] = []
+        self.radiology: list[dict[str, Any]] = []
+        self.studies: list[tuple[str, str, tuple[str, ...]]] = []
+        self.labs: dict[str, _Lab] = {}
+        self.medications: list[tuple[str, dict[str, Any]]] = []
+        self.allergies: list[tuple[str, ...]] = []
+        self.notes: list[tuple[str, tuple[str, ...]]] = []
+        self.lookups: dict[str, dict[str, Any] | None] = {}
+        """Resources that cards and medication rows reference, by reference key (None: not found)."""
+        for entry, _ in stream.entries(record):
             res = entry.get("resource") or {}
             key = section_of(res)
             if key:
-                self.by_section.setdefault(key, []).append(res)
-            elif res.get("resourceType") not in _LOOKED_UP:
-                continue  # only what a section shows or links to is kept (not claims, encounters...)
-            if entry.get("fullUrl"):
-                self.by_ref[str(entry["fullUrl"])] = res
-            if res.get("resourceType") and res.get("id"):
-                self.by_ref[f"{res['resourceType']}/{res['id']}"] = res
-        self.docs = {d.path: d for d in record.documents}
+                self._add(key, res)
+        if self.lookups:
+            self._look_up()
+
+    def _want(self, ref: Any) -> None:
+        key = _ref_key(ref)
+        if key:
+            self.lookups[key] = None
+
+    def _add(self, key: str, res: dict[str, Any]) -> None:
+        rtype = res.get("resourceType")
+        if key == "problems":
+            self.problems.append((res_date(res), _problem_row(res)))
+        elif key == "pathology" or (key == "imaging" and rtype != "ImagingStudy"):
+            (self.pathology if key == "pathology" else self.radiology).append(res)
+            for ref in [*(res.get("result") or []), *(res.get("imagingStudy") or [])]:
+                self._want(ref)
+        elif key == "imaging":
+            self.studies.append((res_date(res), _study_uid(res), self._study_row(res)))
+        elif key == "results" and rtype == "Observation":
+            code = res.get("code") or {}
+            codings = code.get("coding") or [{}]
+            first = codings[0] if isinstance(codings[0], dict) else {}
+            lab = f"{first.get('system', '')}|{first.get('code', '')}" if first.get("code") else cc_text(code)
+            if lab in self.labs:
+                self.labs[lab].add(res)
+            else:
+                self.labs[lab] = _Lab(res)
+        elif key == "medications":
+            med = cc_text(res.get("medicationCodeableConcept"))
+            if not med:
+                self._want(res.get("medicationReference"))
+            dosage = "; ".join(str(d.get("text")) for d in (res.get("dosageInstruction") or res.get("dosage") or [])
+                               if isinstance(d, Mapping) and d.get("text"))
+            fallback = str((res.get("medicationReference") or {}).get("display") or "")
+            self.medications.append((res_date(res), {
+                "med": med, "ref": _ref_key(res.get("medicationReference")), "fallback": fallback,
+                "status": _e(res.get("status") or ""), "date": _e(res_date(res)), "dosage": _e(dosage),
+                "kind": _e(rtype)}))
+        elif key == "allergies":
+            reactions = "; ".join(cc_text(m) for r in res.get("reaction") or [] if isinstance(r, Mapping)
+                                  for m in r.get("manifestation") or [])
+            self.allergies.append((_e(cc_text(res.get("code"))), _e(cc_text(res.get("clinicalStatus"))),
+                                   _e(res.get("criticality") or ""), _e(reactions), _e(res_date(res))))
+        elif key == "notes":
+            title = cc_text(res.get("type")) or cc_text(res.get("code")) or res.get("description") or ""
+            links = "<br>".join(_link(d) for d in self.doc_links(res)) or '<span class="muted">no document file</span>'
+            self.notes.append((res_date(res), (_e(res_date(res)), _e(title), _e(rtype), links)))
+
+    def _study_row(self, s: dict[str, Any]) -> tuple[str, ...]:
+        uid = _study_uid(s)
+        placed = self.images_by_study.get(uid, [])
+        n_series = len({p.image.series_instance_uid for p in placed})
+        return (_e(res_date(s)), _e(s.get("description") or ""), _e(s.get("numberOfSeries", "")),
+                _e(s.get("numberOfInstances", "")), f"{n_series} / {len(placed)}", _e(placed_folder(placed)))
+
+    def _look_up(self) -> None:
+        """Fill :attr:`lookups` in one more pass, keeping only the resources referenced (the last
+        resource under a key wins, as in a map built in bundle order)."""
+        for entry, _ in stream.entries(self.record):
+            res = entry.get("resource") or {}
+            rtype = res.get("resourceType")
+            if rtype not in _BY_REF_TYPES:
+                continue
+            keys = [str(entry["fullUrl"])] if entry.get("fullUrl") else []
+            if rtype and res.get("id"):
+                keys.append(f"{rtype}/{res['id']}")
+            for key in keys:
+                if key in self.lookups:
+                    self.lookups[key] = res
 
     def get(self, ref: Any) -> dict[str, Any] | None:
-        if isinstance(ref, Mapping):
-            ref = ref.get("reference")
-        return self.by_ref.get(str(ref)) if ref else None
+        key = _ref_key(ref)
+        return self.lookups.get(key) if key else None
 
     def attachment_text(self, att: Mapping[str, Any]) -> str | None:
         """Full text of a text attachment (inline data or a package document), else None."""
@@ -163,7 +276,7 @@ class _Index:
             if isinstance(att, Mapping) and (doc := self.docs.get(str(att.get("url") or ""))):
                 out.append(doc)
         ref = f"{res.get('resourceType')}/{res.get('id')}"
-        out += [d for d in self.record.documents if d.resource_ref == ref and d not in out]
+        out += [d for d in self.docs_by_ref.get(ref, ()) if d not in out]
         return out
 
 
@@ -203,13 +316,20 @@ def _patient(record: NormalizedRecord, case: CaseInfo) -> str:
     return "<h2 id=\"patient\">Patient</h2>" + _table(("", ""), rows, "")
 
 
-def _problems(idx: _Index, by_section: dict[str, list[dict[str, Any]]]) -> str:
-    rows = []
-    for res in sorted(by_section.get("problems", []), key=lambda r: res_date(r), reverse=True):
-        rows.append((_e(cc_text(res.get("code"))), _e(cc_text(res.get("clinicalStatus"))),
-                     _e(cc_text(res.get("verificationStatus"))),
-                     _e(_first(res, "onsetDateTime", "onsetPeriod.start", "onsetString") or ""),
-                     _e(res.get("recordedDate") or "")))
+def _problem_row(res: Mapping[str, Any]) -> tuple[str, ...]:
+    return (_e(cc_text(res.get("code"))), _e(cc_text(res.get("clinicalStatus"))),
+            _e(cc_text(res.get("verificationStatus"))),
+            _e(_first(res, "onsetDateTime", "onsetPeriod.start", "onsetString") or ""),
+            _e(res.get("recordedDate") or ""))
+
+
+def _newest_first(rows: list[tuple[str, Any]]) -> list[Any]:
+    """Rows by date, newest first; rows of equal dates keep their bundle order (a stable sort)."""
+    return [row for _, row in sorted(rows, key=lambda r: r[0], reverse=True)]
+
+
+def _problems(idx: _Index) -> str:
+    rows = _newest_first(idx.problems)
     return "<h2 id=\"problems\">Problem list</h2>" + _table(
         ("Condition", "Clinical status", "Verification", "Onset", "Recorded"), rows, "No conditions in the record.")
 
@@ -261,83 +381,57 @@ def _study_line(study: Mapping[str, Any], images_by_study: Mapping[str, list[Pla
             f"{_e(study.get('numberOfInstances', ''))} instance(s); {where}")
 
 
-def _labs(by_section: dict[str, list[dict[str, Any]]]) -> str:
-    latest: dict[str, list[dict[str, Any]]] = {}
-    for res in by_section.get("results", []):
-        if res.get("resourceType") != "Observation":
-            continue
-        code = res.get("code") or {}
-        codings = code.get("coding") or [{}]
-        first = codings[0] if isinstance(codings[0], dict) else {}
-        key = f"{first.get('system', '')}|{first.get('code', '')}" if first.get("code") else cc_text(code)
-        latest.setdefault(key, []).append(res)
+def _labs(idx: _Index) -> str:
     rows = []
-    for key in sorted(latest, key=lambda k: cc_text(latest[k][0].get("code")).lower()):
-        series = sorted(latest[key], key=res_date)
-        last = series[-1]
+    for key in sorted(idx.labs, key=lambda k: idx.labs[k].title):
+        lab = idx.labs[key]
+        last = lab.latest
         v, u = quantity_text(last)
         ref = _first(last, "referenceRange.text")
         if not ref and isinstance(rr := _first(last, "referenceRange"), Mapping):
             ref = f"{(rr.get('low') or {}).get('value', '')}-{(rr.get('high') or {}).get('value', '')}"
         rows.append((_e(cc_text(last.get("code"))), _e(v), _e(u), _e(res_date(last)), _e(ref or ""),
-                     _e(cc_text(_first(last, "interpretation"))), str(len(series))))
+                     _e(cc_text(_first(last, "interpretation"))), str(lab.count)))
     return "<h2 id=\"labs\">Laboratory and other results (latest value per test)</h2>" + _table(
         ("Test", "Value", "Unit", "Date", "Reference range", "Interpretation", "Values in record"), rows,
         "No results in the record.")
 
 
-def _medications(idx: _Index, by_section: dict[str, list[dict[str, Any]]]) -> str:
+def _medications(idx: _Index) -> str:
     rows = []
-    for res in sorted(by_section.get("medications", []), key=res_date, reverse=True):
-        med = cc_text(res.get("medicationCodeableConcept"))
-        if not med and (m := idx.get(res.get("medicationReference"))):
+    for row in _newest_first(idx.medications):
+        med = row["med"]
+        if not med and (m := idx.get(row["ref"])):
             med = cc_text(m.get("code"))
-        med = med or str((res.get("medicationReference") or {}).get("display") or "")
-        dosage = "; ".join(str(d.get("text")) for d in (res.get("dosageInstruction") or res.get("dosage") or [])
-                           if isinstance(d, Mapping) and d.get("text"))
-        rows.append((_e(med), _e(res.get("status") or ""), _e(res_date(res)), _e(dosage), _e(res.get("resourceType"))))
+        med = med or row["fallback"]
+        rows.append((_e(med), row["status"], row["date"], row["dosage"], row["kind"]))
     return "<h2 id=\"medications\">Medications</h2>" + _table(
         ("Medication", "Status", "Date", "Dosage", "Kind"), rows, "No medications in the record.")
 
 
-def _allergies(by_section: dict[str, list[dict[str, Any]]]) -> str:
-    rows = []
-    for res in by_section.get("allergies", []):
-        reactions = "; ".join(cc_text(m) for r in res.get("reaction") or [] if isinstance(r, Mapping)
-                              for m in r.get("manifestation") or [])
-        rows.append((_e(cc_text(res.get("code"))), _e(cc_text(res.get("clinicalStatus"))),
-                     _e(res.get("criticality") or ""), _e(reactions), _e(res_date(res))))
+def _allergies(idx: _Index) -> str:
+    rows = idx.allergies
     return "<h2 id=\"allergies\">Allergies and intolerances</h2>" + _table(
         ("Substance", "Status", "Criticality", "Reactions", "Recorded"), rows, "No allergies in the record.")
 
 
-def _notes(idx: _Index, by_section: dict[str, list[dict[str, Any]]]) -> str:
-    rows = []
-    for res in sorted(by_section.get("notes", []), key=res_date, reverse=True):
-        title = cc_text(res.get("type")) or cc_text(res.get("code")) or res.get("description") or ""
-        links = "<br>".join(_link(d) for d in idx.doc_links(res)) or '<span class="muted">no document file</span>'
-        rows.append((_e(res_date(res)), _e(title), _e(res.get("resourceType")), links))
+def _notes(idx: _Index) -> str:
+    rows = _newest_first(idx.notes)
     return "<h2 id=\"notes\">Clinical notes and documents</h2>" + _table(
         ("Date", "Title", "Kind", "Document"), rows, "No clinical notes in the record.")
 
 
-def _imaging(idx: _Index, by_section: dict[str, list[dict[str, Any]]], placed: Sequence[PlacedImage],
-             images_by_study: Mapping[str, list[PlacedImage]]) -> str:
-    reports = [r for r in by_section.get("imaging", []) if r.get("resourceType") != "ImagingStudy"]
-    studies = [r for r in by_section.get("imaging", []) if r.get("resourceType") == "ImagingStudy"]
+def _imaging(idx: _Index, placed: Sequence[PlacedImage], images_by_study: Mapping[str, list[PlacedImage]]) -> str:
+    reports = idx.radiology
     out = ["<h2 id=\"radiology\">Radiology reports</h2>"]
     out += [_report_card(idx, r, images_by_study) for r in sorted(reports, key=res_date, reverse=True)]
     if not reports:
         out.append('<p class="muted">No radiology reports in the record.</p>')
     rows = []
     described = set()
-    for s in sorted(studies, key=res_date, reverse=True):
-        uid = _study_uid(s)
+    for uid, row in _newest_first([(when, (uid, row)) for when, uid, row in idx.studies]):
         described.add(uid)
-        n_series = len({p.image.series_instance_uid for p in images_by_study.get(uid, [])})
-        rows.append((_e(res_date(s)), _e(s.get("description") or ""), _e(s.get("numberOfSeries", "")),
-                     _e(s.get("numberOfInstances", "")), f"{n_series} / {len(images_by_study.get(uid, []))}",
-                     _e(placed_folder(images_by_study.get(uid, [])))))
+        rows.append(row)
     for uid, items in sorted(images_by_study.items()):
         if uid not in described:
             n_series = len({p.image.series_instance_uid for p in items})
@@ -411,12 +505,11 @@ def render_summary(case: CaseInfo, record: NormalizedRecord, gap_report: Mapping
                    sources: Sequence[SourceInfo], placed: Sequence[PlacedImage], blobs: BlobStore,
                    timestamp: str) -> str:
     """summary.html: the consultant's clinical summary, one self-contained page."""
-    idx = _Index(record, blobs)
-    by_section = idx.by_section
     images_by_study: dict[str, list[PlacedImage]] = {}
     for p in placed:
         images_by_study.setdefault(p.image.study_instance_uid, []).append(p)
-    pathology = sorted(by_section.get("pathology", []), key=res_date, reverse=True)
+    idx = _Index(record, blobs, images_by_study)
+    pathology = sorted(idx.pathology, key=res_date, reverse=True)
     nav = "".join(f'<a href="#{a}">{t}</a>' for a, t in (
         ("patient", "Patient"), ("gaps", "Gaps"), ("problems", "Problems"), ("pathology", "Pathology"),
         ("radiology", "Radiology"), ("imaging", "Imaging"), ("labs", "Labs"), ("medications", "Medications"),
@@ -426,15 +519,15 @@ def render_summary(case: CaseInfo, record: NormalizedRecord, gap_report: Mapping
         f"{_e(TOOL_NAME)} {_e(__version__)}</p><nav>{nav}</nav>",
         _patient(record, case),
         _gaps(gap_report),
-        _problems(idx, by_section),
+        _problems(idx),
         "<h2 id=\"pathology\">Pathology reports</h2>",
         "".join(_report_card(idx, r, images_by_study) for r in pathology)
         or '<p class="muted">No pathology reports in the record.</p>',
-        _imaging(idx, by_section, placed, images_by_study),
-        _labs(by_section),
-        _medications(idx, by_section),
-        _allergies(by_section),
-        _notes(idx, by_section),
+        _imaging(idx, placed, images_by_study),
+        _labs(idx),
+        _medications(idx),
+        _allergies(idx),
+        _notes(idx),
         _sources(record, sources),
     ]
     return _page(f"Second-opinion record - case {case.id}", "\n".join(body))

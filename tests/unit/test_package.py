@@ -383,3 +383,47 @@ def test_real_dicom_cd_goes_into_the_package(shared_data: Path, tmp_path: Path, 
     patient_ids = {str(pydicom.dcmread(f, stop_before_pixels=True).PatientID)
                    for f in [Path(_testfile("CT_small.dcm")), *files]}
     assert sorted(fs.find_values("PatientID")) == sorted(patient_ids)
+
+
+def test_summary_and_document_read_references_both_ways(tmp_path: Path, blobs: BlobStore) -> None:
+    """The summary keeps rows, not resources: references from cards and medication rows are looked
+    up whether they point back or forward in the bundle; ties in a lab's dates go to the later value;
+    the document's sections list their resources in bundle order."""
+    lab_cat = [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                            "code": "laboratory"}]}]
+    glu = {"coding": [{"system": "http://loinc.org", "code": "2345-7", "display": "Glucose"}]}
+    resources: list[dict[str, Any]] = [
+        {"resourceType": "Patient", "id": _id(1)},
+        {"resourceType": "MedicationRequest", "id": _id(2), "status": "active", "intent": "order",
+         "subject": _ref(1), "medicationReference": _ref(3), "authoredOn": "2024-01-11"},
+        {"resourceType": "Medication", "id": _id(3), "code": {"text": "Letrozole 2.5 mg"}},
+        {"resourceType": "Observation", "id": _id(4), "status": "final", "category": lab_cat, "code": glu,
+         "effectiveDateTime": "2024-01-02", "valueQuantity": {"value": 5.5, "unit": "mmol/L"}},
+        {"resourceType": "DiagnosticReport", "id": _id(5), "status": "final", "subject": _ref(1),
+         "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "RAD"}]}],
+         "code": {"text": "CT chest"}, "effectiveDateTime": "2024-01-03", "result": [_ref(6), _ref(4)]},
+        {"resourceType": "Observation", "id": _id(6), "status": "final", "code": {"text": "Nodule size"},
+         "effectiveDateTime": "2024-01-03", "valueQuantity": {"value": 8, "unit": "mm"}},
+        {"resourceType": "Observation", "id": _id(7), "status": "final", "category": lab_cat, "code": glu,
+         "effectiveDateTime": "2024-01-02", "valueQuantity": {"value": 6.25, "unit": "mmol/L"}},
+        {"resourceType": "Provenance", "id": _id(8), "target": [_ref(n) for n in range(1, 8)],
+         "recorded": "2024-02-01T00:00:00Z", "agent": [{"who": {"display": "source 1"}}]},
+    ]
+    bundle = {"resourceType": "Bundle", "type": "collection",
+              "entry": [{"fullUrl": f"urn:uuid:{r['id']}", "resource": r} for r in resources]}
+    record = NormalizedRecord(bundle=bundle, patient_ref=f"Patient/{_id(1)}")
+    pkg = write_package(tmp_path / "pkg", CASE, record, GAPS, blobs, SOURCES)
+    assert verify_package(pkg) == []
+    html = (pkg / "summary.html").read_text()
+    assert "Letrozole 2.5 mg" in html  # a medication defined after the request
+    assert "<p>Nodule size: 8 mm</p>" in html and "<p>Glucose: 5.5 mmol/L</p>" in html  # forward and back
+    labs = html[html.index('id="labs"'):html.index('id="medications"')]
+    assert "6.25" in labs and "5.5" not in labs and "<td>2</td>" in labs
+    doc = json.loads((pkg / "fhir/bundle.json").read_text())
+    Bundle.model_validate(doc)
+    sections = {s["title"]: [e["reference"] for e in s.get("entry", [])]
+                for s in doc["entry"][0]["resource"]["section"]}
+    assert sections["Laboratory and other results"] == [f"urn:uuid:{_id(n)}" for n in (4, 6, 7)]
+    assert sections["Imaging: reports and studies"] == [f"urn:uuid:{_id(5)}"]
+    assert sections["Medications"] == [f"urn:uuid:{_id(2)}"]
+    assert sections["Problem list"] == []
