@@ -21,7 +21,7 @@ newest date in the record when the case has none).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date
 from typing import Any, NamedTuple
 
@@ -214,6 +214,11 @@ class _Plan:
     display: bool = False
     paths: frozenset[str] = frozenset()
     identifiers: bool = False
+    window: int | None = None
+    """Days: every rule that matches the resource needs it only while it is at most this old
+    (windowed presence candidates and subjects); None: needed whatever its date."""
+    stale_for: tuple[Selector, ...] = ()
+    """The presence selectors among those rules: a gap there cites the newest stale candidate's date."""
 
     def __or__(self, other: _Plan) -> _Plan:
         return _Plan(self.keep or other.keep, self.document or other.document, self.images or other.images,
@@ -235,16 +240,17 @@ class Needs:
     """
 
     def __init__(self, items: Iterable[Item]) -> None:
-        self._rules: list[tuple[Selector, _Plan]] = []
+        self._rules: list[tuple[Selector, _Plan, int | None, bool]] = []
+        """(selector, facts, window in days or None, is a presence candidate)"""
         for item in items:
             self._add_item(item)
         self._cache: dict[tuple[str, frozenset[str]], _Plan] = {}
 
     def _add_item(self, item: Item) -> None:
         if item.applies_if is not None:
-            self._rules.append((item.applies_if, _Plan(keep=True)))
-        for comp in item.components:
-            self._rules.append((comp, _content_plan(comp)))
+            self._rules.append((item.applies_if, _Plan(keep=True), None, False))
+        for comp in item.components:  # components are only ever read by the presence rule
+            self._rules.append((comp, _content_plan(comp), comp.within_days, True))
         if item.target is not None:
             target = _content_plan(item.target)
             if item.rule == "each" and item.subjects is not None:
@@ -262,12 +268,15 @@ class Needs:
                         t_paths.update(_ENCOUNTER_PATHS)
                     elif lk.via == "shared-identifier":
                         idents = True
+                # each() only looks at fresh subjects, but at every target (and at their dates)
                 self._rules.append((item.subjects, _Plan(keep=True, display=True, paths=frozenset(s_paths),
-                                                         identifiers=idents)))
+                                                         identifiers=idents), item.subjects.within_days, False))
                 target = target | _Plan(keep=True, paths=frozenset(t_paths), identifiers=idents)
-            self._rules.append((item.target, target))
+                self._rules.append((item.target, target, None, False))
+            else:
+                self._rules.append((item.target, target, item.target.within_days, item.rule == "presence"))
         if item.summaries:
-            self._rules.append((Selector(classes_any=item.summaries), _Plan(keep=True)))
+            self._rules.append((Selector(classes_any=item.summaries), _Plan(keep=True), None, False))
 
     def plan(self, rtype: str, classes: frozenset[str]) -> _Plan:
         """The facts to keep of a resource of this type and classes (nothing: do not keep it)."""
@@ -275,9 +284,20 @@ class Needs:
         got = self._cache.get(key)
         if got is None:
             got = _NOTHING
-            for sel, plan in self._rules:
+            windows: list[int] = []
+            unbounded = False
+            stale_for: list[Selector] = []
+            for sel, plan, window, presence in self._rules:
                 if sel.matches(rtype, classes):
                     got = got | plan
+                    if window is None:
+                        unbounded = True
+                    else:
+                        windows.append(window)
+                        if presence:
+                            stale_for.append(sel)
+            if got.keep and windows and not unbounded:
+                got = replace(got, window=max(windows), stale_for=tuple(stale_for))
             self._cache[key] = got
         return got
 
@@ -300,9 +320,14 @@ class RecordIndex:
     """
 
     def __init__(self, record: NormalizedRecord, sources: Sequence[SourceInfo], needs: Needs,
-                 classify_fn: Callable[[Mapping[str, Any]], frozenset[str]] = classify) -> None:
+                 classify_fn: Callable[[Mapping[str, Any]], frozenset[str]] = classify, *,
+                 reference: date | None = None) -> None:
         self.record = record
         self.needs = needs
+        self.reference = reference
+        """The case date, when the case has one: freshness windows count back from it."""
+        self.stale_newest: dict[Selector, date] = {}
+        """Presence selector -> newest date of its candidates that were too old to keep."""
         self.items: list[Res] = []
         self.by_key: dict[str, Res] = {}
         self.aliases: dict[str, str] = {}
@@ -354,7 +379,7 @@ class RecordIndex:
             self.newest = when
         classes = classify_fn(res)
         plan = self.needs.plan(rtype, classes)
-        if not plan.keep:
+        if not plan.keep or self._too_old(plan, when):
             return
         r = Res(f"{rtype}/{rid}", self._share(rtype), self._share(classes), self._share(when), self._share(status))
         r.sources = self._share(_meta_sources(res, self._names))
@@ -373,6 +398,24 @@ class RecordIndex:
         for key in (r.ref, f"urn:uuid:{rid}", full):
             if key:
                 self.by_key[key] = r
+
+    def _too_old(self, plan: _Plan, when: date | None) -> bool:
+        """Whether every rule that wants this resource will find it outside its window.
+
+        Why: a long record is mostly history, and "recent labs" reads only the recent ones; of the
+        rest a gap cites only the newest date. The reference date is the case date, or (without
+        one) the newest date in the record, which is never older than the newest seen so far.
+        """
+        if plan.window is None or when is None:
+            return False
+        ref = self.reference or self.newest
+        if ref is None or (ref - when).days <= plan.window:
+            return False
+        for sel in plan.stale_for:
+            old = self.stale_newest.get(sel)
+            if old is None or when > old:
+                self.stale_newest[sel] = when
+        return True
 
     @staticmethod
     def _date(rtype: str, res: Mapping[str, Any]) -> date | None:
@@ -700,10 +743,10 @@ class Evaluator:
         self.case = case
         self.sources = sorted(sources, key=lambda s: s.id)
         self.source_by_id = {s.id: s for s in self.sources}
-        self.index = RecordIndex(record, self.sources, Needs(items))
+        case_date = parse_date(case.case_date) if case.case_date else None
+        self.index = RecordIndex(record, self.sources, Needs(items), reference=case_date)
         self.ledger = R.LedgerIndex(ledger, self.sources)
         self.content = Content(self.index, self.ledger)
-        case_date = parse_date(case.case_date) if case.case_date else None
         if case_date is not None:
             self.reference_date: date | None = case_date
             self.reference_basis = "case-date"
@@ -746,7 +789,8 @@ class Evaluator:
             out.update(_TYPES_FOR_PREFIX.get(c, _TYPES_FOR_PREFIX.get(c.split(":")[0], ())))
         return out or {"DiagnosticReport", "DocumentReference", "Observation", "Binary"}
 
-    def absent_reason(self, sel: Selector, item: Item, near: Res | None, stale: list[Res]) -> R.Reason:
+    def absent_reason(self, sel: Selector, item: Item, near: Res | None, stale: list[Res],
+                      dropped: date | None = None) -> R.Reason:
         """Why nothing usable was found: summaries, ledger failures, pending sources, not found."""
         images = sel.content == "images"
         if item.summaries:
@@ -764,8 +808,9 @@ class Evaluator:
             return R.Reason(R.PENDING, f"source {R.names(pending)} has not been pulled yet", pending[0].id)
         if images:
             return R.Reason(R.IMAGES_NOT_RETRIEVED, "no imaging study with DICOM instances is linked to this report")
-        if stale:
-            newest = max(r.date for r in stale if r.date is not None)
+        if stale or dropped is not None:
+            # candidates too old to keep (see RecordIndex._too_old) count with their newest date
+            newest = max([r.date for r in stale if r.date is not None] + ([dropped] if dropped else []))
             return R.Reason(R.NOT_FOUND, f"nothing recent at any source: the newest is from {newest.isoformat()}, "
                                          f"older than {sel.within_days} days before {self.ref_text()}")
         return R.Reason(R.NOT_FOUND, "not found at any source")
@@ -864,7 +909,7 @@ class Evaluator:
                 reason = R.Reason(st.reason.code, st.detail, st.reason.source_id, st.reason.key)
             gap = self.make_gap(reason, item, request, "", where_res=r, resource=r, component=component)
             return False, gap, {g.ref for g in good}, True
-        reason = self.absent_reason(sel, item, None, stale)
+        reason = self.absent_reason(sel, item, None, stale, self.index.stale_newest.get(sel))
         gap = self.make_gap(reason, item, request, "", where_res=None, component=component,
                             images=sel.content == "images")
         return False, gap, {g.ref for g in good}, bool(good)

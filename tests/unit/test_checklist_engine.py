@@ -428,11 +428,11 @@ def test_report_linked_to_its_study_does_not_borrow_a_nearby_one() -> None:
 # --- what the index keeps ----------------------------------------------------------------------
 
 
-def _index(rec: NormalizedRecord, checklist: str = "oncology") -> Any:
+def _index(rec: NormalizedRecord, checklist: str = "oncology", reference: Any = None) -> Any:
     from aggregator.checklist.engine import Item, Needs, RecordIndex
 
     items = [*load_checklist(checklist).items, Item(id="identity", title="identity", rule="identity")]
-    return RecordIndex(rec, [HOSPITAL, PACS], Needs(items))
+    return RecordIndex(rec, [HOSPITAL, PACS], Needs(items), reference=reference)
 
 
 def test_billing_and_unasked_resources_are_counted_not_kept() -> None:
@@ -485,3 +485,17 @@ def test_shared_basedon_spelled_two_ways_names_the_same_order(with_order: bool) 
     report = run(record(res), "oncology", case=CaseInfo("case-1", "oncology", case_date="2026-07-01"))
     subjects = {s["ref"]: s for s in item(report, "pathology-report").get("subjects", [])}
     assert ("DiagnosticReport/path1" in subjects["Procedure/bx1"]["linked"]) is with_order
+
+
+def test_results_too_old_for_every_window_are_dropped_and_the_newest_is_cited() -> None:
+    from datetime import date
+
+    res = complete_resources()
+    res["lab1"]["effectiveDateTime"] = "2025-06-01"
+    res["lab2"] = {**copy.deepcopy(res["lab1"]), "id": "lab2", "effectiveDateTime": "2025-08-01"}
+    rec = record(res)
+    kept = {r.ref for r in _index(rec, "general", reference=date(2026, 3, 10)).items}
+    assert not kept & {"Observation/lab1", "Observation/lab2"} and "Procedure/bx1" in kept
+    report = run(rec)
+    assert gaps(report) == {"lab-results": ["not-found"]}
+    assert "2025-08-01" in item(report, "lab-results")["gaps"][0]["detail"]
