@@ -339,7 +339,9 @@ class RecordIndex:
         self._shared: dict[Any, Any] = {}
         self._names = _source_names(sources)
         self._sources = sources
-        provenances: list[tuple[Mapping[str, Any], bytes | None]] = []
+        self._odd_fullurls = False
+        """Whether a considered resource has a fullUrl other than ``urn:uuid:<its id>``."""
+        provenances: list[tuple[Mapping[str, Any], stream.PlainTargets | None]] = []
         for entry, targets in stream.entries(record):  # streamed: the record is never one dict in memory
             res = entry.get("resource") if isinstance(entry, Mapping) else None
             if not isinstance(res, Mapping):
@@ -375,6 +377,8 @@ class RecordIndex:
             return
         when = self._date(rtype, res)
         self.count += 1
+        if full and full != f"urn:uuid:{rid}":
+            self._odd_fullurls = True
         if when is not None and rtype != "Patient" and (self.newest is None or when > self.newest):
             self.newest = when
         classes = classify_fn(res)
@@ -426,20 +430,20 @@ class RecordIndex:
                     return d
         return None
 
-    def _attach_sources(self, provenances: list[tuple[Mapping[str, Any], bytes | None]]) -> None:
+    def _attach_sources(self, provenances: list[tuple[Mapping[str, Any], stream.PlainTargets | None]]) -> None:
         """Map resources to the sources they came from, through Provenance (meta.source was read
         with each resource). A Provenance's plain targets are read from its bytes, one at a time."""
         names = self._names
         for prov, targets in provenances:
             ids = {names[t] for t in _strings(prov) if t in names}
             if targets is not None:
-                ids |= {names[t] for t in stream.plain_refs(targets) if t in names}
+                ids |= {names[t] for t in iter(targets) if t in names}
             ids |= {s.id for s in self._sources for ident in values_at(prov, ["entity", "what", "identifier"])
                     if isinstance(ident, Mapping) and "source" in str(ident.get("system") or "")
                     and str(ident.get("value")) == str(s.id)}
             if not ids:
                 continue
-            refs = stream.plain_refs(targets) if targets is not None else iter(_ref_strings(prov, "target"))
+            refs = iter(targets) if targets is not None else iter(_ref_strings(prov, "target"))
             for ref in refs:
                 r = self.resolve(ref)
                 if r is not None and not ids <= r.sources:
@@ -451,13 +455,15 @@ class RecordIndex:
         Two reports "share" a basedOn or an encounter when their references name the same
         resource, whatever the spelling (``urn:uuid:``, ``Type/id``, an absolute URL); that
         resource is usually one the checklist never matches (a ServiceRequest, an Encounter).
-        Only the strings in question are looked for, in one more streamed pass.
+        Only the strings in question are looked for, in one more streamed pass, and only when
+        two of them could name one resource: when every fullUrl is ``urn:uuid:<id>`` (as
+        normalization writes them), that takes two different strings ending in the same id.
         """
         wanted: set[str] = set()
         for r in self.items:
             for refs in (r.refs or {}).values():
                 wanted.update(s for s in refs if self.resolve(s) is None)
-        if not wanted:
+        if not wanted or not (self._odd_fullurls or _spellings_meet(wanted)):
             return
         tails: dict[str, list[str]] = {}
         for s in wanted:
@@ -504,6 +510,20 @@ class RecordIndex:
 
     def select(self, sel: Selector) -> list[Res]:
         return [r for r in self.items if sel.matches(r.type, r.classes)]
+
+
+def _spellings_meet(refs: Iterable[str]) -> bool:
+    """Whether two of these reference strings end in the same id (so could name one resource)."""
+    seen: dict[str, str] = {}
+    for s in refs:
+        if s.startswith("urn:uuid:"):
+            rid: str | None = s[len("urn:uuid:"):]
+        else:
+            tail = _tail(s)
+            rid = tail.split("/", 1)[1] if tail is not None else None
+        if rid is not None and seen.setdefault(rid, s) != s:
+            return True
+    return False
 
 
 def _tail(reference: str) -> str | None:
@@ -737,7 +757,7 @@ class ItemResult:
 
 
 class Evaluator:
-    def __init__(self, record: NormalizedRecord, ledger: Sequence[LedgerEntry], case: CaseInfo,
+    def __init__(self, record: NormalizedRecord, ledger: Iterable[LedgerEntry], case: CaseInfo,
                  sources: Sequence[SourceInfo], items: Sequence[Item]) -> None:
         self.record = record
         self.case = case
@@ -1072,9 +1092,13 @@ _STATE_ORDER = {R.ACCESS_DENIED: 0, R.NOT_FOUND_AT_SOURCE: 1, R.RETRIEVAL_FAILED
                 R.IMAGES_NOT_RETRIEVED: 4, R.SUMMARY_ONLY: 5}
 
 
-def evaluate(checklist: Checklist, record: NormalizedRecord, ledger: Sequence[LedgerEntry], case: CaseInfo,
+def evaluate(checklist: Checklist, record: NormalizedRecord, ledger: Iterable[LedgerEntry], case: CaseInfo,
              sources: Sequence[SourceInfo]) -> dict[str, Any]:
-    """The gap report of ``record`` against ``checklist`` (valid against gap-report.schema.json)."""
+    """The gap report of ``record`` against ``checklist`` (valid against gap-report.schema.json).
+
+    ``ledger`` is read once and only its failed rows are kept, so a caller may pass a stream of
+    a large case's rows instead of a list.
+    """
     items = list(checklist.items)
     if not any(i.rule == "identity" for i in items):
         items.insert(0, Item(id="identity", title="One patient, identity confirmed", rule="identity"))

@@ -19,24 +19,51 @@ import orjson
 
 from aggregator.model import NormalizedRecord
 
-#: a top-level ``target`` array that holds only plain references (as normalization writes it)
-_TARGETS = re.compile(rb'"target":\[((?:\{"reference":"[^"\\]*"\},?)*)\]')
-_TARGET_REF = re.compile(rb'"reference":"([^"\\]*)"')
+#: a non-empty array of plain references, as normalization writes a Provenance's targets, up to
+#: its closing bracket. Possessive: a backtracking repeat would keep state for each of its 200k items.
+_ARRAY = re.compile(rb'(?:\{"reference":"[^"\\]*+"\},)*+\{"reference":"[^"\\]*+"\}\]')
+_REF = re.compile(rb'"reference":"([^"\\]*)"')
+_TARGET = b'"target":['
 _SENTINEL = "\x00targets"
 _PROVENANCE = b'"resourceType":"Provenance"'
 
 
-def split_provenance(line: bytes) -> tuple[dict[str, Any], bytes] | None:
+class PlainTargets:
+    """The references of a Provenance's plain target array, read from the entry's bytes in place."""
+
+    __slots__ = ("_end", "_line", "_start")
+
+    def __init__(self, line: bytes, start: int, end: int) -> None:
+        self._line = line
+        self._start = start
+        self._end = end
+
+    def __iter__(self) -> Iterator[str]:
+        for m in _REF.finditer(self._line, self._start, self._end):
+            yield m.group(1).decode("utf-8")
+
+
+def _array_end(line: bytes, pos: int) -> int | None:
+    """The index of the ``]`` that closes an array of plain references starting at ``pos`` (just
+    after its ``[``); None when the array holds anything else."""
+    if line[pos:pos + 1] == b"]":
+        return pos
+    m = _ARRAY.match(line, pos)
+    return m.end() - 1 if m is not None else None
+
+
+def split_provenance(line: bytes) -> tuple[dict[str, Any], PlainTargets] | None:
     """An entry line of a Provenance split into the entry (its resource without ``target``) and
-    the bytes of its plain ``target`` array; None for any other line, or a Provenance whose
-    targets are not plain references (then the line is parsed as usual).
+    its plain target references; None for any other line, or a Provenance whose targets are
+    not plain references (then the line is parsed as usual).
     """
-    if _PROVENANCE not in line or line.count(b'"target":[') != 1:
+    if _PROVENANCE not in line or line.count(_TARGET) != 1:
         return None
-    m = _TARGETS.search(line)
-    if m is None:
+    start = line.index(_TARGET) + len(_TARGET)
+    end = _array_end(line, start)
+    if end is None:
         return None
-    rest = line[:m.start()] + b'"target":' + orjson.dumps(_SENTINEL) + line[m.end():]
+    rest = line[:start - 1] + orjson.dumps(_SENTINEL) + line[end + 1:]
     try:
         entry = orjson.loads(rest)
     except orjson.JSONDecodeError:
@@ -46,16 +73,10 @@ def split_provenance(line: bytes) -> tuple[dict[str, Any], bytes] | None:
     if not isinstance(res, dict) or res.get("resourceType") != "Provenance" or res.get("target") != _SENTINEL:
         return None
     del res["target"]
-    return entry, m.group(1)
+    return entry, PlainTargets(line, start, end)
 
 
-def plain_refs(targets: bytes) -> Iterator[str]:
-    """The reference strings of a target array returned by :func:`split_provenance`, in order."""
-    for m in _TARGET_REF.finditer(targets):
-        yield m.group(1).decode("utf-8")
-
-
-def entries(record: NormalizedRecord) -> Iterator[tuple[Any, bytes | None]]:
+def entries(record: NormalizedRecord) -> Iterator[tuple[Any, PlainTargets | None]]:
     """Each entry of the record in bundle order, as ``(entry, targets)``: ``targets`` is None,
     except for a Provenance read by :func:`split_provenance` (its entry then lacks ``target``)."""
     for line in record.lines():

@@ -499,3 +499,11 @@ def test_results_too_old_for_every_window_are_dropped_and_the_newest_is_cited() 
     report = run(rec)
     assert gaps(report) == {"lab-results": ["not-found"]}
     assert "2025-08-01" in item(report, "lab-results")["gaps"][0]["detail"]
+
+
+def test_only_spellings_that_end_in_one_id_need_the_extra_pass() -> None:
+    from aggregator.checklist.engine import _spellings_meet
+
+    assert not _spellings_meet(["urn:uuid:a", "urn:uuid:b", "Encounter/c", "urn:uuid:a"])
+    assert _spellings_meet(["urn:uuid:a", "ServiceRequest/a"])
+    assert _spellings_meet(["Encounter/a", "http://h/fhir/Encounter/a/_history/2"])
