@@ -1130,7 +1130,7 @@ def evaluate(checklist: Checklist, record: NormalizedRecord, ledger: Iterable[Le
         "items": [r.to_dict() for r in results],
         "sources": [
             {"id": s.id, "label": s.label, "kind": s.kind, "organization": s.organization,
-             "pulled_at": s.pulled_at}
+             "pulled_at": s.pulled_at, "problems": ev.ledger.problems(s.id)}
             for s in ev.sources
         ],
         "record": {

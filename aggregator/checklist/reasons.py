@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from aggregator.ledger import LedgerEntry
 from aggregator.model import SourceInfo
@@ -122,6 +123,22 @@ class LedgerIndex:
                 v = meta.get(k)
                 if isinstance(v, str) and v:
                     self.by_study.setdefault(v, []).append(e)
+
+    def problems(self, source_id: int) -> list[dict[str, Any]]:
+        """The source's failed queries, grouped by status and reason, for the navigator.
+
+        A failed query is about the source, not one item: a refused export, a study hint with no
+        match, a PatientID that names several people at an archive. Items whose rules look for
+        what the query would have brought cite it as their reason; this list shows it even when
+        no checklist item does (e.g. imaging studies the archive holds but we did not take).
+        Reasons are written PHI-free by the connectors.
+        """
+        groups: dict[tuple[str, str], int] = {}
+        for e in self.failed:
+            if e.source_id == source_id and e.kind == "query":
+                key = (e.status or "", e.reason or "")
+                groups[key] = groups.get(key, 0) + 1
+        return [{"status": st, "detail": reason, "count": n} for (st, reason), n in sorted(groups.items())]
 
     # -- specific --------------------------------------------------------------------------
 

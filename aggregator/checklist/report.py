@@ -82,4 +82,8 @@ def render_text(report: dict[str, Any]) -> str:
         lines.append("Sources: " + "; ".join(
             f"{s.get('label')} ({s.get('kind')}{', ' + s['organization'] if s.get('organization') else ''}"
             f"{', not pulled yet' if not s.get('pulled_at') else ''})" for s in srcs))
+        for s in srcs:
+            for problem in s.get("problems") or []:
+                times = f"{problem.get('count')} x " if (problem.get("count") or 0) > 1 else ""
+                lines += _wrap(f"! {s.get('label')}: {times}{problem.get('detail')} [{problem.get('status')}]", "    ")
     return "\n".join(lines) + "\n"

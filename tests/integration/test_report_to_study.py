@@ -7,6 +7,7 @@ Runs through the real pull runner (``run_pull``), a real SQLite ledger and the s
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -107,4 +108,38 @@ def test_date_and_modality_match_is_scoped_to_the_patient(loaded_archive: Loaded
         loaded_archive.copies["LATIN1"])
     gaps = {e.key: e.status for e in rows if e.kind == KIND_QUERY}
     assert gaps == {"study:DiagnosticReport/wrong-day": "not-found"}
+    app.close()
+
+
+@pytest.mark.parametrize("kind", ["dimse", "dicomweb"])
+def test_a_patient_id_of_two_people_is_a_gap_the_navigator_sees(loaded_archive: LoadedArchive, tmp_path: Path,
+                                                                 kind: str) -> None:
+    """PatientID 100200 is Kowalski at HOSP-A and Tanaka at HOSP-B; the case says neither issuer
+    nor birth date. Nothing is retrieved, and the gap report says why and what to set."""
+    from aggregator.checklist import render_text
+    from aggregator.pipeline import check_case
+
+    app = App.open(tmp_path / "home")
+    create_case(app, "c1", "general")
+    server = loaded_archive.server
+    options: dict[str, object] = (
+        {"host": "127.0.0.1", "port": server.dicom_port, "called_ae": server.aet, "calling_ae": "AGGREGATOR"}
+        if kind == "dimse" else {"url": server.dicomweb})
+    add_endpoint(app, "pacs", kind, options)
+    src = int(add_source(app, "c1", endpoint="pacs", patient_id="100200")["id"])
+    summary = run_pull(app, src)
+    assert summary.state == "partial", summary.error
+    rows = list(entries_for_case(app.db, "c1"))
+    assert not [e for e in rows if e.kind == KIND_DICOM]
+    gaps = [e for e in rows if e.kind == KIND_QUERY]
+    assert len(gaps) == 2 and {e.status for e in gaps} == {"ambiguous"}
+
+    report, _ = check_case(app, "c1")
+    (source,) = report["sources"]
+    (problem,) = source["problems"]
+    assert problem["status"] == "ambiguous" and problem["count"] == 2
+    assert "names several patients at the archive" in problem["detail"] and "--issuer" in problem["detail"]
+    text = render_text(report)
+    assert "! pacs: 2 x this PatientID names several patients" in text
+    assert "Kowalski" not in text + json.dumps(report) and "Tanaka" not in text + json.dumps(report)
     app.close()
