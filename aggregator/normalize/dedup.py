@@ -150,19 +150,24 @@ MATCHERS: dict[str, tuple[str, str, str]] = {
     "observation-value": ("i.obs_key", "NULL", "item i WHERE {pool} AND i.obs_key IS NOT NULL"),
     "attachment-hash": ("m.k", "NULL", "mk m JOIN item i ON i.lid = m.lid WHERE {pool}"),
     "study-instance-uid": ("i.study_uid", "NULL", "item i WHERE {pool} AND i.study_uid != ''"),
-    "content-hash": ("i.rtype", "i.chash", "item i WHERE {pool}"),
+    "content-hash": ("i.rtype", "i.chash", "item i WHERE {pool} AND i.chash IS NOT NULL"),
 }
 
 
 # --- content digests -------------------------------------------------------------------------
 
 
-def _reference_value(mode: int, text: str, new_id: str | None, gid: str | None, sid: int | None,
-                     key: str | None) -> str:
-    """What a reference contributes to a content digest: its target's group, else what it is."""
-    if new_id is not None:  # resolved to an item
-        return (gid or new_id) if new_id else f"item:{sid}:{key}"
-    return "#" if mode == CONTAINED else text  # contained, or unresolved: the reference as written
+#: what each reference of item ``i`` contributes to its content digest, as a JSON array (in no
+#: particular order: the values are sorted in Python): its target's group, else its target's
+#: bundle id, else (a target outside the record) the target's ledger key; "#" for a contained
+#: resource; the reference as written when it resolves to nothing
+_VALUES = (
+    "(SELECT json_group_array(CASE WHEN r.target IS NULL THEN (CASE WHEN r.mode = 1 THEN '#' "
+    "ELSE r.text END) WHEN t.new_id != '' THEN coalesce(nullif(t.gid, ''), t.new_id) "
+    "ELSE 'item:' || t.sid || ':' || t.key END) "
+    "FROM ref r LEFT JOIN item t ON t.lid = r.target WHERE r.lid = i.lid AND r.pos >= 0)"
+)
+assert CONTAINED == 1  # the literal mode above
 
 
 def refresh_digests(ctx: Context, where: str, params: Sequence[Any] = ()) -> None:
@@ -176,31 +181,16 @@ def refresh_digests(ctx: Context, where: str, params: Sequence[Any] = ()) -> Non
     """
     db = ctx.scratch.db
     db.execute("DELETE FROM ch")
-    rows = db.execute(
-        "SELECT i.lid, i.cbase, r.mode, r.text, t.new_id, t.gid, t.sid, t.key FROM item i "  # noqa: S608
-        "LEFT JOIN ref r ON r.lid = i.lid AND r.pos >= 0 LEFT JOIN item t ON t.lid = r.target "
-        f"WHERE {where} ORDER BY i.lid, r.pos", params)
-
-    def digests() -> Iterator[tuple[bytes, int]]:
-        lid: int | None = None
-        cbase, values = b"", list[str]()
-        for row in rows:
-            if row[0] != lid:
-                if lid is not None:
-                    yield _digest(cbase, values), lid
-                lid, cbase, values = row[0], row[1], []
-            if row[2] is not None:
-                values.append(_reference_value(*row[2:]))
-        if lid is not None:
-            yield _digest(cbase, values), lid
-
-    db.executemany("INSERT INTO ch(chash, lid) VALUES (?, ?)", digests())
+    rows = db.execute(f"SELECT i.lid, i.cbase, {_VALUES} FROM item i WHERE {where}", params)  # noqa: S608
+    db.executemany("INSERT INTO ch(chash, lid) VALUES (?, ?)",
+                   ((_digest(cbase, orjson.loads(values)), lid) for lid, cbase, values in rows))
     db.execute("UPDATE item SET chash = ch.chash FROM ch WHERE ch.lid = item.lid")
 
 
 def _digest(cbase: bytes, values: list[str]) -> bytes:
+    values.sort()
     h = hashlib.blake2b(cbase, digest_size=16)
-    h.update(orjson.dumps(sorted(values)))
+    h.update(orjson.dumps(values))
     return h.digest()
 
 
@@ -250,9 +240,14 @@ def deduplicate(ctx: Context, table: Table | None = None) -> Outcome:
     for (o,) in db.execute(f"SELECT i.ord FROM item i WHERE {pool}", never):  # noqa: S608
         members[o] = 1
     last = array("i", range(n))
-    db.execute(f"UPDATE item SET gid = NULL, chash = NULL WHERE lid IN (SELECT i.lid FROM item i WHERE {pool})",  # noqa: S608
-               never)
-    refresh_digests(ctx, pool, never)
+    db.execute(f"UPDATE item SET gid = NULL, chash = NULL, cshared = 0 WHERE lid IN (SELECT i.lid FROM item i "  # noqa: S608
+               f"WHERE {pool})", never)
+    # only items whose content without references equals another's can share a content digest:
+    # the others need one only if another rule puts them in a group (see _settle_groups)
+    db.execute("UPDATE item SET cshared = 1 WHERE lid IN (SELECT lid FROM (SELECT i.lid, count(*) OVER "  # noqa: S608
+               f"(PARTITION BY i.rtype, i.cbase) AS c FROM item i WHERE {pool}) WHERE c > 1)", never)
+    cpool = f"{pool} AND i.cshared = 1"
+    refresh_digests(ctx, cpool, never)
 
     def apply(rule: Rule) -> int:
         if rule.match == "attachment-hash":
@@ -289,7 +284,7 @@ def deduplicate(ctx: Context, table: Table | None = None) -> Outcome:
         db.executemany("UPDATE item SET gid = (SELECT r.new_id FROM item r WHERE r.ord = ?) WHERE ord = ?",
                        ((last[o], o) for o in moved))
         if moved:
-            refresh_digests(ctx, f"{pool} AND i.lid IN (SELECT r.lid FROM chg c JOIN item t ON t.ord = c.ord "  # noqa: S608
+            refresh_digests(ctx, f"{cpool} AND i.lid IN (SELECT r.lid FROM chg c JOIN item t ON t.ord = c.ord "  # noqa: S608
                                  "JOIN ref r ON r.target = t.lid AND r.pos >= 0)", never)
 
     joined = sum(apply(rule) for rule in table.rules)
@@ -345,6 +340,7 @@ def _settle_groups(ctx: Context, table: Table, uf: _UnionFind, members: bytearra
     db.executemany("INSERT INTO grp(root, ord) VALUES (?, ?)",
                    ((r, o) for o in range(n) if members[o] and size[r := uf.find(o)] > 1))
     del size
+    refresh_digests(ctx, "i.cshared = 0 AND i.lid IN (SELECT m.lid FROM grp g JOIN item m ON m.ord = g.ord)")
     out = Outcome()
     merged: list[tuple[Item, dict[str, Any]]] = []
     rows = db.execute(f"SELECT g.root, {ITEM_COLS_I} FROM grp g JOIN item i ON i.ord = g.ord ORDER BY g.root, g.ord")  # noqa: S608

@@ -16,7 +16,7 @@ from aggregator.model import Quarantined, SourceInfo
 from aggregator.normalize import ids
 from aggregator.normalize.dedup import server_key
 from aggregator.normalize.parse import KIND_RESOURCE, MISSING, Checked
-from aggregator.normalize.references import INSERT_PENDING, Resolver, _base_of, pending_rows
+from aggregator.normalize.references import INSERT_REF, Resolver, _base_of, pending_rows
 from aggregator.normalize.scratch import Scratch, Spool, item_row
 
 
@@ -61,6 +61,6 @@ class Loader:
         self.next_lid = lid
         db = self.scratch.db
         self.scratch.add_loaded(items)
-        db.executemany(INSERT_PENDING, refs)
+        db.executemany(INSERT_REF, refs)
         db.executemany("INSERT INTO ident(lid, sid, rtype, k) VALUES (?,?,?,?)", idents)
         db.executemany("INSERT INTO ikey(lid, k) VALUES (?,?)", ikeys)

@@ -46,8 +46,8 @@ from aggregator.normalize.identity import Candidate, from_instances, from_item, 
 from aggregator.normalize.loader import Loader
 from aggregator.normalize.parse import KIND_RESOURCE, load_resources
 from aggregator.normalize.provenance import EPOCH, instant, source_provenance
-from aggregator.normalize.references import Resolver, rewrite, targets_of
-from aggregator.normalize.scratch import DROPPED, EXCLUDED, KEPT, LOADED, PATIENT, Item, Scratch, Spool
+from aggregator.normalize.references import TARGETS, Resolver, rewrite, targets, targets_of
+from aggregator.normalize.scratch import DROPPED, EXCLUDED, ITEM_COLS_I, KEPT, LOADED, PATIENT, Item, Scratch, Spool
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +104,10 @@ def _normalize(case: CaseInfo, sources: Sequence[SourceInfo], entries: Iterable[
     clock = PhaseClock("load")
     resolver = Resolver(scratch, srcmap)
     load_resources(resource_rows(), blobs, q, Loader(q, spool, scratch, resolver, srcmap).take)
+    clock.mark("resolve")
     scratch.finish_load()
     resolver.settle_absolute()
-    resolver.resolve_pending()  # every reference resolved once, from the strings the workers extracted
+    resolver.resolve_loaded()  # every reference resolved once, from the strings the workers extracted
     rows = sorted(side_rows, key=lambda e: (e.source_id, e.kind, e.key))
     instances = dicom.read_instances(rows, blobs, q)
     pid = ids.patient_id(case.id)
@@ -232,11 +233,12 @@ def _normalize(case: CaseInfo, sources: Sequence[SourceInfo], entries: Iterable[
         body = patient_item.body()
         rewrite(patient_item, body, targets_of(scratch, patient_item.lid), known, unresolved)
         writer.add(body)
-        final = (Item(r, scratch, spool) for r in scratch.rows("state = ?", (KEPT,), order="rtype, new_id, ord"))
-        merged = heapq.merge(((it.rtype, it.new_id, it) for it in final), extras, key=lambda x: (x[0], x[1]))
+        final = ((Item(r[:-1], scratch, spool), r[-1]) for r in db.execute(_FINAL, (KEPT,)))
+        merged = heapq.merge(((it.rtype, it.new_id, (it, packed)) for it, packed in final), extras,
+                             key=lambda x: (x[0], x[1]))
         for _rtype, _rid, obj in merged:
-            if isinstance(obj, Item):
-                writer.add(_finished(obj, scratch, known, unresolved, docs, purn))
+            if isinstance(obj, tuple):
+                writer.add(_finished(obj[0], targets(obj[1]), known, unresolved, docs, purn))
             elif isinstance(obj, SourceInfo):
                 writer.add_parts("Provenance", _provenance_entry(
                     obj, _targets(scratch, obj.id, pid if obj.id in member_sources else None),
@@ -291,12 +293,17 @@ def _targets(scratch: Scratch, sid: int, patient_id: str | None) -> Iterator[str
         yield str(rid)
 
 
-def _finished(it: Item, scratch: Scratch, known: set[str], unresolved: list[dict[str, Any]], docs: Documents,
-              purn: str) -> dict[str, Any]:
+#: the kept items in bundle order, each with its references' targets
+_FINAL = (f"SELECT {ITEM_COLS_I}, {TARGETS} FROM item i WHERE i.state = ? "  # noqa: S608
+          "ORDER BY i.rtype, i.new_id, i.ord")
+
+
+def _finished(it: Item, refs: list[str | None], known: set[str], unresolved: list[dict[str, Any]],
+              docs: Documents, purn: str) -> dict[str, Any]:
     """The bundle form of a kept item: every change decided by the global steps applied to its
     body in one place (references, subject, attachments, superseded links, id, meta.source)."""
     body = it.body()
-    rewrite(it, body, targets_of(scratch, it.lid), known, unresolved)
+    rewrite(it, body, refs, known, unresolved)
     if it.rtype in SUBJECT_TYPES and not body.get("subject"):
         body["subject"] = {"reference": purn}
     docs.apply(it, body)

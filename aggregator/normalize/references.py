@@ -10,7 +10,7 @@ resources that match, the first in (source, ledger key) order wins.
 
 How, for a record of any size: each reference string is parsed once in Python into a *plan*
 (which lookup it needs and with which keys, :func:`plan`) and written to the scratch database;
-then all pending references are resolved by a few ``UPDATE`` statements over indexed lookups
+then all references are resolved by a few ``UPDATE`` statements over indexed lookups
 (:class:`Resolver`), so no lookup dict of the whole record is ever held in memory.
 
 Unresolvable references keep their original ``reference`` string (and ``display``) untouched and
@@ -24,6 +24,8 @@ import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import unquote
+
+import orjson
 
 from aggregator.model import SourceInfo
 from aggregator.normalize.facts import reference_nodes
@@ -88,7 +90,7 @@ def plan(reference: str, own_base: str, bases: set[str] | None) -> Plan:
 
 def pending_rows(lid: int, refs: Sequence[str], patient_refs: Sequence[str], own_base: str,
                  bases: set[str] | None) -> Iterator[tuple[Any, ...]]:
-    """``pend`` rows of one item: its references at positions 0.. (:func:`reference_nodes` order)
+    """``ref``/``pend`` rows of one item: its references at positions 0.. (:func:`reference_nodes` order)
     and its top-level subject/patient references at -1, -2, ... (identity reads those)."""
     for pos, text in enumerate(refs):
         yield (lid, pos, text, *plan(text, own_base, bases))
@@ -96,27 +98,33 @@ def pending_rows(lid: int, refs: Sequence[str], patient_refs: Sequence[str], own
         yield (lid, -1 - i, text, *plan(text, own_base, bases))
 
 
-INSERT_PENDING = "INSERT INTO pend(lid, pos, text, mode, url, ty, rid, base) VALUES (?,?,?,?,?,?,?,?)"
+_COLS = "lid, pos, text, mode, url, ty, rid, base"
+#: the references of loaded resources go straight to ``ref`` (resolved there in one pass); those
+#: of items made or changed later go through ``pend``
+INSERT_REF = f"INSERT INTO ref({_COLS}) VALUES (?,?,?,?,?,?,?,?)"  # noqa: S608
+INSERT_PENDING = f"INSERT INTO pend({_COLS}) VALUES (?,?,?,?,?,?,?,?)"  # noqa: S608
 
 # Each lookup takes the first match in (source, key) order among the loaded resources of the
 # referring resource's source (``o``): in its own bundle first, then anywhere in the source.
+# ``{t}`` is the table resolved: ``ref`` once after loading, ``pend`` for later additions.
 _RESOLVE = (
-    ("UPDATE pend SET target = coalesce("
-     "(SELECT i.lid FROM item o JOIN item i ON i.sid = o.sid AND i.bundle = o.bundle AND i.full_url = pend.url "
-     "WHERE o.lid = pend.lid AND i.lookup = 1 ORDER BY i.ord LIMIT 1), "
-     "(SELECT i.lid FROM item o JOIN item i ON i.sid = o.sid AND i.full_url = pend.url "
-     "WHERE o.lid = pend.lid AND i.lookup = 1 ORDER BY i.ord LIMIT 1)) "
-     "WHERE pend.mode IN (?, ?)", (FULL, FULL_TID)),
-    ("UPDATE pend SET target = coalesce("
-     "(SELECT i.lid FROM item o JOIN item i ON i.sid = o.sid AND i.bundle = o.bundle AND i.rtype = pend.ty "
-     "AND i.rid = pend.rid WHERE o.lid = pend.lid AND i.lookup = 1 ORDER BY i.ord LIMIT 1), "
-     "(SELECT i.lid FROM item o JOIN item i ON i.sid = o.sid AND i.rtype = pend.ty AND i.rid = pend.rid "
-     "WHERE o.lid = pend.lid AND i.lookup = 1 ORDER BY i.ord LIMIT 1)) "
-     "WHERE pend.mode IN (?, ?) AND pend.target IS NULL", (FULL_TID, TID)),
-    ("UPDATE pend SET target = (SELECT d.lid FROM item o JOIN ident d ON d.sid = o.sid AND d.rtype = pend.ty "
-     "AND d.k = pend.rid JOIN item i ON i.lid = d.lid WHERE o.lid = pend.lid ORDER BY i.ord LIMIT 1) "
-     "WHERE pend.mode = ?", (IDENT,)),
+    ("UPDATE {t} SET target = coalesce("
+     "(SELECT i.lid FROM item o JOIN item i ON i.sid = o.sid AND i.full_url = {t}.url AND i.bundle = o.bundle "
+     "WHERE o.lid = {t}.lid AND i.lookup = 1 ORDER BY i.ord LIMIT 1), "
+     "(SELECT i.lid FROM item o JOIN item i ON i.sid = o.sid AND i.full_url = {t}.url "
+     "WHERE o.lid = {t}.lid AND i.lookup = 1 ORDER BY i.ord LIMIT 1)) "
+     "WHERE {t}.mode IN (?, ?)", (FULL, FULL_TID)),
+    ("UPDATE {t} SET target = coalesce("
+     "(SELECT i.lid FROM item o JOIN item i ON i.sid = o.sid AND i.rtype = {t}.ty AND i.rid = {t}.rid "
+     "AND i.bundle = o.bundle WHERE o.lid = {t}.lid AND i.lookup = 1 ORDER BY i.ord LIMIT 1), "
+     "(SELECT i.lid FROM item o JOIN item i ON i.sid = o.sid AND i.rtype = {t}.ty AND i.rid = {t}.rid "
+     "WHERE o.lid = {t}.lid AND i.lookup = 1 ORDER BY i.ord LIMIT 1)) "
+     "WHERE {t}.mode IN (?, ?) AND {t}.target IS NULL", (FULL_TID, TID)),
+    ("UPDATE {t} SET target = (SELECT d.lid FROM item o JOIN ident d ON d.sid = o.sid AND d.rtype = {t}.ty "
+     "AND d.k = {t}.rid JOIN item i ON i.lid = d.lid WHERE o.lid = {t}.lid ORDER BY i.ord LIMIT 1) "
+     "WHERE {t}.mode = ?", (IDENT,)),
 )
+_RESOLVE_IN = {t: tuple((sql.format(t=t), params) for sql, params in _RESOLVE) for t in ("ref", "pend")}
 
 
 class Resolver:
@@ -144,19 +152,24 @@ class Resolver:
         """Absolute references on a base that was not known when they were planned: now that
         every base of the source is known, look them up by ``Type/id`` too, or by URL only."""
         db = self.scratch.db
-        rows = db.execute("SELECT p.rowid, p.base, i.sid FROM pend p JOIN item i ON i.lid = p.lid "
-                          "WHERE p.mode = ?", (ABSOLUTE,)).fetchall()
-        db.executemany("UPDATE pend SET mode = ? WHERE rowid = ?",
-                       [(FULL_TID if base in self.bases.get(sid, set()) else FULL, rowid)
-                        for rowid, base, sid in rows])
+        rows = db.execute("SELECT r.lid, r.pos, r.base, i.sid FROM ref r JOIN item i ON i.lid = r.lid "
+                          "WHERE r.mode = ?", (ABSOLUTE,)).fetchall()
+        db.executemany("UPDATE ref SET mode = ? WHERE lid = ? AND pos = ?",
+                       [(FULL_TID if base in self.bases.get(sid, set()) else FULL, lid, pos)
+                        for lid, pos, base, sid in rows])
 
-    def resolve_pending(self) -> None:
-        """Resolve every pending reference and move it to the ``ref`` table."""
+    def resolve_loaded(self) -> None:
+        """Resolve the references of every loaded resource, once all are loaded and indexed."""
         db = self.scratch.db
-        for sql, params in _RESOLVE:
+        for sql, params in _RESOLVE_IN["ref"]:
             db.execute(sql, params)
-        db.execute("INSERT OR REPLACE INTO ref(lid, pos, mode, text, target) "
-                   "SELECT lid, pos, mode, text, target FROM pend")
+        db.execute("CREATE INDEX ref_target ON ref(target)")
+
+    def _resolve_pending(self) -> None:
+        db = self.scratch.db
+        for sql, params in _RESOLVE_IN["pend"]:
+            db.execute(sql, params)
+        db.execute(f"INSERT OR REPLACE INTO ref({_COLS}, target) SELECT {_COLS}, target FROM pend")  # noqa: S608
         db.execute("DELETE FROM pend")
 
     def add(self, item: Item, body: dict[str, Any], patient_refs: Sequence[str] = ()) -> None:
@@ -167,7 +180,7 @@ class Resolver:
         own = _base_of(item.full_url) if item.full_url else ""
         self.scratch.db.executemany(INSERT_PENDING, pending_rows(item.lid, refs, patient_refs, own,
                                                                  self.bases.get(item.source_id, set())))
-        self.resolve_pending()
+        self._resolve_pending()
 
 
 def iter_references(node: Any, path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
@@ -186,14 +199,27 @@ def iter_references(node: Any, path: str = "") -> Iterator[tuple[str, dict[str, 
 #: what a reference is rewritten to: a bundle id, "contained" (left alone), or None (unresolved)
 IS_CONTAINED = "#"
 
-TARGETS_OF = ("SELECT r.mode, t.new_id FROM ref r LEFT JOIN item t ON t.lid = r.target "
-              "WHERE r.lid = ? AND r.pos >= 0 ORDER BY r.pos")
+#: what each reference of item ``i`` becomes, as a JSON array of ``[position, value]`` (see
+#: :func:`targets`)
+TARGETS = (
+    "(SELECT json_group_array(json_array(r.pos, CASE WHEN r.mode = 1 THEN '#' "
+    "ELSE coalesce(t.new_id, '') END)) FROM ref r LEFT JOIN item t ON t.lid = r.target "
+    "WHERE r.lid = i.lid AND r.pos >= 0)"
+)
+assert CONTAINED == 1  # the literal mode above
+
+
+def targets(packed: str) -> list[str | None]:
+    """What each reference of an item (in :func:`reference_nodes` order) becomes in the bundle:
+    a bundle id, :data:`IS_CONTAINED`, or None (unresolved); ``packed`` is the :data:`TARGETS`
+    column of its row."""
+    return [value or None for _pos, value in sorted(orjson.loads(packed))]
 
 
 def targets_of(scratch: Scratch, lid: int) -> list[str | None]:
-    """What each reference of an item (in :func:`reference_nodes` order) becomes in the bundle."""
-    return [IS_CONTAINED if mode == CONTAINED else (new_id or None)
-            for mode, new_id in scratch.db.execute(TARGETS_OF, (lid,))]
+    """:func:`targets` of one item."""
+    row = scratch.db.execute(f"SELECT {TARGETS} FROM item i WHERE i.lid = ?", (lid,)).fetchone()  # noqa: S608
+    return targets(row[0])
 
 
 def rewrite(item: Item, body: dict[str, Any], targets: Sequence[str | None], known: set[str],

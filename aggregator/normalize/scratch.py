@@ -50,10 +50,11 @@ CREATE TABLE item(
   status TEXT NOT NULL, doc_status TEXT NOT NULL, updated REAL NOT NULL, version INTEGER NOT NULL,
   carries INTEGER NOT NULL, obs_key BLOB, study_uid TEXT NOT NULL, cbase BLOB NOT NULL, skey TEXT,
   lookup INTEGER NOT NULL, uid TEXT NOT NULL, new_id TEXT NOT NULL DEFAULT '',
-  state INTEGER NOT NULL DEFAULT 0, gid TEXT, chash BLOB, patch BLOB, plan BLOB);
-CREATE TABLE ref(lid INTEGER NOT NULL, pos INTEGER NOT NULL, mode INTEGER NOT NULL, text TEXT NOT NULL,
-  target INTEGER, PRIMARY KEY(lid, pos)) WITHOUT ROWID;
-CREATE TABLE pend(lid INTEGER NOT NULL, pos INTEGER NOT NULL, mode INTEGER NOT NULL, text TEXT NOT NULL,
+  state INTEGER NOT NULL DEFAULT 0, gid TEXT, chash BLOB, cshared INTEGER NOT NULL DEFAULT 0,
+  patch BLOB, plan BLOB);
+CREATE TABLE ref(lid INTEGER NOT NULL, pos INTEGER NOT NULL, text TEXT NOT NULL, mode INTEGER NOT NULL,
+  url TEXT, ty TEXT, rid TEXT, base TEXT, target INTEGER, PRIMARY KEY(lid, pos)) WITHOUT ROWID;
+CREATE TABLE pend(lid INTEGER NOT NULL, pos INTEGER NOT NULL, text TEXT NOT NULL, mode INTEGER NOT NULL,
   url TEXT, ty TEXT, rid TEXT, base TEXT, target INTEGER);
 CREATE TABLE ident(lid INTEGER NOT NULL, sid INTEGER NOT NULL, rtype TEXT NOT NULL, k TEXT NOT NULL);
 CREATE TABLE ikey(lid INTEGER NOT NULL, k TEXT NOT NULL);
@@ -69,13 +70,9 @@ CREATE TABLE drop_(lid INTEGER NOT NULL, win INTEGER NOT NULL, reason TEXT NOT N
 #: them up to date row by row)
 INDEXES = """
 CREATE UNIQUE INDEX item_ord ON item(ord);
-CREATE INDEX item_full_b ON item(sid, bundle, full_url, ord);
-CREATE INDEX item_full ON item(sid, full_url, ord);
-CREATE INDEX item_tid_b ON item(sid, bundle, rtype, rid, ord);
-CREATE INDEX item_tid ON item(sid, rtype, rid, ord);
+CREATE INDEX item_full ON item(sid, full_url, bundle, ord);
+CREATE INDEX item_tid ON item(sid, rtype, rid, bundle, ord);
 CREATE INDEX ident_k ON ident(sid, rtype, k);
-CREATE INDEX ikey_k ON ikey(k, lid);
-CREATE INDEX ref_target ON ref(target);
 """
 
 _COLS = ("lid", "ord", "sid", "key", "rtype", "rid", "file", "bundle", "full_url", "base_url", "derived", "off",
@@ -100,9 +97,7 @@ class Scratch:
 
     def __init__(self, directory: str | None = None) -> None:
         self.db = sqlite3.connect("", isolation_level=None, check_same_thread=False)
-        where = directory or tempfile.gettempdir()
-        if "'" in where:
-            raise AggregatorError("the case's scratch folder name contains a quote")
+        where = (directory or tempfile.gettempdir()).replace("'", "''")  # an SQL string literal
         for pragma in (f"temp_store_directory = '{where}'", "temp_store = FILE", f"cache_size = -{CACHE_KIB}",
                        "journal_mode = OFF", "synchronous = OFF", "locking_mode = EXCLUSIVE"):
             self.db.execute(f"PRAGMA {pragma}")
