@@ -16,7 +16,7 @@ import base64
 import binascii
 from collections.abc import Iterable, Mapping, Sequence
 from html import escape
-from typing import Any
+from typing import Any, NamedTuple
 
 from aggregator import __version__
 from aggregator.blobs import BlobStore
@@ -142,6 +142,20 @@ class _Lab:
             self.latest = res
 
 
+class _MedRow(NamedTuple):
+    """A medication row before its Medication is looked up (the cells are already escaped)."""
+
+    med: str
+    """The medicationCodeableConcept's text; empty: look ``ref`` up."""
+    ref: str | None
+    fallback: str
+    """The medicationReference's display, for a Medication that is not in the record."""
+    status: str
+    date: str
+    dosage: str
+    kind: str
+
+
 class _Index:
     """What the summary shows, gathered while the record streams past, and documents by path.
 
@@ -149,7 +163,7 @@ class _Index:
     medications and conditions. Each section keeps only what it prints: the rows of its table
     (already escaped), one latest Observation per lab test, the few report cards in full (their
     text is printed whole); references from cards and medications are looked up in one more pass
-    that keeps only what those lines show.
+    that keeps only the resources they name.
     """
 
     def __init__(self, record: NormalizedRecord, blobs: BlobStore,
@@ -166,7 +180,7 @@ class _Index:
         self.radiology: list[dict[str, Any]] = []
         self.studies: list[tuple[str, str, tuple[str, ...]]] = []
         self.labs: dict[str, _Lab] = {}
-        self.medications: list[tuple[str, dict[str, Any]]] = []
+        self.medications: list[tuple[str, _MedRow]] = []
         self.allergies: list[tuple[str, ...]] = []
         self.notes: list[tuple[str, tuple[str, ...]]] = []
         self.lookups: dict[str, dict[str, Any] | None] = {}
@@ -210,10 +224,9 @@ class _Index:
             dosage = "; ".join(str(d.get("text")) for d in (res.get("dosageInstruction") or res.get("dosage") or [])
                                if isinstance(d, Mapping) and d.get("text"))
             fallback = str((res.get("medicationReference") or {}).get("display") or "")
-            self.medications.append((res_date(res), {
-                "med": med, "ref": _ref_key(res.get("medicationReference")), "fallback": fallback,
-                "status": _e(res.get("status") or ""), "date": _e(res_date(res)), "dosage": _e(dosage),
-                "kind": _e(rtype)}))
+            self.medications.append((res_date(res), _MedRow(
+                med, _ref_key(res.get("medicationReference")), fallback, _e(res.get("status") or ""),
+                _e(res_date(res)), _e(dosage), _e(rtype))))
         elif key == "allergies":
             reactions = "; ".join(cc_text(m) for r in res.get("reaction") or [] if isinstance(r, Mapping)
                                   for m in r.get("manifestation") or [])
@@ -400,11 +413,11 @@ def _labs(idx: _Index) -> str:
 def _medications(idx: _Index) -> str:
     rows = []
     for row in _newest_first(idx.medications):
-        med = row["med"]
-        if not med and (m := idx.get(row["ref"])):
+        med = row.med
+        if not med and (m := idx.get(row.ref)):
             med = cc_text(m.get("code"))
-        med = med or row["fallback"]
-        rows.append((_e(med), row["status"], row["date"], row["dosage"], row["kind"]))
+        med = med or row.fallback
+        rows.append((_e(med), row.status, row.date, row.dosage, row.kind))
     return "<h2 id=\"medications\">Medications</h2>" + _table(
         ("Medication", "Status", "Date", "Dosage", "Kind"), rows, "No medications in the record.")
 
