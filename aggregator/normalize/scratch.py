@@ -121,7 +121,9 @@ class Scratch:
         """Rank loaded resources in (source, key) order and build the lookup indexes."""
         self.db.execute("UPDATE item SET ord = o.r FROM (SELECT lid, row_number() OVER (ORDER BY sid, key) - 1 AS r "
                         "FROM item) AS o WHERE o.lid = item.lid")
-        self.db.executescript(INDEXES)
+        for statement in INDEXES.split(";"):  # not executescript: it would commit the transaction
+            if statement.strip():
+                self.db.execute(statement)
         self._next_ord = self.count()
 
     def next_ord(self) -> int:
