@@ -2,8 +2,9 @@
 
 Why: a record of hundreds of thousands of resources must not be held as dicts. The worker that
 validates a resource also extracts these facts (its status, identifiers, de-duplication keys,
-what a report carries), so the parent keeps only them and spools the body to disk
-(:class:`aggregator.normalize.parse.Spool`); steps that need more read the body back.
+what a report carries, its reference strings), so the parent never parses the body: it writes
+the facts to the scratch database (:mod:`aggregator.normalize.scratch`) and spools the body to
+disk; steps that need more read the body back.
 """
 
 from __future__ import annotations
@@ -37,10 +38,10 @@ class Facts:
     obs_key: bytes | None = None
     study_uid: str = ""
     #: reference strings of the top-level ``subject`` and ``patient`` (identity counts and
-    #: "another patient" decisions; dropped once identity is settled)
+    #: "another patient" decisions)
     patient_refs: tuple[str, ...] | None = None
-    #: every reference string of the body, in :func:`reference_nodes` order (resolved right
-    #: after loading, then dropped)
+    #: every reference string of the body, in :func:`reference_nodes` order (resolved in the
+    #: scratch database once every resource is loaded)
     refs: tuple[str, ...] | None = None
     #: digest of the body without id, meta, text and the values of its references: the
     #: content-hash rule adds the references' resolved targets to it (see dedup.content_key)

@@ -172,9 +172,6 @@ class Scratch:
         """Record that the item also came from ``sids`` (Provenance targets it from each)."""
         self.db.executemany("INSERT OR IGNORE INTO xsrc(lid, sid) VALUES (?, ?)", ((lid, s) for s in sids))
 
-    def sources_of(self, lid: int) -> set[int]:
-        return {int(r[0]) for r in self.db.execute("SELECT sid FROM xsrc WHERE lid = ?", (lid,))}
-
 
 class Spool:
     """Append-only scratch file of resource bodies (orjson bytes): rows name a body by its
