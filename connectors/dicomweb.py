@@ -54,7 +54,10 @@ from connectors.secrets import read_secret
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 10.0
-READ_CHUNK = 1024 * 1024
+#: Receive block. Parts hold views of the blocks until written, so a block lives as long as its
+#: last part waits for the writer: 1 MiB blocks cost ~1.5 MiB more peak RSS on a 1 GB study
+#: than 256 KiB ones, at the same speed.
+READ_CHUNK = 256 * 1024
 ACCEPT_DICOM = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 
 
