@@ -833,6 +833,32 @@ def record_hint_gap(sink: Sink, hint: StudyHint, reason: str, status: str) -> No
 PATIENT_STUDY = "query:Study/"
 
 
+def patient_studies(found: Iterable[StudyMatch], patient: PatientRef, modalities: str | None,
+                    sink: Sink) -> list[StudyMatch]:
+    """What a query by the patient's PatientID returned, kept when it is this patient's study.
+
+    Dropped: answers without a StudyInstanceUID, of another PatientID (an archive that matched
+    loosely), of another issuer when the source names one, or without any of ``modalities``
+    (comma or backslash separated). The rest goes through :func:`own_studies`.
+    """
+    wanted = {m.strip().upper() for m in (modalities or "").replace("\\", ",").split(",") if m.strip()}
+    issuer = (patient.issuer or "").strip()
+    kept: list[StudyMatch] = []
+    for m in found:
+        if not m.study_uid:
+            continue
+        if (m.patient_id or patient.id) != patient.id:
+            log.warning("the query returned a study of another PatientID; skipped: %s", m.study_uid)
+            continue
+        if issuer and m.issuer != issuer:
+            log.info("study %s belongs to another issuer of the same PatientID; skipped", m.study_uid)
+            continue
+        if wanted and not wanted & m.modalities:
+            continue
+        kept.append(m)
+    return own_studies(kept, patient, sink)
+
+
 def own_studies(found: Sequence[StudyMatch], patient: PatientRef, sink: Sink) -> list[StudyMatch]:
     """The studies found by PatientID alone that are this patient's (see the rule above)."""
     if patient.issuer or _people(found) <= 1:

@@ -42,8 +42,8 @@ from connectors.dicom_stream import (
     SpoolBuffer,
     StudyHint,
     StudyMatch,
-    own_studies,
     parse_hints,
+    patient_studies,
     record_failure,
     record_hint_gap,
     select_hinted,
@@ -161,8 +161,8 @@ class DicomwebConnector(Connector):
     def _find_studies(self, patient: PatientRef, sink: Sink) -> list[tuple[str, int | None]]:
         """(StudyInstanceUID, instance count) of the patient's studies, issuer and filters applied.
 
-        Without a configured issuer, studies of other people under the same PatientID are
-        left out and reported (:func:`~connectors.dicom_stream.own_studies`).
+        Other patients' studies are left out, and reported where the PatientID alone cannot
+        tell (:func:`~connectors.dicom_stream.patient_studies`).
         """
         assert patient.id
         params = {"PatientID": patient.id, "includefield": HINT_FIELDS}
@@ -170,18 +170,8 @@ class DicomwebConnector(Connector):
             params["IssuerOfPatientID"] = patient.issuer
         if self.cfg.date_from or self.cfg.date_to:
             params["StudyDate"] = "-".join((d or "").replace("-", "") for d in (self.cfg.date_from, self.cfg.date_to))
-        wanted = {m.strip().upper() for m in (self.cfg.modalities or "").replace("\\", ",").split(",") if m.strip()}
-        matches: list[StudyMatch] = []
-        for item in self._qido("/studies", params):
-            m = _study_match(item)
-            if not m.study_uid or (m.patient_id or patient.id) != patient.id:
-                continue
-            if patient.issuer and m.issuer != patient.issuer.strip():
-                continue
-            if wanted and not wanted & m.modalities:
-                continue
-            matches.append(m)
-        return [(m.study_uid, m.count) for m in own_studies(matches, patient, sink)]
+        matches = [_study_match(item) for item in self._qido("/studies", params)]
+        return [(m.study_uid, m.count) for m in patient_studies(matches, patient, self.cfg.modalities, sink)]
 
     def _find_hinted(self, patient: PatientRef, hints: list[StudyHint], known: set[str],
                      sink: Sink) -> list[tuple[str, int | None]]:

@@ -57,8 +57,8 @@ from connectors.dicom_stream import (
     StudyMatch,
     classify_status,
     file_meta,
-    own_studies,
     parse_hints,
+    patient_studies,
     record_failure,
     record_hint_gap,
     select_hinted,
@@ -468,8 +468,8 @@ class DimseConnector(Connector):
     def _find_studies(self, patient: PatientRef, sink: Sink) -> list[StudyInfo]:
         """The patient's studies (PATIENT then STUDY level C-FIND), issuer and filters applied.
 
-        Without a configured issuer, studies of other people under the same PatientID are
-        left out and reported (:func:`~connectors.dicom_stream.own_studies`).
+        Other patients' studies are left out, and reported where the PatientID alone cannot
+        tell (:func:`~connectors.dicom_stream.patient_studies`).
         """
         link = self._open_link([(STUDY_ROOT_FIND, UNCOMPRESSED), (PATIENT_ROOT_FIND, UNCOMPRESSED)])
         ok = False
@@ -485,26 +485,12 @@ class DimseConnector(Connector):
                         StudyInstanceUID="", StudyDate=_date_range(self.cfg.date_from, self.cfg.date_to),
                         ModalitiesInStudy="", NumberOfStudyRelatedInstances="", SOPClassesInStudy="",
                         PatientName="", PatientBirthDate="")
-            matches: list[StudyMatch] = []
-            wanted_modalities = _modalities(self.cfg.modalities)
-            for ds in _find(link, sq, STUDY_ROOT_FIND):
-                m = _study_match(ds)
-                if not m.study_uid:
-                    continue
-                if (m.patient_id or patient.id) != patient.id:
-                    log.warning("C-FIND returned a study of another PatientID; skipped: %s", m.study_uid)
-                    continue
-                if not _issuer_matches(ds, patient.issuer):
-                    log.info("study %s belongs to another issuer of the same PatientID; skipped", m.study_uid)
-                    continue
-                if wanted_modalities and not (wanted_modalities & m.modalities):
-                    continue
-                matches.append(m)
+            matches = [_study_match(ds) for ds in _find(link, sq, STUDY_ROOT_FIND)]
             ok = True
         finally:
             link.release() if ok else link.abort()
         return [StudyInfo(m.study_uid, m.count, sop_classes=list(m.sop_classes))
-                for m in own_studies(matches, patient, sink)]
+                for m in patient_studies(matches, patient, self.cfg.modalities, sink)]
 
     def _find_hinted(self, patient: PatientRef, hints: Sequence[StudyHint], known: set[str],
                      sink: Sink) -> list[StudyInfo]:
