@@ -61,13 +61,9 @@ OTHER_STORAGE_CLASSES = frozenset({
 })
 
 
-def _storage_classes() -> frozenset[str]:
-    """The storage SOP classes outside :data:`STORAGE_ROOT` that the SCP accepts."""
-    return OTHER_STORAGE_CLASSES
-
-
-def _accepts(classes: frozenset[str], abstract: str) -> bool:
-    return abstract in classes or abstract.startswith(STORAGE_ROOT) or abstract == VERIFICATION
+def _accepts(abstract: str) -> bool:
+    """Whether the SCP takes a presentation context of this abstract syntax."""
+    return abstract.startswith(STORAGE_ROOT) or abstract in OTHER_STORAGE_CLASSES or abstract == VERIFICATION
 
 
 class StorageSCP:
@@ -86,7 +82,6 @@ class StorageSCP:
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._classes = _storage_classes()
 
     def __enter__(self) -> StorageSCP:
         self.start()
@@ -200,7 +195,7 @@ class StorageSCP:
         link.peer_max_pdu = rq.max_pdu if rq.max_pdu is not None else 16384
         results = []
         for cx in rq.contexts:
-            if _accepts(self._classes, cx.abstract_syntax) and cx.transfer_syntaxes:
+            if _accepts(cx.abstract_syntax) and cx.transfer_syntaxes:
                 # the first proposed transfer syntax: the sender's preference, so it need not convert
                 results.append(acse.ContextResult(cx.context_id, acse.ACCEPTANCE, cx.transfer_syntaxes[0]))
                 link.accepted[cx.context_id] = (cx.abstract_syntax, cx.transfer_syntaxes[0])
