@@ -48,8 +48,9 @@ def build_record(app: App, case_id: str) -> CaseRecord:
     from aggregator.normalize import normalize
 
     sources = source_infos(app, case_id)
-    # streamed, not listed (one LedgerEntry per resource); WAL lets pulls write meanwhile
-    done = (e for e in entries_for_case(app.db, case_id, state=DONE) if e.kind != KIND_QUARANTINE)
+    # streamed, not listed (one LedgerEntry per resource); WAL lets pulls write meanwhile.
+    # Quarantine rows are ``skipped``, so the ``done`` rows are the raw items alone.
+    done = entries_for_case(app.db, case_id, state=DONE)
     # scratch files (the spooled resources, the bundle) hold PHI: they live in the case's own
     # folder, never in a shared TMPDIR, and are removed with the record
     work = app.case_dir(case_id) / "tmp"
