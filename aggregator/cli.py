@@ -41,6 +41,8 @@ class State:
             from aggregator.app import App
 
             self._app = App.open(self.home)
+            for warning in self._app.warnings:
+                click.echo(warning, err=True)
         return self._app
 
 
@@ -360,13 +362,22 @@ def _has_gaps(report: dict[str, Any]) -> bool:
 @click.argument("case_id", metavar="CASE")
 @click.option("--out", required=True, type=click.Path(), help="Folder (or .zip with --zip) to write.")
 @click.option("--zip", "as_zip", is_flag=True, help="Write the package as one zip file.")
+@click.option("--mode", "mode_text", metavar="OCTAL",
+              help="File mode for the package (default 0600 files / 0700 folders: owner only), e.g. 0640.")
 @json_option
 @with_app
-def package(app: Any, case_id: str, out: str, as_zip: bool, as_json: bool) -> None:
+def package(app: Any, case_id: str, out: str, as_zip: bool, mode_text: str | None, as_json: bool) -> None:
     """Write the consultant package for CASE."""
     from aggregator.pipeline import package_case
+    from aggregator.privacy import apply_mode, parse_mode
 
+    try:
+        mode = parse_mode(mode_text) if mode_text is not None else None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     path, report = package_case(app, case_id, Path(out), as_zip=as_zip)
+    if mode is not None:
+        apply_mode(path, mode)
     data = {"case": case_id, "package": str(path), "zip": as_zip, "completeness": report.get("score")}
     _emit(as_json, data, f"package written: {path}")
 
