@@ -228,8 +228,9 @@ def case_list(app: Any, as_json: bool) -> None:
 def case_show(app: Any, case_id: str, as_json: bool) -> None:
     """Show a case, its sources and their last pulls."""
     from aggregator.cases import case_summary
-    from aggregator.jobs.pull import reap_stale_pulls
+    from aggregator.jobs.pull import reap_dead_pulls, reap_stale_pulls
 
+    reap_dead_pulls(app)
     reap_stale_pulls(app)
     data = case_summary(app, case_id)
 
@@ -321,16 +322,19 @@ def _pull_text(summaries: list[Any]) -> str:
 @cli.command()
 @click.argument("case_id", metavar="CASE")
 @click.option("--source", "source_ids", type=int, multiple=True, help="Only this source id (repeatable).")
+@click.option("--wait", "wait", is_flag=True,
+              help="If another process is pulling this case, wait for it instead of exiting (exit code 5).")
 @json_option
 @with_app
-def pull(app: Any, case_id: str, source_ids: tuple[int, ...], as_json: bool) -> None:
+def pull(app: Any, case_id: str, source_ids: tuple[int, ...], wait: bool, as_json: bool) -> None:
     """Fetch everything for CASE from its sources (in parallel, resumable)."""
     from aggregator.jobs.pull import pull_case
     from aggregator.progress import ProgressBoard
 
     board = ProgressBoard(enabled=None if not as_json else False)
     try:
-        summaries = pull_case(app, case_id, source_ids=source_ids or None, progress_for=board.source)
+        summaries = pull_case(app, case_id, source_ids=source_ids or None, progress_for=board.source,
+                              wait=None if wait else 0.0)
     finally:
         board.close()
     _emit(as_json, [s.to_dict() for s in summaries], lambda: _pull_text(summaries))

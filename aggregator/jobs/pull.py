@@ -5,11 +5,16 @@ state, so a crash can cause a re-fetch but never a gap. While a pull runs, a hea
 touches ``pulls.heartbeat_at``; any pull whose heartbeat is older than ``STALE_AFTER`` is
 marked failed ("interrupted") by the next command that looks, so no pull stays "running"
 forever after its process died.
+
+Pulls of one case are serialized by the case's pull lock (:mod:`aggregator.jobs.lock`), which
+the operating system or the database frees when the holder dies. That also makes a dead pull
+visible at once: a "running" pull of a case whose lock is free has no process behind it.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +27,7 @@ from sqlalchemy import delete, select, update
 from aggregator.app import App
 from aggregator.cases import connector_config, get_case
 from aggregator.errors import AggregatorError, NotFound
+from aggregator.jobs import lock as case_lock
 from aggregator.jobs.hints import study_hints
 from aggregator.ledger import FAILED, LedgerSink, entries_for_case
 from aggregator.store.models import Cursor as CursorRow
@@ -72,6 +78,47 @@ def reap_stale_pulls(app: App, *, now: datetime | None = None) -> int:
         return int(getattr(result, "rowcount", 0) or 0)
 
 
+DEAD = "interrupted: the process running the pull is gone"
+
+
+def reap_dead_pulls(app: App, case_id: str | None = None) -> int:
+    """Mark "running" pulls whose case lock is free as failed, at once; returns how many.
+
+    With ``case_id`` the caller holds that case's lock, so its running pulls are dead by
+    definition; without, every case with a running pull has its lock probed.
+    """
+    with app.db.session() as s:
+        q = select(Pull.id, Source.case_id).join(Source, Source.id == Pull.source_id).where(Pull.state == "running")
+        if case_id is not None:
+            q = q.where(Source.case_id == case_id)
+        running = [(int(pid), str(cid)) for pid, cid in s.execute(q)]
+    if not running:
+        return 0
+    dead_cases = {cid for _, cid in running if cid == case_id or not case_lock.is_held(app, cid)}
+    dead = [pid for pid, cid in running if cid in dead_cases]
+    if not dead:
+        return 0
+    with app.db.session() as s:
+        s.execute(update(Pull).where(Pull.id.in_(dead), Pull.state == "running")
+                  .values(state="failed", finished_at=utcnow(), error=DEAD))
+    log.info("marked %d pull(s) of dead processes as failed", len(dead))
+    return len(dead)
+
+
+def clean_dead_temp(app: App, case_id: str) -> None:
+    """Remove what killed pulls left behind: archive extraction folders and partial blobs.
+
+    Only called with the case's lock held, so no live pull of this case is using them.
+    """
+    case_dir = app.case_dir(case_id)
+    for d in (case_dir / "tmp").glob("aggregator-media-*"):
+        shutil.rmtree(d, ignore_errors=True)
+    raw_tmp = case_dir / "raw" / ".tmp"
+    if raw_tmp.is_dir():
+        for f in raw_tmp.glob("in-*"):
+            f.unlink(missing_ok=True)
+
+
 def load_cursor(app: App, source_id: int) -> Cursor:
     with app.db.session() as s:
         rows = s.scalars(select(CursorRow).where(CursorRow.source_id == source_id))
@@ -118,8 +165,23 @@ class _Heartbeat(threading.Thread):
         self.stop_event.set()
 
 
-def run_pull(app: App, source_id: int, progress: Progress | None = None) -> PullSummary:
-    """Pull one source now, in this thread."""
+def run_pull(app: App, source_id: int, progress: Progress | None = None, *, lock_held: bool = False,
+             wait: float | None = 0.0) -> PullSummary:
+    """Pull one source now, in this thread, under the case's pull lock.
+
+    ``lock_held`` says the caller (:func:`pull_case`) already holds it; otherwise it is taken
+    here, waiting up to ``wait`` seconds (None: as long as it takes).
+    """
+    if not lock_held:
+        with app.db.session() as s:
+            row = s.get(Source, source_id)
+            if row is None:
+                raise NotFound(f"no source with id {source_id}")
+            owner = row.case_id
+        with case_lock.acquire(app, owner, wait=wait):
+            reap_dead_pulls(app, owner)
+            clean_dead_temp(app, owner)
+            return run_pull(app, source_id, progress, lock_held=True)
     progress = progress or NullProgress()
     reap_stale_pulls(app)
     kind, config, src = connector_config(app, source_id)
@@ -191,9 +253,22 @@ def pull_case(
     source_ids: Sequence[int] | None = None,
     progress_for: Any = None,
     max_parallel: int = 4,
+    wait: float | None = 0.0,
 ) -> list[PullSummary]:
-    """Pull the case's sources in parallel (one thread each, up to ``max_parallel``)."""
+    """Pull the case's sources in parallel (one thread each, up to ``max_parallel``).
+
+    The case's pull lock is held throughout; a second pull of the same case waits up to
+    ``wait`` seconds (None: until the first ends) and then raises :class:`~aggregator.jobs.lock.CaseBusy`.
+    """
     get_case(app, case_id)
+    with case_lock.acquire(app, case_id, wait=wait):
+        reap_dead_pulls(app, case_id)
+        clean_dead_temp(app, case_id)
+        return _pull_sources(app, case_id, source_ids, progress_for, max_parallel)
+
+
+def _pull_sources(app: App, case_id: str, source_ids: Sequence[int] | None, progress_for: Any,
+                  max_parallel: int) -> list[PullSummary]:
     with app.db.session() as s:
         q = select(Source.id, Source.label).where(Source.case_id == case_id).order_by(Source.id)
         rows = [(int(sid), str(label)) for sid, label in s.execute(q)]
@@ -209,7 +284,7 @@ def pull_case(
     def one(row: tuple[int, str]) -> PullSummary:
         sid, label = row
         progress = progress_for(label) if progress_for else None
-        return run_pull(app, sid, progress)
+        return run_pull(app, sid, progress, lock_held=True)
 
     with ThreadPoolExecutor(max_workers=max(1, min(max_parallel, len(rows)))) as pool:
         return list(pool.map(one, rows))

@@ -14,6 +14,7 @@ from sqlalchemy import select
 
 from aggregator.app import App
 from aggregator.errors import AggregatorError
+from aggregator.jobs.lock import CaseBusy
 from aggregator.jobs.pull import pull_case
 from aggregator.store.models import Case
 
@@ -38,7 +39,12 @@ def sync_cases(app: App, case_ids: list[str] | None = None) -> list[dict[str, An
     for cid in ids:
         prev_path = app.case_dir(cid) / "gap-report.json"
         previous = json.loads(prev_path.read_text(encoding="utf-8")) if prev_path.is_file() else None
-        summaries = pull_case(app, cid)
+        try:
+            summaries = pull_case(app, cid)
+        except CaseBusy as exc:
+            # another process is pulling it right now; the next sync picks it up
+            results.append({"case": cid, "pulls": [], "failed_sources": [], "skipped": str(exc)})
+            continue
         entry: dict[str, Any] = {
             "case": cid,
             "pulls": [s.to_dict() for s in summaries],
@@ -66,6 +72,8 @@ def render_sync(results: list[dict[str, Any]]) -> str:
     for r in results:
         pulled = sum(p["items"].get("done", 0) for p in r["pulls"])
         lines.append(f"case {r['case']}: {len(r['pulls'])} source(s), {pulled} item(s) fetched")
+        if r.get("skipped"):
+            lines.append(f"  skipped: {r['skipped']}")
         if r.get("error"):
             lines.append(f"  error: {r['error']}")
             continue

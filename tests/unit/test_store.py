@@ -4,51 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import inspect
 
 from aggregator.blobs import BlobRef, BlobStore
 from aggregator.errors import StoreError
 from aggregator.ledger import DONE, FAILED, SKIPPED
 from aggregator.store.db import Database
 from tests.support import make_sink
-
-PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-
-
-def _pg_up() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 5432), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'store.db'}"
-        return
-    if not _pg_up():
-        pytest.skip("PostgreSQL is not running on 127.0.0.1:5432")
-    name = "agg_test_" + uuid.uuid4().hex[:10]
-    try:
-        admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-        with admin.connect() as c:
-            c.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as exc:  # e.g. no such role on this machine
-        pytest.skip(f"cannot create a PostgreSQL test database: {type(exc).__name__}")
-    try:
-        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with admin.connect() as c:
-            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def test_migrations_create_every_table(db_url: str) -> None:
