@@ -80,6 +80,11 @@ def parse_xml(data: bytes) -> Element:
     except SafeET.ParseError as exc:
         line, col = getattr(exc, "position", (0, 0))
         raise MalformedXml(f"malformed XML at line {line}, column {col}") from exc
+    except LookupError as exc:
+        # expat looks the declared encoding up in Python's codecs: encoding="EVIL-9"
+        raise MalformedXml("XML declares an encoding that does not exist") from exc
+    except (UnicodeError, ValueError) as exc:
+        raise MalformedXml(f"XML text does not match its declared encoding ({exc.__class__.__name__})") from exc
 
 
 def _text(el: Element | None) -> str | None:

@@ -335,12 +335,18 @@ class FhirBulkConnector(FhirConnector):
                 sink.failed(KIND_FILE, f"{mask_url(url)}#line{n}", "not a FHIR resource (malformed NDJSON line)",
                             status="invalid")
                 continue
-            refs = iter_references(res)
-            if pid is not None and not belongs_to(res, pid, refs, strict=strict):
+            try:
+                refs = iter_references(res)
+                mine = pid is None or belongs_to(res, pid, refs, strict=strict)
+            except Exception as exc:  # an odd shape fails this line only (see emit_isolated)
+                sink.failed(KIND_FILE, f"{mask_url(url)}#line{n}",
+                            f"could not be read: unexpected {type(exc).__name__}", status="invalid")
+                continue
+            if not mine:
                 other += 1
                 continue
-            self.emit(res, state, sink, refs=refs)
-            taken += 1
+            if self.emit_isolated(res, state, sink, refs=refs):
+                taken += 1
             if taken % 500 == 0:
                 progress.advance(500)
         progress.advance(taken % 500)

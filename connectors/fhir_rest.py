@@ -20,6 +20,7 @@ gap). A type whose search failed keeps its old cursor. Resources re-sent at the 
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import logging
 import re
@@ -41,6 +42,7 @@ from aggregator.errors import (
     ConnectorError,
     ProtocolError,
     RemoteNotFound,
+    StoreError,
 )
 from connectors.base import (
     KIND_BINARY,
@@ -596,18 +598,46 @@ class FhirConnector(Connector):
     def _take_page(self, page: Page, state: PullState, sink: Sink, progress: Progress) -> None:
         state.observe(page.response, page.bundle)
         n = 0
-        for entry in page.bundle.get("entry") or []:
+        for i, entry in enumerate(page.bundle.get("entry") or []):
             res = entry.get("resource") if isinstance(entry, dict) else None
-            if not isinstance(res, dict) or not res.get("resourceType"):
+            if not isinstance(res, dict) or not isinstance(res.get("resourceType"), str) or not res["resourceType"]:
+                # never silently dropped: the row says which page and entry
+                sink.skipped(KIND_RESOURCE, f"entry:{mask_url(page.url)}#{i}", "search result entry without a resource")
                 continue
             if res.get("resourceType") == "OperationOutcome":
                 # A searchset may carry warnings; record them without their diagnostics.
                 sink.failed(KIND_QUERY, f"outcome:{mask_url(page.url)}", outcome_text(res) or "OperationOutcome",
                             status="warning")
                 continue
-            self.emit(res, state, sink, full_url=entry.get("fullUrl"))
-            n += 1
+            if self.emit_isolated(res, state, sink, full_url=entry.get("fullUrl")):
+                n += 1
         progress.advance(n)
+
+    def emit_isolated(self, res: dict[str, Any], state: PullState, sink: Sink, **kw: Any) -> bool:
+        """:meth:`emit`, with whatever one odd resource raises kept to that resource.
+
+        A resource whose shape trips our code (a list where an object belongs, a reference
+        that is a number) fails alone, with a ledger row; the pull goes on. Failures of our
+        own store (disk full, database gone) still end the pull: no later item would fare
+        better. Only the exception's type is recorded, never its text, which may quote data.
+        """
+        try:
+            self.emit(res, state, sink, **kw)
+            return True
+        except (StoreError, MemoryError):
+            raise
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            failure: BaseException = exc
+        except Exception as exc:
+            failure = exc
+        rid = res.get("id")
+        key = f"{res.get('resourceType')}/{rid}" if isinstance(rid, str) and rid else "resource without id"
+        log.warning("unexpected %s while taking one %s resource", type(failure).__name__, res.get("resourceType"))
+        sink.failed(KIND_RESOURCE, key, f"could not be read: unexpected {type(failure).__name__}",
+                    meta={"error": type(failure).__name__})
+        return False
 
     def emit(self, res: dict[str, Any], state: PullState, sink: Sink, *, full_url: Any = None,
              refs: list[str] | None = None) -> None:

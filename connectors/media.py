@@ -25,6 +25,7 @@ follows symbolic links, so a hostile download cannot make it read or write elsew
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import logging
 import os
@@ -38,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aggregator.errors import AggregatorError, ConfigError, InputTooLarge, UnsafePath, UnsupportedInput
+from aggregator.errors import AggregatorError, ConfigError, InputTooLarge, StoreError, UnsafePath, UnsupportedInput
 from connectors import ccda, fhir_files
 from connectors.archive import (
     ByteBudget,
@@ -109,6 +110,7 @@ def sniff(name: str, head: bytes) -> str:
         if ext in (".docx", ".xlsx", ".pptx", ".odt", ".ods", ".odp") or is_office_container(Path(lower)):
             return f"unsupported:office document ({ext})"
         return "zip"
+    head = text_head(head)
     text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
     if ext in _NDJSON_EXT and text[:1] == b"{":
         return "ndjson"
@@ -124,6 +126,28 @@ def sniff(name: str, head: bytes) -> str:
     if ext in _TEXT_EXT:
         return "text"
     return "unsupported:" + _describe_binary(head, ext)
+
+
+_UTF16 = ((b"\xff\xfe", "utf-16-le", 2), (b"\xfe\xff", "utf-16-be", 2),
+          (b"<\x00", "utf-16-le", 0), (b"\x00<", "utf-16-be", 0))
+
+
+#: errors that no other file would escape either: the pull fails as a whole
+_SOURCE_LEVEL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def text_head(head: bytes) -> bytes:
+    """The first bytes as UTF-8 when they are UTF-16 text (with a BOM, or XML without one).
+
+    UTF-16 is a valid XML encoding that Windows tools write; sniffing its bytes as if they were
+    ASCII called such a C-CDA "binary data". Only the sniff sees the transcoded head: the file
+    itself is stored and parsed as received (expat reads UTF-16 natively).
+    """
+    for prefix, codec, skip in _UTF16:
+        if head.startswith(prefix):
+            body = head[skip:]
+            return body[: len(body) & ~1].decode(codec, errors="ignore").encode("utf-8")
+    return head
 
 
 def _looks_like_raw_dicom(head: bytes) -> bool:
@@ -474,8 +498,23 @@ class _Pull:
         try:
             self._handle(kind, f, ref, size, depth)
         except OSError as exc:
+            if exc.errno in _SOURCE_LEVEL_ERRNOS:
+                raise  # a full disk fails the whole pull: every later file would fail the same way
             self.sink.failed(KIND_FILE, key, f"cannot read file ({exc.strerror or exc.__class__.__name__})")
             return  # not in the cursor: the next pull tries again
+        except StoreError:
+            raise  # our own raw store failed: a source-level condition, not this file's fault
+        except AggregatorError as exc:
+            self.sink.failed(KIND_FILE, key, exc.message, meta={"error": exc.__class__.__name__})
+            return
+        except Exception as exc:
+            # One bad file never sinks the source: whatever a parser raises (LookupError for an
+            # unknown XML encoding, RecursionError, a library bug) fails this item only. The
+            # type alone is recorded: a library's message may quote the data it choked on.
+            log.warning("unexpected %s while reading one file (its ledger row names it)", exc.__class__.__name__)
+            self.sink.failed(KIND_FILE, key, f"could not be read: unexpected {exc.__class__.__name__}",
+                             meta={"error": exc.__class__.__name__})
+            return
         self.files[f.rel] = digest
 
     def _carry_members(self, rel: str) -> None:
@@ -672,7 +711,9 @@ class _Pull:
                 self.sink.failed(KIND_FILE, key, exc.message, meta={"error": exc.__class__.__name__})
                 return
             for name, err in result.rejected:
-                self.sink.failed(KIND_FILE, f"{key}!/{name}", _reason(err), meta={"error": err.__class__.__name__})
+                # "member": refused for its path or type, its content never read (see reasons.py)
+                self.sink.failed(KIND_FILE, f"{key}!/{name}", _reason(err),
+                                 meta={"error": err.__class__.__name__, "member": "rejected"})
             members = [InputFile(f"{f.rel}!/{display_path(m.name)}", m.path) for m in result.members]
             self.process(members, depth + 1)
 

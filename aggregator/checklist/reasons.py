@@ -78,6 +78,11 @@ def _types_of(entry: LedgerEntry) -> frozenset[str]:
         return frozenset({rt})
     key = entry.key
     if entry.kind == "file":
+        if isinstance(entry.meta, dict) and entry.meta.get("member") == "rejected":
+            # An archive member refused for its path or type (zip slip, duplicate or conflicting
+            # name, link, device): its content was never a candidate, so it explains no gap.
+            # It stays in the ledger and in the report's list of files not read.
+            return frozenset()
         return _file_types(key)
     if "$everything" in key or "$export" in key:
         return frozenset({"*"})
