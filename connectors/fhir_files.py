@@ -167,3 +167,100 @@ def iter_ndjson(stream: BinaryIO | Iterable[bytes]) -> Iterator[Line]:
             yield Line(number, [], f"malformed JSON at line {number}, column {exc.colno}: {exc.msg}")
             continue
         yield Line(number, list(walk(obj)))
+
+
+# --- large files, streamed ---------------------------------------------------------------------
+
+#: bytes of the first line read to tell a ``.json`` that is really NDJSON
+_FIRST_LINE_PEEK = 1 << 20
+
+
+def first_line_is_object(fp: BinaryIO) -> bool:
+    """True when the file's first line is a complete JSON object and another line follows."""
+    fp.seek(0)
+    head = fp.readline(_FIRST_LINE_PEEK).strip()
+    if head.startswith(b"\xef\xbb\xbf"):
+        head = head[3:].strip()
+    rest = fp.read(4096).strip()
+    fp.seek(0)
+    if not head or not rest:
+        return False
+    try:
+        return isinstance(orjson.loads(head), dict)
+    except orjson.JSONDecodeError:
+        return False
+
+
+def stream_json(fp: BinaryIO) -> Iterator[Found | Problem]:
+    """Like :func:`walk` over a file too large to parse whole: one entry in memory at a time.
+
+    A portal's "download everything" can be one multi-gigabyte Bundle; parsed whole it took
+    more than twice its size in memory. Here ``ijson`` (C backend) yields the top-level array's
+    items or the Bundle's entries one by one, with the same pointers, fullUrls and Bundle type
+    that :func:`walk` gives, so normalization cannot tell the two paths apart. Only a single
+    resource that is not a Bundle is refused: it cannot be split. Malformed JSON part-way
+    raises :class:`MalformedJson` after the entries before it were yielded (they are kept).
+    """
+    import ijson
+
+    try:
+        first = _first_char(fp)
+        if first == b"[":
+            for i, item in enumerate(ijson.items(fp, "item", use_float=True)):
+                yield from walk(item, f"/{i}")
+            return
+        if first != b"{":
+            raise MalformedJson("not a JSON object or array")
+        rtype, btype = _top_level(fp)
+        if rtype != "Bundle":
+            what = f"a single {rtype} resource" if rtype else "a JSON object without resourceType"
+            yield Problem("", f"{what} too large to read in memory (only Bundles and arrays are streamed)")
+            return
+        fp.seek(0)
+        n = 0
+        for n, entry in enumerate(ijson.items(fp, "entry.item", use_float=True), start=1):
+            i = n - 1
+            ep = f"/entry/{i}"
+            if not isinstance(entry, dict):
+                yield Problem(ep, f"Bundle entry is {_describe(entry)}, not an object")
+                continue
+            res = entry.get("resource")
+            if res is None:
+                yield Problem(ep, _no_resource_reason(entry))
+                continue
+            fu = entry.get("fullUrl") if isinstance(entry.get("fullUrl"), str) else None
+            yield from _walk(res, f"{ep}/resource", "", fu, btype, 1)
+        if n == 0:
+            yield Problem("", f"empty Bundle (type {btype or 'unknown'})")
+    except ijson.JSONError as exc:
+        # ijson's messages quote the bytes they stopped at: keep only its kind
+        raise MalformedJson(f"malformed JSON in a large file ({type(exc).__name__})") from exc
+
+
+def _first_char(fp: BinaryIO) -> bytes:
+    fp.seek(0)
+    while True:
+        c = fp.read(1)
+        if not c:
+            raise MalformedJson("empty JSON file")
+        if c in b"\xef\xbb\xbf \t\r\n":
+            continue
+        fp.seek(fp.tell() - 1)
+        return c
+
+
+def _top_level(fp: BinaryIO) -> tuple[str | None, str | None]:
+    """The root object's ``resourceType`` and ``type``, reading no further than needed."""
+    import ijson
+
+    fp.seek(0)
+    rtype: str | None = None
+    btype: str | None = None
+    for prefix, event, value in ijson.parse(fp):
+        if prefix == "resourceType" and event == "string":
+            rtype = value
+        elif prefix == "type" and event == "string":
+            btype = value
+        if rtype is not None and (btype is not None or rtype != "Bundle"):
+            break
+    return rtype, btype

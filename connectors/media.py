@@ -44,6 +44,7 @@ from connectors import ccda, fhir_files
 from connectors.archive import (
     ByteBudget,
     GiB,
+    MiB,
     ZipLimits,
     display_path,
     extract_zip,
@@ -86,6 +87,11 @@ class MediaConfig(ConnectorConfig):
     tmp_dir: str | None = None
     """Where archives are unpacked while they are read; the pull runner points it into the case folder."""
     max_files: int = 100_000
+    max_json_bytes: int = 8 * MiB
+    """JSON files larger than this are streamed entry by entry instead of parsed whole: parsed
+    whole, a JSON document takes several times its size in memory."""
+    max_xml_bytes: int = 64 * MiB
+    """XML (C-CDA) files larger than this are not parsed: failed with the reason, bytes not kept."""
 
 
 # --- file identification --------------------------------------------------------------------
@@ -412,7 +418,8 @@ class MediaConnector(Connector):
             files = since[STREAM].get("files")
             if isinstance(files, dict):
                 previous = {str(k): str(v) for k, v in files.items()}
-        run = _Pull(sink, progress, self.limits(), previous, tmp_dir=self.config.tmp_dir)
+        run = _Pull(sink, progress, self.limits(), previous, tmp_dir=self.config.tmp_dir,
+                    max_json_bytes=self.config.max_json_bytes, max_xml_bytes=self.config.max_xml_bytes)
         if root.is_dir():
             run.process(walk_folder(root), depth=0)
         else:
@@ -456,6 +463,8 @@ class _Pull:
     limits: ZipLimits
     previous: dict[str, str]
     tmp_dir: str | None = None
+    max_json_bytes: int = 8 * MiB
+    max_xml_bytes: int = 64 * MiB
     files: dict[str, str] = field(default_factory=dict)
     counts: Counter[str] = field(default_factory=Counter)
     total: int = 0
@@ -636,6 +645,11 @@ class _Pull:
 
     def _xml(self, f: InputFile, size: int) -> None:
         key = f"file:{f.rel}"
+        if size > self.max_xml_bytes:
+            self.sink.failed(KIND_FILE, key, f"XML file of {size // MiB} MiB is larger than the "
+                             f"{self.max_xml_bytes // MiB} MiB limit for clinical documents; not read",
+                             meta={"error": "InputTooLarge"})
+            return
         data = f.path.read_bytes()
         try:
             header = ccda.read_header(data)
@@ -652,6 +666,9 @@ class _Pull:
 
     def _json(self, f: InputFile) -> None:
         key = f"file:{f.rel}"
+        if f.path.stat().st_size > self.max_json_bytes:
+            self._large_json(f)
+            return
         data = f.path.read_bytes()
         if data.startswith(b"\xef\xbb\xbf"):
             data = data[3:]
@@ -667,6 +684,19 @@ class _Pull:
             self.sink.skipped(KIND_FILE, key, "JSON file holds no object (not FHIR)")
             return
         self._emit(f, fhir_files.walk(doc), "", None)
+
+    def _large_json(self, f: InputFile) -> None:
+        """A JSON file above ``max_json_bytes``: streamed, never held whole (see stream_json)."""
+        key = f"file:{f.rel}"
+        with f.path.open("rb") as fp:
+            if fhir_files.first_line_is_object(fp):
+                self._ndjson(f, fp)
+                return
+            try:
+                self._emit(f, fhir_files.stream_json(fp), "", None)
+            except fhir_files.MalformedJson as exc:
+                # the entries before the fault are kept; the file says why the rest is missing
+                self.sink.failed(KIND_FILE, key, exc.message)
 
     def _ndjson(self, f: InputFile, lines: Any) -> None:
         for line in fhir_files.iter_ndjson(lines):
