@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import click
 
 from aggregator import __version__
-from aggregator.errors import AggregatorError, NotImplementedYet, UsageError
+from aggregator.errors import AggregatorError, NotFound, NotImplementedYet, UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger("aggregator")
@@ -78,73 +78,67 @@ def cli(ctx: click.Context, home: str | None) -> None:
 
 # --- endpoints ------------------------------------------------------------------------------
 
-# CLI option -> config field, per connector kind where the names differ.
-_KIND_RENAMES: dict[str, dict[str, list[str]]] = {
-    "dimse": {"timeout": ["dimse_timeout", "network_timeout"]},
-}
-
-
 @cli.group()
 def endpoint() -> None:
     """FHIR servers and imaging archives that records are pulled from."""
 
 
-@endpoint.command("add")
+class _EndpointAdd(click.Command):
+    """``endpoint add``, whose connector options come from the installed kinds' config types.
+
+    They are built on first use (parsing or ``--help`` of this command only): building them
+    imports every connector, which no other command should pay for at start-up.
+    """
+
+    RESERVED = frozenset({"kind", "option", "json", "help", "name"})
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._derived = False
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        if not self._derived:
+            self._derived = True
+            from aggregator.connector_options import cli_options, endpoint_kinds
+
+            for opt in cli_options(endpoint_kinds()):
+                if opt.dest in self.RESERVED:
+                    continue  # settable with --option KEY=VALUE
+                type_: Any = click.Choice(opt.choices) if opt.choices else (
+                    click.BOOL if opt.py_type is bool else opt.py_type)
+                self.params.append(click.Option([opt.flag, opt.dest], type=type_, help=opt.help))
+        return super().get_params(ctx)
+
+
+@endpoint.command("add", cls=_EndpointAdd)
 @click.argument("name")
-@click.option("--kind", required=True, help="Connector kind: fhir, fhir-bulk, dimse, dicomweb, ...")
-@click.option("--url", help="FHIR base URL or DICOMweb root.")
-@click.option("--auth", help="none | bearer | basic | client-credentials | smart-backend")
-@click.option("--token-env", help="Environment variable holding a bearer token.")
-@click.option("--token-file", help="File holding a bearer token.")
-@click.option("--client-id")
-@click.option("--client-id-env", help="Environment variable holding the client id.")
-@click.option("--client-secret-env", help="Environment variable holding the client secret.")
-@click.option("--client-secret-file", help="File holding the client secret.")
-@click.option("--private-key", type=click.Path(dir_okay=False), help="PEM private key for SMART Backend Services.")
-@click.option("--kid", help="Key id for the JWT header.")
-@click.option("--alg", type=click.Choice(["RS384", "ES384"]))
-@click.option("--token-url", help="Token endpoint (default: discovered from .well-known/smart-configuration).")
-@click.option("--scope")
-@click.option("--strategy", help="fhir: auto | everything | crawl")
-@click.option("--page-size", type=int)
-@click.option("--concurrency", type=int, help="Requests in flight at once (default 4).")
-@click.option("--rps", type=float, help="Requests per second limit.")
-@click.option("--timeout", type=float, help="Read timeout in seconds.")
-@click.option("--group-id", help="fhir-bulk: export a Group instead of one Patient.")
-@click.option("--types", help="fhir-bulk: comma-separated _type list.")
-@click.option("--host", help="dimse: archive host.")
-@click.option("--port", type=int, help="dimse: archive port.")
-@click.option("--called-ae", help="dimse: the archive's AE title.")
-@click.option("--calling-ae", help="dimse: our AE title.")
-@click.option("--retrieve", type=click.Choice(["get", "move"]), help="dimse: C-GET or C-MOVE.")
-@click.option("--move-ae", help="dimse: AE title C-MOVE sends to (our storage SCP).")
-@click.option("--store-port", type=int, help="dimse: port of our storage SCP for C-MOVE.")
-@click.option("--store-host", help="dimse: address our storage SCP binds to.")
-@click.option("--username", help="dicomweb basic auth user.")
-@click.option("--password-env", help="Environment variable holding the basic-auth password.")
-@click.option("--password-file", help="File holding the basic-auth password.")
-@click.option("--modalities", help="Only these modalities, e.g. CT,MR.")
-@click.option("--date-from", help="Only studies on or after YYYYMMDD.")
-@click.option("--date-to", help="Only studies on or before YYYYMMDD.")
+@click.option("--kind", required=True, help="Connector kind: fhir, fhir-bulk, dimse, dicomweb, or an installed one.")
 @click.option("--option", "extra", multiple=True, metavar="KEY=VALUE",
-              help="Any other connector option (for third-party connectors).")
+              help="Any connector option, also those without a flag of their own.")
 @json_option
 @with_app
 def endpoint_add(app: Any, name: str, kind: str, extra: tuple[str, ...], as_json: bool, **options: Any) -> None:
-    """Define an endpoint NAME of the given kind."""
-    from aggregator.cases import add_endpoint
+    """Define an endpoint NAME of the given kind.
 
-    config = {k: v for k, v in options.items() if v is not None}
-    for old, new_names in _KIND_RENAMES.get(kind, {}).items():
-        if old in config:
-            value = config.pop(old)
-            for n in new_names:
-                config[n] = value
+    The connector options below are those of the installed connector kinds (each says which
+    kinds it applies to); an option of another kind is refused.
+    """
+    from aggregator.cases import add_endpoint
+    from aggregator.connector_options import NOT_ENDPOINTS, config_from_options, endpoint_kinds
+
+    kinds = endpoint_kinds()
+    if kind in NOT_ENDPOINTS:
+        raise UsageError(f"{kind} sources are added with `source add CASE --{kind} PATH`, not as endpoints")
+    if kind not in kinds:
+        raise NotFound(f"no connector of kind {kind!r} is installed (known: {', '.join(sorted(kinds))})")
+    config = config_from_options(kind, kinds[kind], options)
     for item in extra:
         if "=" not in item:
             raise UsageError(f"--option expects KEY=VALUE, got {item!r}")
         k, v = item.split("=", 1)
-        config[k.strip().replace("-", "_")] = v
+        key = k.strip().replace("-", "_")
+        spec = next((f for f in kinds[kind] if f.name == key), None)
+        config[key] = config_from_options(kind, [spec], {key: v})[key] if spec else v
     data = add_endpoint(app, name, kind, config)
     _emit(as_json, data, f"endpoint {name} added ({kind})")
 

@@ -138,6 +138,21 @@ class CheckResult:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+def option(default: Any = dataclasses.MISSING, *, help: str, choices: Iterable[str] | None = None,
+           aliases: Iterable[str] = (), cli: bool = True) -> Any:
+    """A config field that describes itself, so the CLI and the API derive their options from it.
+
+    ``help`` is the one-line description shown by ``endpoint add --help`` and in the API's
+    schema; ``choices`` restricts the value; ``aliases`` are further option names that set this
+    field too (``--timeout`` sets both DIMSE timeouts); ``cli=False`` keeps an internal field
+    (set by the core, never by a user) out of both.
+    """
+    meta = {"help": help, "choices": tuple(choices) if choices else None, "aliases": tuple(aliases), "cli": cli}
+    if default is dataclasses.MISSING:
+        return field(metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class ConnectorConfig:
     """Base for typed connector configs: plain dataclasses that round-trip through JSON."""

@@ -35,7 +35,17 @@ from aggregator.errors import (
     TransientConnectorError,
     UsageError,
 )
-from connectors.base import KIND_DICOM, CheckResult, Connector, ConnectorConfig, Cursor, PatientRef, Progress, Sink
+from connectors.base import (
+    KIND_DICOM,
+    CheckResult,
+    Connector,
+    ConnectorConfig,
+    Cursor,
+    PatientRef,
+    Progress,
+    Sink,
+    option,
+)
 from connectors.dicom_stream import (
     NO_CRITERIA,
     BackgroundWriter,
@@ -63,20 +73,20 @@ ACCEPT_DICOM = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 
 @dataclass
 class DicomwebConfig(ConnectorConfig):
-    url: str
-    auth: str = "none"
-    token_env: str | None = None
-    token_file: str | None = None
-    username: str | None = None
-    password_env: str | None = None
-    password_file: str | None = None
-    timeout: float = 120
-    modalities: str | None = None
-    date_from: str | None = None
-    date_to: str | None = None
+    url: str = option(help="FHIR base URL (or DICOMweb root).")
+    auth: str = option("none", help="How to authenticate.", choices=("none", "bearer", "basic"))
+    token_env: str | None = option(None, help="Environment variable holding a bearer token.")
+    token_file: str | None = option(None, help="File holding a bearer token.")
+    username: str | None = option(None, help="Basic-auth user.")
+    password_env: str | None = option(None, help="Environment variable holding the basic-auth password.")
+    password_file: str | None = option(None, help="File holding the basic-auth password.")
+    timeout: float = option(120, help="Read timeout in seconds.")
+    modalities: str | None = option(None, help="Only these modalities, e.g. CT,MR.")
+    date_from: str | None = option(None, help="Only studies on or after YYYYMMDD.")
+    date_to: str | None = option(None, help="Only studies on or before YYYYMMDD.")
     #: Report-to-study hints from the case's FHIR data (``aggregator.jobs.hints``): each is also
     #: queried with QIDO-RS and its matches retrieved; see ``dicom_stream.select_hinted``.
-    study_hints: list[dict[str, Any]] | None = None
+    study_hints: list[dict[str, Any]] | None = option(None, help="Set by the pull runner.", cli=False)
 
     def __post_init__(self) -> None:
         if self.auth not in ("none", "bearer", "basic"):

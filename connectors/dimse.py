@@ -44,6 +44,7 @@ from connectors.base import (
     PatientRef,
     Progress,
     Sink,
+    option,
 )
 from connectors.dicom_identifier import decode_identifier, encode_identifier
 from connectors.dicom_stream import (
@@ -144,23 +145,23 @@ def configure_pynetdicom() -> None:
 
 @dataclass
 class DimseConfig(ConnectorConfig):
-    host: str
-    port: int
-    called_ae: str
-    calling_ae: str = "AGGREGATOR"
-    retrieve: str = "get"  # get | move
-    move_ae: str | None = None
-    store_port: int | None = None
-    store_host: str = "127.0.0.1"
-    acse_timeout: float = 30
-    dimse_timeout: float = 120
-    network_timeout: float = 60
-    modalities: str | None = None
-    date_from: str | None = None
-    date_to: str | None = None
+    host: str = option(help="The archive's host.")
+    port: int = option(help="The archive's port.")
+    called_ae: str = option(help="The archive's AE title.")
+    calling_ae: str = option("AGGREGATOR", help="Our AE title.")
+    retrieve: str = option("get", help="C-GET or C-MOVE.", choices=("get", "move"))
+    move_ae: str | None = option(None, help="AE title C-MOVE sends to (our storage SCP).")
+    store_port: int | None = option(None, help="Port of our storage SCP for C-MOVE.")
+    store_host: str = option("127.0.0.1", help="Address our storage SCP binds to.")
+    acse_timeout: float = option(30, help="Association timeout in seconds.")
+    dimse_timeout: float = option(120, help="DIMSE response timeout in seconds.", aliases=("timeout",))
+    network_timeout: float = option(60, help="Network idle timeout in seconds.", aliases=("timeout",))
+    modalities: str | None = option(None, help="Only these modalities, e.g. CT,MR.")
+    date_from: str | None = option(None, help="Only studies on or after YYYYMMDD.")
+    date_to: str | None = option(None, help="Only studies on or before YYYYMMDD.")
     #: Report-to-study hints from the case's FHIR data (``aggregator.jobs.hints``): each is also
     #: queried at STUDY level and its matches retrieved; see ``dicom_stream.select_hinted``.
-    study_hints: list[dict[str, Any]] | None = None
+    study_hints: list[dict[str, Any]] | None = option(None, help="Set by the pull runner.", cli=False)
 
     def __post_init__(self) -> None:
         if self.retrieve not in ("get", "move"):

@@ -34,7 +34,7 @@ import orjson
 import requests
 
 from aggregator.errors import ConfigError, ConnectorError, ProtocolError, RemoteNotFound, TransientConnectorError
-from connectors.base import KIND_FILE, KIND_QUERY, ConnectorConfig, Cursor, PatientRef, Progress, Sink
+from connectors.base import KIND_FILE, KIND_QUERY, ConnectorConfig, Cursor, PatientRef, Progress, Sink, option
 from connectors.fhir_rest import (
     COMPARTMENT,
     SAFE_ID,
@@ -70,12 +70,12 @@ PATIENT_EXPORT_REFUSED = frozenset({400, 404, 405, 501})
 
 @dataclass
 class FhirBulkConfig(FhirConfig):
-    group_id: str | None = None
-    types: str | None = None  # comma-separated _type
-    poll_max_seconds: float = 3600
+    group_id: str | None = option(None, help="Export a Group instead of one Patient.")
+    types: str | None = option(None, help="Comma-separated _type list.")
+    poll_max_seconds: float = option(3600, help="Give up polling an export after this many seconds.")
     #: auto: ``Patient/{id}/$export`` when no group is set or /metadata declares it, else the
     #: group; ``patient`` / ``group`` force one (``group`` needs ``group_id``)
-    export_level: str = "auto"
+    export_level: str = option("auto", help="Patient- or Group-level export.", choices=("auto", "patient", "group"))
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -55,6 +55,7 @@ from connectors.base import (
     PatientRef,
     Progress,
     Sink,
+    option,
 )
 from connectors.http import HttpClient, RequestRejected, mask_url, outcome_text, parse_json_object, server_time
 from connectors.paging import Page, Paginator
@@ -101,25 +102,25 @@ EVERYTHING_UNSUPPORTED = frozenset({400, 403, 404, 405, 501})
 
 @dataclass
 class FhirConfig(ConnectorConfig):
-    url: str
-    auth: str = "none"  # none | bearer | client-credentials | smart-backend
-    token_env: str | None = None
-    token_file: str | None = None
-    client_id: str | None = None
-    client_id_env: str | None = None
-    client_secret_env: str | None = None
-    client_secret_file: str | None = None
-    private_key: str | None = None  # path to PEM
-    kid: str | None = None
-    alg: str = "RS384"
-    token_url: str | None = None
-    scope: str = "system/*.read"
-    concurrency: int = 4
-    rps: float | None = None
-    timeout: float = 60.0
-    connect_timeout: float = 10.0
-    page_size: int = 100
-    strategy: str = "auto"  # auto | everything | crawl
+    url: str = option(help="FHIR base URL (or DICOMweb root).")
+    auth: str = option("none", help="How to authenticate.", choices=AUTH_MODES)
+    token_env: str | None = option(None, help="Environment variable holding a bearer token.")
+    token_file: str | None = option(None, help="File holding a bearer token.")
+    client_id: str | None = option(None, help="OAuth client id.")
+    client_id_env: str | None = option(None, help="Environment variable holding the client id.")
+    client_secret_env: str | None = option(None, help="Environment variable holding the client secret.")
+    client_secret_file: str | None = option(None, help="File holding the client secret.")
+    private_key: str | None = option(None, help="PEM private key file for SMART Backend Services.")
+    kid: str | None = option(None, help="Key id for the JWT header.")
+    alg: str = option("RS384", help="JWT signing algorithm.", choices=("RS384", "ES384"))
+    token_url: str | None = option(None, help="Token endpoint (default: from .well-known/smart-configuration).")
+    scope: str = option("system/*.read", help="OAuth scopes to request.")
+    concurrency: int = option(4, help="Requests in flight at once.")
+    rps: float | None = option(None, help="Requests per second limit.")
+    timeout: float = option(60.0, help="Read timeout in seconds.")
+    connect_timeout: float = option(10.0, help="Connect timeout in seconds.")
+    page_size: int = option(100, help="Search page size (_count).")
+    strategy: str = option("auto", help="fhir: how to pull.", choices=("auto", "everything", "crawl"))
 
     def __post_init__(self) -> None:
         if not isinstance(self.url, str) or not self.url.startswith(("http://", "https://")):

@@ -75,7 +75,8 @@ def test_streamed_array_nested_bundle_and_entry_problems(tmp_path: Path) -> None
 def test_large_single_resource_is_refused_with_a_reason(tmp_path: Path) -> None:
     folder = tmp_path / "in"
     folder.mkdir()
-    (folder / "r.json").write_text(json.dumps({"resourceType": "Observation", "id": "x", "note": [{"text": "y" * 1000}]}))
+    big = {"resourceType": "Observation", "id": "x", "note": [{"text": "y" * 1000}]}
+    (folder / "r.json").write_text(json.dumps(big))
     rows = _pull(folder, tmp_path / "s", max_json_bytes=10)
     (row,) = rows
     assert row.state == SKIPPED and "too large to read in memory" in (row.reason or "")
