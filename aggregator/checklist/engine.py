@@ -14,15 +14,16 @@ Three rules cover what a second opinion needs (see ``schemas/checklist.schema.js
 
 Content means the underlying document, not a summary: an attachment whose bytes are in the
 record, a report with results, DICOM instances whose counts match the ImagingStudy. The engine
-is deterministic (sorted output, no clock: freshness is measured from the case date, or from the
-newest date in the record when the case has none).
+is deterministic (sorted output, no clock: a window runs from ``within`` days before the case date
+to the checklist's grace period after it, or ends at the newest date in the record when the case
+has none). Data that exists but only before a window is ``outdated``, not "not found".
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import date
+from datetime import date, timedelta
 from typing import Any, NamedTuple
 
 from aggregator.checklist import reasons as R
@@ -777,11 +778,29 @@ class Evaluator:
     # -- helpers ---------------------------------------------------------------------------
 
     def fresh(self, res: Res, sel: Selector) -> bool:
+        """Whether ``res`` is dated inside the selector's window (always, without a window).
+
+        The window runs from ``within`` days before the reference date to the checklist's grace
+        period after it: "the last 90 days before the case date" is not met by results from years
+        after it. Undated resources are never inside a window.
+        """
         if sel.within_days is None or self.reference_date is None:
             return True
         if res.date is None:
             return False
-        return (self.reference_date - res.date).days <= sel.within_days
+        return -sel.grace_days <= (self.reference_date - res.date).days <= sel.within_days
+
+    def window_words(self, sel: Selector) -> str:
+        """``2026-07-03 to 2026-10-08 (90 days before the case date 2026-10-01, up to 7 days after)``."""
+        ref = self.reference_date
+        basis = "the case date" if self.reference_basis == "case-date" else "the newest date in the record"
+        if ref is None or sel.within_days is None:
+            return f"the last {sel.within_days} days before {basis}"
+        start = ref - timedelta(days=sel.within_days)
+        end = ref + timedelta(days=sel.grace_days)
+        after = f", up to {sel.grace_days} days after" if sel.grace_days else ""
+        return (f"{start.isoformat()} to {end.isoformat()} "
+                f"({sel.within_days} days before {basis} {ref.isoformat()}{after})")
 
     def where(self, res: Res | None, *, images: bool = False) -> str:
         if res is not None and res.sources:
@@ -828,12 +847,42 @@ class Evaluator:
             return R.Reason(R.PENDING, f"source {R.names(pending)} has not been pulled yet", pending[0].id)
         if images:
             return R.Reason(R.IMAGES_NOT_RETRIEVED, "no imaging study with DICOM instances is linked to this report")
-        if stale or dropped is not None:
-            # candidates too old to keep (see RecordIndex._too_old) count with their newest date
-            newest = max([r.date for r in stale if r.date is not None] + ([dropped] if dropped else []))
-            return R.Reason(R.NOT_FOUND, f"nothing recent at any source: the newest is from {newest.isoformat()}, "
-                                         f"older than {sel.within_days} days before {self.ref_text()}")
+        outside = self.outside_window(sel, stale, dropped)
+        if outside is not None:
+            return outside
         return R.Reason(R.NOT_FOUND, "not found at any source")
+
+    def outside_window(self, sel: Selector, stale: list[Res], dropped: date | None) -> R.Reason | None:
+        """Why candidates outside the window do not count: too old (``outdated``), too late, undated.
+
+        Data that exists but is too old is not "not found": the navigator asks for recent results,
+        and the gap names the newest date. Data dated after the window (beyond the checklist's
+        grace period after the case date) does not answer "before the case date" either; the gap
+        says so, with the earliest such date. Candidates too old to keep in the index
+        (:meth:`RecordIndex._too_old`) count through ``dropped``, their newest date.
+        """
+        ref = self.reference_date
+        older = [r.date for r in stale if r.date is not None and ref is not None and r.date < ref]
+        later = sorted(r.date for r in stale if r.date is not None and ref is not None and r.date > ref)
+        undated = [r for r in stale if r.date is None]
+        if dropped is not None:
+            older.append(dropped)
+        window = self.window_words(sel)
+        grace = f", beyond the {sel.grace_days}-day grace period" if sel.grace_days else ""
+        if older:
+            detail = (f"nothing recent at any source: the newest is from {max(older).isoformat()}, "
+                      f"older than the window {window}")
+            if later:
+                detail += (f"; {len(later)} later one(s), from {later[0].isoformat()}, are dated after the case "
+                           f"date{grace}")
+            return R.Reason(R.OUTDATED, detail)
+        if later:
+            return R.Reason(R.NOT_FOUND, f"nothing in the window {window}: the only ones are dated after the case "
+                                         f"date{grace}, the earliest from {later[0].isoformat()}")
+        if undated:
+            return R.Reason(R.NOT_FOUND, f"nothing in the window {window}: {len(undated)} undated one(s) "
+                                         f"cannot be placed in it ({', '.join(r.ref for r in undated[:3])})")
+        return None
 
     def ref_text(self) -> str:
         return self.reference_date.isoformat() if self.reference_date else "the case date"
@@ -913,7 +962,7 @@ class Evaluator:
     def present(self, item: Item, sel: Selector, component: str | None) -> tuple[bool, Gap | None, set[str], bool]:
         candidates = self.index.select(sel)
         fresh = [r for r in candidates if self.fresh(r, sel)]
-        stale = [r for r in candidates if not self.fresh(r, sel)]
+        stale = [r for r in candidates if not self.fresh(r, sel)]  # too old, after the window, or undated
         good: list[Res] = []
         bad: list[tuple[Res, State]] = []
         for r in fresh:

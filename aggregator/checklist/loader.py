@@ -39,13 +39,20 @@ def parse_duration(text: str) -> int:
 
 @dataclass(frozen=True)
 class Selector:
-    """Which resources a part of an item is about (by class, type and window)."""
+    """Which resources a part of an item is about (by class, type and window).
+
+    A window (``within``) runs from ``within_days`` before the reference date to ``grace_days``
+    after it: results dated years after the case date are not "of the last 90 days before" it,
+    but a lab drawn a few days after the referral still belongs to the question being asked.
+    """
 
     classes_any: frozenset[str] = frozenset()
     classes_all: frozenset[str] = frozenset()
     classes_none: frozenset[str] = frozenset()
     resource_types: frozenset[str] = frozenset()
     within_days: int | None = None
+    grace_days: int = 0
+    """Days after the reference date that still count for a window (the checklist's ``grace``)."""
     label: str = ""
     content: str = "any"
     final_only: bool = False
@@ -53,7 +60,7 @@ class Selector:
     request: str = ""
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> Selector | None:
+    def from_dict(cls, d: dict[str, Any] | None, grace_days: int = 0) -> Selector | None:
         if d is None:
             return None
         return cls(
@@ -62,6 +69,7 @@ class Selector:
             classes_none=frozenset(d.get("classes_none") or ()),
             resource_types=frozenset(d.get("resource_types") or ()),
             within_days=parse_duration(d["within"]) if d.get("within") else None,
+            grace_days=grace_days,
             label=str(d.get("label") or ""),
             content=str(d.get("content") or "any"),
             final_only=bool(d.get("final_only", False)),
@@ -112,6 +120,8 @@ class Checklist:
     items: tuple[Item, ...]
     description: str = ""
     version: str = ""
+    grace_days: int = 0
+    """How many days after the case date still count for the windows of its items."""
     source: str = ""
     """Where it was loaded from: ``builtin:NAME`` or the file path."""
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -254,6 +264,11 @@ def list_checklists() -> list[str]:
 
 
 def _build(data: dict[str, Any], source: str) -> Checklist:
+    grace = parse_duration(data["grace"]) if data.get("grace") else 0
+
+    def sel(d: dict[str, Any] | None) -> Selector | None:
+        return Selector.from_dict(d, grace)
+
     items = []
     for it in data["items"]:
         items.append(
@@ -262,10 +277,10 @@ def _build(data: dict[str, Any], source: str) -> Checklist:
                 title=it["title"],
                 rule=it["rule"],
                 description=str(it.get("description") or ""),
-                applies_if=Selector.from_dict(it.get("applies_if")),
-                subjects=Selector.from_dict(it.get("subjects")),
-                target=Selector.from_dict(it.get("target")),
-                components=tuple(s for s in (Selector.from_dict(c) for c in it.get("components") or []) if s),
+                applies_if=sel(it.get("applies_if")),
+                subjects=sel(it.get("subjects")),
+                target=sel(it.get("target")),
+                components=tuple(s for s in (sel(c) for c in it.get("components") or []) if s),
                 links=tuple(
                     Link(
                         via=lk["via"],
@@ -288,6 +303,7 @@ def _build(data: dict[str, Any], source: str) -> Checklist:
         items=tuple(items),
         description=str(data.get("description") or ""),
         version=str(data.get("version") or ""),
+        grace_days=grace,
         source=source,
         raw=data,
     )

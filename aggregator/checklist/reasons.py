@@ -31,8 +31,10 @@ PENDING = "pending"
 SUMMARY_ONLY = "summary-only"
 IMAGES_NOT_RETRIEVED = "images-not-retrieved"
 IDENTITY_CONFLICT = "identity-conflict"
+OUTDATED = "outdated"
+"""The data exists, but all of it is older than the item's window (the gap names the newest date)."""
 REASONS = (NOT_FOUND, ACCESS_DENIED, NOT_FOUND_AT_SOURCE, RETRIEVAL_FAILED, PENDING, SUMMARY_ONLY,
-           IMAGES_NOT_RETRIEVED, IDENTITY_CONFLICT)
+           IMAGES_NOT_RETRIEVED, IDENTITY_CONFLICT, OUTDATED)
 
 #: which connector kinds can deliver FHIR data / DICOM instances
 FHIR_KINDS = frozenset({"media", "fhir", "fhir-bulk"})
@@ -243,6 +245,8 @@ def next_action(code: str, request: str, about: str, where: str, detail: str = "
         return f"Request {thing} from {where}: only a summary or metadata was received"
     if code == IMAGES_NOT_RETRIEVED:
         return f"Retrieve {thing} from {where} (PACS or a CD), then pull it as a source"
+    if code == OUTDATED:
+        return f"Ask {where} for recent results: {thing} (what was received is older than the window)"
     if code == IDENTITY_CONFLICT:
         return f"Confirm the patient's identity: {detail or 'demographics differ'} between {where}"
     return f"Request {thing} from {where}"

@@ -19,6 +19,7 @@ _REASON_TEXT = {
     "summary-only": "only a summary",
     "images-not-retrieved": "images not retrieved",
     "identity-conflict": "identity conflict",
+    "outdated": "outdated: nothing recent",
 }
 _MARK = {"missing": "MISSING", "partial": "PARTIAL", "complete": "OK", "not-applicable": "N/A"}
 WIDTH = 100

@@ -21,7 +21,7 @@ EXPECTED: dict[str, dict[str, str]] = {
     "complete": {},
     "no-pathology-text": {"pathology-report": "summary-only", "breast-receptors": "not-found"},
     "no-images": {"radiology-images": "images-not-retrieved"},
-    "no-recent-labs": {"lab-results": "not-found"},
+    "no-recent-labs": {"lab-results": "outdated"},
     "no-visit-note": {"clinical-notes": "not-found"},
     "identity-conflict": {"identity": "identity-conflict"},
     "second-patient": {},

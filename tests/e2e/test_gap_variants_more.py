@@ -42,7 +42,7 @@ EXPECTED: dict[tuple[str, str], dict[str, str]] = {
     ("cardiology", "no-ecg"): {"ecg": "not-found"},
     ("cardiology", "no-echo-images"): {"radiology-images": "images-not-retrieved"},
     # troponin and BNP have no window in the checklist; the 12-month lipid panel is what goes stale
-    ("cardiology", "no-recent-cardiac-labs"): {"cardiac-labs": "not-found"},
+    ("cardiology", "no-recent-cardiac-labs"): {"cardiac-labs": "outdated"},
     ("cardiology", "summary-only-echo"): {"echo": "summary-only"},
     ("cardiology", "no-visit-note"): {"clinical-notes": "not-found"},
     ("cardiology", "identity-conflict"): {"identity": "identity-conflict"},
@@ -50,7 +50,7 @@ EXPECTED: dict[tuple[str, str], dict[str, str]] = {
     # the discharge summary of the same stay is all that is left: a summary in place of the note
     ("surgery", "no-operative-note"): {"operative-notes": "summary-only"},
     ("surgery", "no-preop-images"): {"radiology-images": "images-not-retrieved"},
-    ("surgery", "no-preop-labs"): {"preop-labs": "not-found"},
+    ("surgery", "no-preop-labs"): {"preop-labs": "outdated"},
     ("surgery", "no-pathology-text"): {"pathology-report": "summary-only"},
     ("surgery", "identity-conflict"): {"identity": "identity-conflict"},
 }

@@ -282,8 +282,39 @@ def test_old_labs_are_not_recent() -> None:
     res = complete_resources()
     res["lab1"]["effectiveDateTime"] = "2025-06-01"
     report = run(record(res))
+    assert gaps(report) == {"lab-results": ["outdated"]}
+    gap = item(report, "lab-results")["gaps"][0]
+    assert "the newest is from 2025-06-01" in gap["detail"]
+    assert "90 days before the case date 2026-03-10" in gap["detail"]
+    assert gap["next_action"].startswith("Ask Good Hospital for recent results")
+
+
+def test_labs_after_the_case_date_only_count_within_the_grace() -> None:
+    res = complete_resources()
+    res["lab1"]["effectiveDateTime"] = "2026-03-17"  # the case date + 7 days: the general checklist's grace
+    assert gaps(run(record(res))) == {}
+    res["lab1"]["effectiveDateTime"] = "2028-11-02"
+    report = run(record(res))
     assert gaps(report) == {"lab-results": ["not-found"]}
-    assert "2025-06-01" in item(report, "lab-results")["gaps"][0]["detail"]
+    assert item(report, "lab-results")["gaps"][0]["detail"] == (
+        "nothing in the window 2025-12-10 to 2026-03-17 (90 days before the case date 2026-03-10, up to 7 days "
+        "after): the only ones are dated after the case date, beyond the 7-day grace period, the earliest "
+        "from 2028-11-02")
+
+
+def test_old_and_later_labs_are_outdated_and_undated_ones_are_named() -> None:
+    res = complete_resources()
+    res["lab1"]["effectiveDateTime"] = "2025-06-01"
+    res["lab2"] = {**copy.deepcopy(res["lab1"]), "id": "lab2", "effectiveDateTime": "2027-01-05"}
+    report = run(record(res))
+    assert gaps(report) == {"lab-results": ["outdated"]}
+    detail = item(report, "lab-results")["gaps"][0]["detail"]
+    assert "the newest is from 2025-06-01" in detail and "1 later one(s), from 2027-01-05" in detail
+    del res["lab2"], res["lab1"]["effectiveDateTime"]
+    report = run(record(res))
+    assert gaps(report) == {"lab-results": ["not-found"]}
+    assert "1 undated one(s) cannot be placed in it (Observation/lab1)" in item(report, "lab-results")["gaps"][0][
+        "detail"]
 
 
 def test_missing_labs_with_denied_query() -> None:
@@ -497,7 +528,7 @@ def test_results_too_old_for_every_window_are_dropped_and_the_newest_is_cited() 
     kept = {r.ref for r in _index(rec, "general", reference=date(2026, 3, 10)).items}
     assert not kept & {"Observation/lab1", "Observation/lab2"} and "Procedure/bx1" in kept
     report = run(rec)
-    assert gaps(report) == {"lab-results": ["not-found"]}
+    assert gaps(report) == {"lab-results": ["outdated"]}
     assert "2025-08-01" in item(report, "lab-results")["gaps"][0]["detail"]
 
 

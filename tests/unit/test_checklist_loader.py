@@ -82,3 +82,20 @@ def test_each_rule_needs_links_and_bad_yaml_is_reported(tmp_path: Path) -> None:
     assert "not valid YAML" in validate_checklist_file(p)[0]
     p.write_text("- just\n- a list\n", encoding="utf-8")
     assert "mapping" in validate_checklist_file(p)[0]
+
+
+def test_grace_is_a_checklist_setting_carried_by_every_window(tmp_path: Path) -> None:
+    for name in list_checklists():
+        cl = load_checklist(name)
+        assert cl.grace_days == 7, name
+        windowed = [s for i in cl.items for s in (i.subjects, i.target, *i.components) if s and s.within_days]
+        assert windowed and all(s.grace_days == 7 for s in windowed), name
+    data = yaml.safe_load((ROOT / "schemas/checklists/general.yaml").read_text())
+    del data["grace"]
+    assert load_checklist(str(_write(tmp_path, data))).grace_days == 0  # nothing after the case date
+    data["grace"] = "2w"
+    cl = load_checklist(str(_write(tmp_path, data)))
+    assert cl.grace_days == 14 and next(i for i in cl.items if i.id == "lab-results").target.grace_days == 14
+    data["grace"] = "a week"
+    assert validate_checklist_file(_write(tmp_path, data)) == [
+        "grace: 'a week' is not a duration: use a number and d, w, m or y, e.g. 90d"]
