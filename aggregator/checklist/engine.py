@@ -9,7 +9,9 @@ Three rules cover what a second opinion needs (see ``schemas/checklist.schema.js
   same encounter, shared identifiers (accession number, StudyInstanceUID), date proximity (with
   modality agreement for imaging), and undated subjects. Explicit links win: a report that
   references one biopsy is not borrowed by another biopsy through date proximity, and a report
-  linked by date goes to the nearest subject only.
+  linked by date goes to the nearest subject only. A note that names its encounter belongs to that
+  encounter, never by date to another visit of the day; one that names none links by date only to
+  a visit of the class of encounter it is written in.
 * ``identity``: identity conflicts found by normalization.
 
 Content means the underlying document, not a summary: an attachment whose bytes are in the
@@ -24,11 +26,16 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date, timedelta
+from functools import lru_cache
+from importlib.resources import files
 from typing import Any, NamedTuple
+
+import yaml
 
 from aggregator.checklist import reasons as R
 from aggregator.checklist import stream
 from aggregator.checklist.loader import Checklist, Item, Link, Selector
+from aggregator.errors import ConfigError
 from aggregator.ledger import LedgerEntry
 from aggregator.model import CaseInfo, NormalizedRecord, SourceInfo
 from aggregator.normalize.classify import classify, values_at
@@ -59,6 +66,7 @@ _DATE_PATHS: dict[str, tuple[str, ...]] = {
     "Media": ("createdDateTime", "createdPeriod.start", "issued"),
 }
 _ENCOUNTER_PATHS = ("encounter", "context.encounter", "context")
+NOTE_SETTINGS = "tables/note_settings.yaml"
 
 #: resource types that can hold a class, to find ledger failures that explain a missing item
 _TYPES_FOR_PREFIX: dict[str, tuple[str, ...]] = {
@@ -1039,6 +1047,7 @@ class Evaluator:
         claimed: dict[str, set[str]] = {}
         date_links = [lk for lk in item.links if lk.via == "date"]
         undated = any(lk.via == "undated" for lk in item.links)
+        by_encounter = any(lk.via == "encounter" for lk in item.links)
         for s in subjects:
             for t in targets:
                 if any(self.explicit(lk, s, t) for lk in item.links if lk.via not in ("date", "undated")):
@@ -1054,6 +1063,13 @@ class Evaluator:
                 # A subject with an explicit link is judged on what it names: a report that
                 # references its own study must not borrow another study taken days apart.
                 if s.date is None or explicit[s.ref]:
+                    continue
+                # Linked by encounter first: a note that names its encounter belongs to that one,
+                # never by date to another visit of the same day (an inpatient stay's note does
+                # not cover an outpatient visit).
+                if by_encounter and self.names_encounter(t) and (s.type == "Encounter" or self.names_encounter(s)):
+                    continue
+                if not self.same_setting(s, t):
                     continue
                 owners = [by_ref[o] for o in sorted(claimed.get(t.ref, ()))]
                 if owners and not any(self.same_episode(o, s) for o in owners):
@@ -1080,6 +1096,23 @@ class Evaluator:
                 refs |= set(tmap)
             out[s.ref] = [tmap[r] for r in sorted(refs)]
         return out
+
+    @staticmethod
+    def names_encounter(res: Res) -> bool:
+        """Whether ``res`` references an encounter (only known when a link compares encounters)."""
+        refs = res.refs or {}
+        return any(refs.get(p) for p in _ENCOUNTER_PATHS)
+
+    @staticmethod
+    def same_setting(s: Res, t: Res) -> bool:
+        """Whether two resources may belong to the same class of encounter (a date link's condition).
+
+        An Encounter's class (``encounter:inpatient``...) or, for a note, the classes its kind is
+        written in (``schemas/tables/note_settings.yaml``: a discharge summary belongs to a stay).
+        Unknown on either side: they agree.
+        """
+        a, b = _settings(s.classes), _settings(t.classes)
+        return not a or not b or bool(a & b)
 
     @staticmethod
     def same_episode(a: Res, b: Res) -> bool:
@@ -1111,6 +1144,28 @@ class Evaluator:
         if lk.via == "shared-identifier":
             return bool(s.identifiers & t.identifiers)
         return False
+
+
+@lru_cache(maxsize=1)
+def _note_settings() -> dict[str, frozenset[str]]:
+    """Note class -> the Encounter classes that kind of note is written in (package data)."""
+    try:
+        data = yaml.safe_load(files("schemas").joinpath(NOTE_SETTINGS).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read the note settings table {NOTE_SETTINGS}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{NOTE_SETTINGS} is not a mapping")
+    return {str(k): frozenset(map(str, v or ())) for k, v in data.items()}
+
+
+@lru_cache(maxsize=256)
+def _settings(classes: frozenset[str]) -> frozenset[str]:
+    """The Encounter classes a resource of these classes belongs to (empty: unknown)."""
+    table = _note_settings()
+    out = {c for c in classes if c.startswith("encounter:")}
+    for c in classes:
+        out |= table.get(c, frozenset())
+    return frozenset(out)
 
 
 def _identifiers(res: Mapping[str, Any]) -> set[str]:

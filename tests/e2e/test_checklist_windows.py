@@ -15,9 +15,13 @@ runs it the whole way: files on disk -> media pull -> normalize -> checklist.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+from datetime import date
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from aggregator.app import App
@@ -30,9 +34,14 @@ from fixtures import generate_download
 from fixtures.cardiology import (
     CARDIOLOGIST,
     CONSULT_VISIT,
+    Note,
     Visit,
+    at,
+    encounter_resource,
+    generate_cardiology_download,
+    note_resource,
 )
-from fixtures.generate import SNOMED
+from fixtures.generate import LOINC, SNOMED, _concept, _Ids
 
 LAB_DAY = "2026-09-15"  # every laboratory result of the complete oncology patient (bundle and NDJSON)
 CLINIC_VISIT = Visit("enc-clinic-same-day", "ENC-1099", CONSULT_VISIT.day, "14:00:00", "14:30:00",
@@ -122,3 +131,88 @@ def test_results_that_exist_but_are_too_old_are_outdated(tmp_path: Path) -> None
     assert "for recent results: the laboratory results of the last 90 days" in gap["next_action"]
     assert "outdated: nothing recent" in render_text(report)
     assert report["counts"]["by_reason"] == {"outdated": 1}
+
+
+# --- notes and visits ------------------------------------------------------------------------
+
+
+def _cardiology(tmp_path: Path, *, add: Callable[[_Ids], list[dict[str, Any]]]
+                ) -> tuple[dict[str, Any], Callable[[str], str]]:
+    """The complete cardiology patient with resources added to portal A's bundle, checked.
+
+    Returns the report and a function: fixture key (a visit's or a note's) -> its reference in
+    the normalized record (normalization gives resources ids of its own).
+    """
+    download = tmp_path / "dl"
+    info = generate_cardiology_download(download)
+    path = download / "portal-a" / "record.json"
+    bundle = json.loads(path.read_text(encoding="utf-8"))
+    for res in add(_Ids("cardio")):
+        bundle["entry"].append({"fullUrl": f"urn:uuid:{res['id']}", "resource": res})
+    path.write_text(json.dumps(bundle, indent=1, sort_keys=True), encoding="utf-8")
+    report, by_ident = _check_record(tmp_path, download, "cardiology", info.case_date.isoformat(), info)
+    ids = _Ids("cardio")
+    visits = {v.key: v.identifier for v in (CLINIC_VISIT, CONSULT_VISIT)}
+
+    def ref(key: str) -> str:
+        return by_ident[visits[key]] if key in visits else by_ident[f"urn:uuid:{ids(key + '/document')}"]
+    return report, ref
+
+
+def _visits(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {s["ref"]: s for s in _item(report, "clinical-notes").get("subjects", [])}
+
+
+def _note(key: str, visit: Visit, loinc: tuple[str, str], *, names_encounter: bool) -> Callable[[_Ids], dict]:
+    def build(ids: _Ids) -> dict[str, Any]:
+        n = Note(key, visit, _concept(LOINC, loinc[0], loinc[1], loinc[1]), CLINIC_NOTE,
+                 at(visit.day, "14:30:00"), *CARDIOLOGIST)
+        res = note_resource(ids, n)
+        if not names_encounter:
+            del res["context"]  # no encounter, and no period borrowed from one
+        return res
+    return build
+
+
+def test_an_inpatient_stays_note_does_not_cover_an_outpatient_visit_of_the_same_day(tmp_path: Path) -> None:
+    report, ref = _cardiology(tmp_path, add=lambda ids: [encounter_resource(ids, CLINIC_VISIT)])
+    clinic, stay = ref(CLINIC_VISIT.key), ref(CONSULT_VISIT.key)
+    visits = _visits(report)
+    assert visits[stay]["status"] == "complete"
+    assert visits[clinic]["status"] == "missing" and visits[clinic]["linked"] == []
+    assert _gapped(report) == {"clinical-notes": ["not-found"]}
+    assert _item(report, "clinical-notes")["gaps"][0]["subject"] == clinic
+
+
+def test_a_note_naming_the_visit_covers_it(tmp_path: Path) -> None:
+    note = _note("note-clinic", CLINIC_VISIT, ("11506-3", "Progress note"), names_encounter=True)
+    report, ref = _cardiology(tmp_path, add=lambda ids: [encounter_resource(ids, CLINIC_VISIT), note(ids)])
+    visits = _visits(report)
+    assert visits[ref(CLINIC_VISIT.key)]["linked"] == [ref("note-clinic")]
+    assert ref("note-clinic") not in visits[ref(CONSULT_VISIT.key)]["linked"]
+    assert _gapped(report) == {}
+
+
+@pytest.mark.parametrize(("loinc", "covers_clinic"), [
+    (("11506-3", "Progress note"), True),  # written in any setting: the date decides
+    (("18842-5", "Discharge summary"), False),  # belongs to an inpatient stay, never to a clinic visit
+])
+def test_a_note_naming_no_encounter_links_by_date_within_its_class_of_encounter(
+        tmp_path: Path, loinc: tuple[str, str], covers_clinic: bool) -> None:
+    note = _note("note-unlinked", CLINIC_VISIT, loinc, names_encounter=False)
+    report, ref = _cardiology(tmp_path, add=lambda ids: [encounter_resource(ids, CLINIC_VISIT), note(ids)])
+    clinic, stay, unlinked = ref(CLINIC_VISIT.key), ref(CONSULT_VISIT.key), ref("note-unlinked")
+    visits = _visits(report)
+    assert (unlinked in visits[clinic]["linked"]) is covers_clinic
+    assert visits[stay]["status"] == "complete"
+    if covers_clinic:
+        assert _gapped(report) == {}
+    else:
+        assert _gapped(report) == {"clinical-notes": ["not-found"]}
+        assert _item(report, "clinical-notes")["gaps"][0]["subject"] == clinic
+
+
+def test_fixture_dates_are_what_these_tests_assume() -> None:
+    info_day = date.fromisoformat(LAB_DAY)
+    assert (date(2026, 10, 1) - info_day).days < 90  # the complete patient's labs are recent
+    assert CONSULT_VISIT.act_class[0] == "IMP" and CLINIC_VISIT.day == CONSULT_VISIT.day
