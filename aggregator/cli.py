@@ -66,6 +66,42 @@ def with_app(f: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def audited(action: str, what: str, *, access_change: bool = False) -> Callable[[F], F]:
+    """Record the command in the audit trail, attributed to the operating-system user.
+
+    Reads of patient data, pulls, packages and changes of access through the CLI are audited
+    like the API's; a failure is recorded with the error's type only (its text may name data).
+    Goes between ``with_app`` and the command function.
+    """
+
+    def deco(f: F) -> F:
+        @functools.wraps(f)
+        def wrapper(app: Any, *args: Any, **kwargs: Any) -> Any:
+            from aggregator import audit
+
+            case_id = kwargs.get("case_id")
+            actor = audit.os_actor()
+            try:
+                rv = f(app, *args, **kwargs)
+            except SystemExit as exc:
+                ok = exc.code in (0, None)
+                audit.record(app.db, actor, action, what, case_id=case_id,
+                             outcome=audit.SUCCESS if ok else audit.MINOR_FAILURE,
+                             detail="" if ok else f"exit status {exc.code}", access_change=access_change)
+                raise
+            except Exception as exc:
+                audit.record(app.db, actor, action, what, case_id=case_id,
+                             outcome=audit.MINOR_FAILURE if isinstance(exc, AggregatorError) else audit.SERIOUS_FAILURE,
+                             detail=type(exc).__name__, access_change=access_change)
+                raise
+            audit.record(app.db, actor, action, what, case_id=case_id, access_change=access_change)
+            return rv
+
+        return wrapper  # type: ignore[return-value]
+
+    return deco
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--home", type=click.Path(file_okay=False), default=None,
               help="Home directory (default: $AGGREGATOR_HOME or ~/.aggregator).")
@@ -192,6 +228,7 @@ def case() -> None:
 @click.option("--case-date", help="YYYY-MM-DD reference date for freshness windows (default: today).")
 @json_option
 @with_app
+@audited("C", "case")
 def case_create(app: Any, case_id: str, checklist: str, patient_name: str | None, birth_date: str | None,
                 case_date: str | None, as_json: bool) -> None:
     """Open a case CASE."""
@@ -205,6 +242,7 @@ def case_create(app: Any, case_id: str, checklist: str, patient_name: str | None
 @case.command("list")
 @json_option
 @with_app
+@audited("R", "case-list")
 def case_list(app: Any, as_json: bool) -> None:
     """List cases."""
     from aggregator.cases import list_cases
@@ -219,6 +257,7 @@ def case_list(app: Any, as_json: bool) -> None:
 @click.argument("case_id", metavar="CASE")
 @json_option
 @with_app
+@audited("R", "case")
 def case_show(app: Any, case_id: str, as_json: bool) -> None:
     """Show a case, its sources and their last pulls."""
     from aggregator.cases import case_summary
@@ -250,6 +289,7 @@ def case_show(app: Any, case_id: str, as_json: bool) -> None:
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @json_option
 @with_app
+@audited("D", "case")
 def case_delete(app: Any, case_id: str, yes: bool, as_json: bool) -> None:
     """Delete a case, its ledger and its raw records."""
     from aggregator.cases import delete_case
@@ -277,6 +317,7 @@ def source() -> None:
 @click.option("--media", type=click.Path(), help="A folder or zip the patient downloaded, or a DICOM disc.")
 @json_option
 @with_app
+@audited("U", "source")
 def source_add(app: Any, case_id: str, endpoint: str | None, patient_id: str | None,
                patient_identifier: str | None, issuer: str | None, media: str | None, as_json: bool) -> None:
     """Add a source to CASE."""
@@ -291,6 +332,7 @@ def source_add(app: Any, case_id: str, endpoint: str | None, patient_id: str | N
 @click.argument("case_id", metavar="CASE")
 @json_option
 @with_app
+@audited("R", "source-list")
 def source_list(app: Any, case_id: str, as_json: bool) -> None:
     """List a case's sources."""
     from aggregator.cases import list_sources
@@ -320,6 +362,7 @@ def _pull_text(summaries: list[Any]) -> str:
               help="If another process is pulling this case, wait for it instead of exiting (exit code 5).")
 @json_option
 @with_app
+@audited("E", "pull")
 def pull(app: Any, case_id: str, source_ids: tuple[int, ...], wait: bool, as_json: bool) -> None:
     """Fetch everything for CASE from its sources (in parallel, resumable)."""
     from aggregator.jobs.pull import pull_case
@@ -341,6 +384,7 @@ def pull(app: Any, case_id: str, source_ids: tuple[int, ...], wait: bool, as_jso
 @click.option("--strict", is_flag=True, help="Exit non-zero when gaps remain.")
 @json_option
 @with_app
+@audited("R", "gap-report")
 def check(app: Any, case_id: str, strict: bool, as_json: bool) -> None:
     """Check CASE against its checklist and print the gap report."""
     from aggregator.checklist import render_text
@@ -364,6 +408,7 @@ def _has_gaps(report: dict[str, Any]) -> bool:
               help="File mode for the package (default 0600 files / 0700 folders: owner only), e.g. 0640.")
 @json_option
 @with_app
+@audited("C", "package")
 def package(app: Any, case_id: str, out: str, as_zip: bool, mode_text: str | None, as_json: bool) -> None:
     """Write the consultant package for CASE."""
     from aggregator.pipeline import package_case
@@ -455,6 +500,47 @@ def checklist_validate(file: str, as_json: bool) -> None:
 
 
 # --- sync, serve, demo ----------------------------------------------------------------------
+
+
+@cli.group(invoke_without_command=True)
+@click.option("--case", "case_id", help="Only the entries of this case.")
+@json_option
+@click.pass_context
+def audit(ctx: click.Context, case_id: str | None, as_json: bool) -> None:
+    """List the audit trail (or check it with `audit verify`)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from aggregator import audit as audit_log
+
+    app = ctx.obj.app
+    rows = list(audit_log.events(app.db, case_id=case_id))
+
+    def text() -> str:
+        lines = []
+        for r in rows:
+            e = r["event"]
+            who = e["agent"][0]["who"]["identifier"]["value"]
+            case = audit_log.case_of(e) or "-"
+            lines.append(f"{r['seq']:>6} {e['recorded']} {e['action']} {e['subtype'][0]['code']:<16} "
+                         f"case {case:<20} {who:<16} outcome {e['outcome']}")
+        return "\n".join(lines) or "no audit entries"
+
+    _emit(as_json, rows, text)
+
+
+@audit.command("verify")
+@json_option
+@with_app
+def audit_verify(app: Any, as_json: bool) -> None:
+    """Check the hash chain: an edited, deleted or reordered entry is found and named."""
+    from aggregator import audit as audit_log
+
+    result = audit_log.verify(app.db)
+    text = (f"audit trail intact: {result.count} entries, head {result.head}" if result.ok else
+            f"audit trail BROKEN at entry {result.bad_seq}: {result.problem}")
+    _emit(as_json, result.to_dict(), text)
+    if not result.ok:
+        sys.exit(6)
 
 
 @cli.command()

@@ -32,7 +32,7 @@ from aggregator.jobs.hints import study_hints
 from aggregator.ledger import FAILED, LedgerSink, entries_for_case
 from aggregator.store.models import Cursor as CursorRow
 from aggregator.store.models import LedgerItem, Pull, Source, utcnow
-from connectors.base import KIND_QUERY, Cursor, NullProgress, PatientRef, Progress, create_connector
+from connectors.base import KIND_DICOM, KIND_QUERY, Cursor, NullProgress, PatientRef, Progress, create_connector
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +165,25 @@ class _Heartbeat(threading.Thread):
         self.stop_event.set()
 
 
+def audit_retrievals(app: App, pull_id: int, case_id: str, actor: Any) -> int:
+    """One audit entry per DICOM study this pull retrieved (study UID and instance count)."""
+    from aggregator import audit
+
+    per_study: dict[str, int] = {}
+    with app.db.session() as s:
+        q = select(LedgerItem.meta).where(LedgerItem.pull_id == pull_id, LedgerItem.kind == KIND_DICOM,
+                                          LedgerItem.state == "done")
+        for (meta,) in s.execute(q):
+            uid = meta.get("study_uid") if isinstance(meta, dict) else None
+            per_study[str(uid or "unknown")] = per_study.get(str(uid or "unknown"), 0) + 1
+    for uid, n in sorted(per_study.items()):
+        audit.record(app.db, actor, audit.EXECUTE, "dicom-retrieve", case_id=case_id,
+                     entity={"study": uid, "instances": str(n), "pull": str(pull_id)})
+    return len(per_study)
+
+
 def run_pull(app: App, source_id: int, progress: Progress | None = None, *, lock_held: bool = False,
-             wait: float | None = 0.0) -> PullSummary:
+             wait: float | None = 0.0, actor: Any = None) -> PullSummary:
     """Pull one source now, in this thread, under the case's pull lock.
 
     ``lock_held`` says the caller (:func:`pull_case`) already holds it; otherwise it is taken
@@ -181,7 +198,7 @@ def run_pull(app: App, source_id: int, progress: Progress | None = None, *, lock
         with case_lock.acquire(app, owner, wait=wait):
             reap_dead_pulls(app, owner)
             clean_dead_temp(app, owner)
-            return run_pull(app, source_id, progress, lock_held=True)
+            return run_pull(app, source_id, progress, lock_held=True, actor=actor)
     progress = progress or NullProgress()
     reap_stale_pulls(app)
     kind, config, src = connector_config(app, source_id)
@@ -243,6 +260,10 @@ def run_pull(app: App, source_id: int, progress: Progress | None = None, *, lock
             raise
     finally:
         beat.stop()
+    if sink.counts.get("done"):
+        from aggregator.audit import os_actor
+
+        audit_retrievals(app, pull_id, case_id, actor or os_actor())
     return PullSummary(source_id, src.label, pull_id, state, sink.method, dict(sink.counts), error)
 
 
@@ -254,6 +275,7 @@ def pull_case(
     progress_for: Any = None,
     max_parallel: int = 4,
     wait: float | None = 0.0,
+    actor: Any = None,
 ) -> list[PullSummary]:
     """Pull the case's sources in parallel (one thread each, up to ``max_parallel``).
 
@@ -264,11 +286,11 @@ def pull_case(
     with case_lock.acquire(app, case_id, wait=wait):
         reap_dead_pulls(app, case_id)
         clean_dead_temp(app, case_id)
-        return _pull_sources(app, case_id, source_ids, progress_for, max_parallel)
+        return _pull_sources(app, case_id, source_ids, progress_for, max_parallel, actor)
 
 
 def _pull_sources(app: App, case_id: str, source_ids: Sequence[int] | None, progress_for: Any,
-                  max_parallel: int) -> list[PullSummary]:
+                  max_parallel: int, actor: Any) -> list[PullSummary]:
     with app.db.session() as s:
         q = select(Source.id, Source.label).where(Source.case_id == case_id).order_by(Source.id)
         rows = [(int(sid), str(label)) for sid, label in s.execute(q)]
@@ -284,7 +306,7 @@ def _pull_sources(app: App, case_id: str, source_ids: Sequence[int] | None, prog
     def one(row: tuple[int, str]) -> PullSummary:
         sid, label = row
         progress = progress_for(label) if progress_for else None
-        return run_pull(app, sid, progress, lock_held=True)
+        return run_pull(app, sid, progress, lock_held=True, actor=actor)
 
     with ThreadPoolExecutor(max_workers=max(1, min(max_parallel, len(rows)))) as pool:
         return list(pool.map(one, rows))
