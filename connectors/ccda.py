@@ -5,6 +5,11 @@ A C-CDA is kept whole (the original XML is attached); this module only reads the
 structured body - so the document can be described by a FHIR R4 DocumentReference without
 interpreting its clinical content.
 
+The header also names whose record it is (``recordTarget/patientRole``: ids, names, gender,
+birthTime). Those demographics become a FHIR Patient the DocumentReference points at, so that
+normalization compares them with the case's patient like any other Patient: a document about
+another person must never count for this one.
+
 The XML comes from outside, so it is parsed with ``defusedxml``, which refuses entity
 declarations (billion laughs, quadratic blow-up) and external entities/DTDs (XXE) instead of
 expanding them.
@@ -31,6 +36,11 @@ FORMAT_SYSTEM = "http://ihe.net/fhir/ihe.formatcode.fhir/CodeSystem/formatcode"
 FORMAT_STRUCTURED = "urn:hl7-org:sdwg:ccda-structuredBody:2.1"
 FORMAT_NON_XML = "urn:hl7-org:sdwg:ccda-nonXMLBody:2.1"
 _OIDS = {LOINC_OID: LOINC, "2.16.840.1.113883.6.96": "http://snomed.info/sct"}
+
+#: ``meta.tag`` system marking a Patient made from a document's own demographics
+DEMOGRAPHICS_TAG = "urn:aggregator:demographics-from"
+_OID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")
+_UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 
 _TS = re.compile(
     r"^(?P<y>\d{4})(?P<mo>\d{2})?(?P<d>\d{2})?(?P<h>\d{2})?(?P<mi>\d{2})?(?P<s>\d{2})?(?:\.(?P<f>\d{1,6}))?"
@@ -64,6 +74,35 @@ class CcdaHeader:
     non_xml_body: bool = False
     template_ids: list[str] = field(default_factory=list)
     service_period: tuple[str | None, str | None] = (None, None)
+    record_targets: list[Demographics] = field(default_factory=list)
+    """One per ``recordTarget`` (a C-CDA names one patient; more is read, never merged)."""
+
+
+@dataclass
+class Demographics:
+    """Who a document is about, as the document states it (empty when it says nothing)."""
+
+    identifiers: list[tuple[str, str]] = field(default_factory=list)
+    """``(system, value)``: ``urn:oid:<root>`` and the extension."""
+    names: list[tuple[tuple[str, ...], str | None]] = field(default_factory=list)
+    """``(given names, family)`` per name."""
+    birth_date: str | None = None
+    """FHIR date (YYYY, YYYY-MM or YYYY-MM-DD)."""
+    gender: str | None = None
+    """FHIR administrative gender."""
+
+    @property
+    def empty(self) -> bool:
+        return not (self.identifiers or self.names or self.birth_date or self.gender)
+
+    def same_as(self, other: Demographics) -> bool:
+        """Both state exactly the same things (two PIDs of one file about one person)."""
+        return (sorted(self.identifiers), sorted(self.names), self.birth_date, self.gender) == \
+            (sorted(other.identifiers), sorted(other.names), other.birth_date, other.gender)
+
+
+#: HL7 v3 AdministrativeGender -> FHIR administrative-gender
+V3_GENDER = {"F": "female", "M": "male", "UN": "other"}
 
 
 def looks_like_ccda(head: bytes) -> bool:
@@ -154,7 +193,54 @@ def read_header(data: bytes) -> CcdaHeader:
         low, high = se.find(_H + "low"), se.find(_H + "high")
         h.service_period = (low.get("value") if low is not None else se.get("value"),
                             high.get("value") if high is not None else None)
+    h.record_targets = [_demographics(role) for role in root.findall(f"{_H}recordTarget/{_H}patientRole")]
     return h
+
+
+def _demographics(role: Element) -> Demographics:
+    """``patientRole``: its ids (nullFlavor ids carry nothing), the patient's names, gender and
+    birth date. Values are taken as written; matching is normalization's job."""
+    d = Demographics()
+    for ident in role.findall(_H + "id"):
+        root, ext = ident.get("root"), ident.get("extension")
+        if root and ext and not ident.get("nullFlavor"):
+            d.identifiers.append((f"urn:oid:{root}" if _OID.match(root) else f"urn:uuid:{root.lower()}"
+                                  if _UUID.match(root) else root, ext))
+    patient = role.find(_H + "patient")
+    if patient is None:
+        return d
+    for nm in patient.findall(_H + "name"):
+        given = tuple(t for g in nm.findall(_H + "given") if (t := _text(g)))
+        family = " ".join(t for f in nm.findall(_H + "family") if (t := _text(f))) or None
+        if not given and not family and (whole := _text(nm)):
+            parts = whole.split()
+            given, family = tuple(parts[:-1]), parts[-1]
+        if given or family:
+            d.names.append((given, family))
+    gender = patient.find(_H + "administrativeGenderCode")
+    if gender is not None and gender.get("code"):
+        d.gender = V3_GENDER.get(str(gender.get("code")).upper(), "unknown")
+    birth = patient.find(_H + "birthTime")
+    if birth is not None and birth.get("value"):
+        d.birth_date = ts_to_fhir(birth.get("value"))[1]
+    return d
+
+
+def patient_resource(d: Demographics, rid: str, kind: str = "ccda",
+                     display: str = "demographics from a C-CDA recordTarget") -> dict[str, Any]:
+    """A FHIR R4 Patient stating exactly what the document says about its patient; tagged so that
+    normalization knows the demographics came from a document (and from which kind)."""
+    p: dict[str, Any] = {"resourceType": "Patient", "id": rid,
+                         "meta": {"tag": [{"system": DEMOGRAPHICS_TAG, "code": kind, "display": display}]}}
+    if d.identifiers:
+        p["identifier"] = [{"system": s, "value": v} for s, v in d.identifiers]
+    if d.names:
+        p["name"] = [{k: v for k, v in (("family", fam), ("given", list(giv))) if v} for giv, fam in d.names]
+    if d.gender:
+        p["gender"] = d.gender
+    if d.birth_date:
+        p["birthDate"] = d.birth_date
+    return p
 
 
 def ts_to_fhir(ts: str | None) -> tuple[str | None, str | None]:

@@ -10,9 +10,13 @@ content (magic bytes first, extension only where the content cannot tell), then 
 * FHIR JSON (a resource, a Bundle of any type, nested Bundles, an array, NDJSON): every
   resource goes to ``sink.resource`` with a key ``file:<relpath>#<json-pointer>`` (see
   :mod:`connectors.fhir_files`).
-* PDF, plain text and C-CDA: the bytes go to ``sink.binary`` under ``file:<relpath>``, and a
-  DocumentReference describing them is emitted too (for C-CDA with the header's type, date,
-  authors and title, see :mod:`connectors.ccda`).
+* PDF, plain text, C-CDA and HL7 v2 (ER7): the bytes go to ``sink.binary`` under
+  ``file:<relpath>``, and a DocumentReference describing them is emitted too (for C-CDA with the
+  header's type, date, authors and title, see :mod:`connectors.ccda`). When the file states whose
+  record it is (C-CDA ``recordTarget``, HL7 v2 PID), a Patient with exactly those demographics is
+  emitted under ``file:<relpath>#patient`` and is the DocumentReference's subject, so that
+  normalization compares it with the case's patient; a file naming several people is skipped
+  (it cannot count for one patient).
 * Zips are extracted safely into a temporary folder (:mod:`connectors.archive`); members get
   keys ``file:<zip relpath>!/<member>``; a zip inside a zip is opened, one level deeper is not.
 * Anything else is ``skipped`` with the detected type, so nothing is silently dropped.
@@ -34,13 +38,13 @@ import tempfile
 import warnings
 import zipfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from aggregator.errors import AggregatorError, ConfigError, InputTooLarge, StoreError, UnsafePath, UnsupportedInput
-from connectors import ccda, fhir_files
+from connectors import ccda, fhir_files, hl7v2
 from connectors.archive import (
     ByteBudget,
     GiB,
@@ -98,7 +102,7 @@ class MediaConfig(ConnectorConfig):
 
 
 def sniff(name: str, head: bytes) -> str:
-    """The handler for a file: dicom, dicomdir, pdf, text, ccda, xml, json, ndjson, zip, or
+    """The handler for a file: dicom, dicomdir, pdf, text, ccda, xml, hl7v2, json, ndjson, zip, or
     ``unsupported:<what>``. Content decides first; the extension only where content cannot."""
     lower = name.lower()
     ext = os.path.splitext(lower)[1]
@@ -127,6 +131,8 @@ def sniff(name: str, head: bytes) -> str:
         if b"<html" in low or b"<!doctype html" in low:
             return "unsupported:HTML document"
         return "ccda" if ccda.looks_like_ccda(head) else "xml"
+    if hl7v2.looks_like_hl7(head):
+        return "hl7v2"
     if ext in _DICOM_EXT or _looks_like_raw_dicom(head):
         return "dicom"
     if ext in _TEXT_EXT:
@@ -452,7 +458,8 @@ def _type_from_name(name: str) -> str:
         return "dicomdir"
     if ext in _DICOM_EXT:
         return "dicom"
-    mapping = {".json": "json", ".ndjson": "ndjson", ".pdf": "pdf", ".txt": "text", ".xml": "xml", ".zip": "zip"}
+    mapping = {".json": "json", ".ndjson": "ndjson", ".pdf": "pdf", ".txt": "text", ".xml": "xml", ".zip": "zip",
+               ".hl7": "hl7v2"}
     return mapping.get(ext, "other")
 
 
@@ -547,6 +554,8 @@ class _Pull:
             self._document(f, size, "text/plain", "Plain-text document")
         elif kind in ("ccda", "xml"):
             self._xml(f, size)
+        elif kind == "hl7v2":
+            self._hl7v2(f, size)
         elif kind == "json":
             self._json(f)
         elif kind == "ndjson":
@@ -659,8 +668,45 @@ class _Pull:
         except UnsupportedInput as exc:
             self.sink.failed(KIND_FILE, key, exc.message)
             return
-        self._document(f, size, "application/xml", "C-CDA document", ccda.document_reference_fields(header),
-                       ccda.format_coding(header))
+        fields = ccda.document_reference_fields(header)
+        if not self._subject(f, header.record_targets, ccda.patient_resource, fields):
+            return
+        self._document(f, size, "application/xml", "C-CDA document", fields, ccda.format_coding(header))
+
+    def _hl7v2(self, f: InputFile, size: int) -> None:
+        """An HL7 v2 file: kept as a text document; its PID says whose it is."""
+        key = f"file:{f.rel}"
+        try:
+            people = hl7v2.read_patients(f.path.read_bytes())
+        except UnsupportedInput as exc:
+            self.sink.failed(KIND_FILE, key, exc.message)
+            return
+        fields: dict[str, Any] = {}
+        if not self._subject(f, people, hl7v2.patient_resource, fields):
+            return
+        self._document(f, size, "text/plain", "HL7 v2 message file", fields)
+
+    def _subject(self, f: InputFile, people: list[ccda.Demographics],
+                 make: Callable[[ccda.Demographics, str], dict[str, Any]], fields: dict[str, Any]) -> bool:
+        """Emit the Patient a document says it is about and make it the document's subject.
+
+        False (and a ``skipped`` row) when the file names more than one person: it cannot count
+        for one patient, and splitting it is not ours to do. Nothing is emitted for a file that
+        states no demographics: normalization marks such a document unverified."""
+        key = f"file:{f.rel}"
+        distinct: list[ccda.Demographics] = []
+        for p in people:
+            if not p.empty and not any(p.same_as(d) for d in distinct):
+                distinct.append(p)
+        if len(distinct) > 1:
+            self.sink.skipped(KIND_FILE, key, f"the document names {len(distinct)} different patients; "
+                              "not read (it cannot count for one patient)")
+            return False
+        if distinct:
+            rid = "doc-" + hashlib.sha256(key.encode()).hexdigest()[:40]
+            self.sink.resource(make(distinct[0], rid), key=f"{key}#patient", meta={"file": f.rel, "derived": "media"})
+            fields["subject"] = {"reference": f"Patient/{rid}"}
+        return True
 
     # -- FHIR JSON ----------------------------------------------------------------------------
 

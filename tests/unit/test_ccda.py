@@ -122,3 +122,43 @@ def test_other_xml_and_broken_xml() -> None:
         ccda.read_header(b"<ClinicalDocument><title>no namespace</title></ClinicalDocument>")
     with pytest.raises(ccda.MalformedXml, match="line 2"):
         ccda.read_header(b'<ClinicalDocument xmlns="urn:hl7-org:v3">\n<title>unclosed</ClinicalDocument>')
+
+
+def test_record_target_demographics_of_the_generated_note() -> None:
+    from fhir.resources.R4B.patient import Patient
+
+    from fixtures import identity as fx
+
+    h = ccda.read_header(fx.wrong_patient_ccda())
+    (d,) = h.record_targets
+    assert d.names == [((fx.OTHER.given,), fx.OTHER.family)]
+    assert d.birth_date == fx.OTHER.birth and d.gender == "male"
+    assert d.identifiers == [("urn:oid:2.16.840.1.113883.19.5.99999.1", fx.OTHER.mrn)]
+    p = ccda.patient_resource(d, "doc-1")
+    Patient.model_validate(p)
+    assert p["meta"]["tag"][0] == {"system": ccda.DEMOGRAPHICS_TAG, "code": "ccda",
+                                   "display": "demographics from a C-CDA recordTarget"}
+
+
+def test_record_target_demographics_of_every_shared_sample(shared_data: Path) -> None:
+    from fhir.resources.R4B.patient import Patient
+
+    for path in _samples(shared_data):
+        h = ccda.read_header(path.read_bytes())
+        assert h.record_targets, path.name
+        for d in h.record_targets:
+            assert d.names and d.birth_date, path.name  # every sample names its patient
+            Patient.model_validate(ccda.patient_resource(d, "x"))
+
+
+def test_record_target_null_flavors_and_text_names() -> None:
+    xml = (b'<ClinicalDocument xmlns="urn:hl7-org:v3"><recordTarget><patientRole>'
+           b'<id nullFlavor="NI"/><id root="2.16.840.1.113883.19" extension="A1"/>'
+           b'<patient><name>Pat Q Example</name><administrativeGenderCode code="UN"/>'
+           b'<birthTime value="1960"/></patient></patientRole></recordTarget></ClinicalDocument>')
+    (d,) = ccda.read_header(xml).record_targets
+    assert d.identifiers == [("urn:oid:2.16.840.1.113883.19", "A1")]
+    assert d.names == [(("Pat", "Q"), "Example")] and d.birth_date == "1960" and d.gender == "other"
+    empty = ccda.read_header(b'<ClinicalDocument xmlns="urn:hl7-org:v3"><recordTarget><patientRole>'
+                             b'<id nullFlavor="UNK"/></patientRole></recordTarget></ClinicalDocument>')
+    assert empty.record_targets[0].empty
