@@ -279,6 +279,7 @@ def source_infos(app: App, case_id: str) -> list[SourceInfo]:
                     method=last_ok.method if last_ok else "",
                     pulled_at=last_ok.started_at.replace(tzinfo=UTC).isoformat() if last_ok else None,
                     organization=(ep.config.get("organization") if ep else None),
+                    patient_id=src.patient_id,
                 )
             )
     return out

@@ -49,6 +49,8 @@ class SourceInfo:
     """ISO 8601 time of the last successful pull."""
     organization: str | None = None
     """Name of the organization behind the source, for next-action texts."""
+    patient_id: str | None = None
+    """The patient id the source was added with (``--patient-id``): it pins the case's patient."""
 
 
 @dataclass(frozen=True)
@@ -172,6 +174,9 @@ class NormalizedRecord:
         The values go to reports, never to logs."""
         self.patient_ref = patient_ref
         """``Patient/<id>`` of the record's patient in the bundle."""
+        self.identity: dict[str, Any] = {}
+        """How the case's patient was established, for the identity item (see
+        :func:`aggregator.normalize.pipeline.identity_facts`); empty for records built by hand."""
         if writer is None:
             writer = BundleWriter(new_bundle_path())
             try:

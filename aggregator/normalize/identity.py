@@ -11,9 +11,22 @@ Matching is deliberately conservative and explainable:
   navigator to confirm (never silently merged away: the first Patient's value stays, all values
   are reported); whatever does not join is "another patient".
 
-Without typed demographics (or when none match) the anchor is the Patient most referenced by
-the record, so a single-patient download still works; a typed name that matched nothing is
-reported as a conflict against the anchor.
+A FHIR source added with ``--patient-id`` pins its Patient (that id in that source) as a seed
+too: the navigator chose it.
+
+Without a seed, the sources are split into *persons* (groups joined by the strong links above).
+One person: it is the case's patient, so a single-patient download still works (a typed name
+that matched nothing is reported as a conflict against it). Several persons: nothing is chosen -
+picking the Patient with the most resources once let a bare Patient with 300 Observations stand
+for the real one. The persons are listed (by resource id and counts, never by name) for a
+navigator to pick, and every one of them stays out of the record until then.
+
+Documents state their own patient too (a C-CDA ``recordTarget``, an HL7 v2 PID): the media
+connector turns those demographics into a Patient tagged with :data:`DEMOGRAPHICS_TAG`, so a
+document about another person is "another patient" here like any other resource.
+
+A candidate with neither a name nor a birth date (:attr:`Candidate.anonymous`) can join the
+cluster by a shared identifier, but it never seeds it and never confirms anyone's identity.
 """
 
 from __future__ import annotations
@@ -30,6 +43,8 @@ from aggregator.normalize.dicom import Instance
 from aggregator.normalize.scratch import Item
 
 SEX = {"M": "male", "F": "female", "O": "other"}
+#: ``meta.tag`` system of a Patient made from a document's own demographics (see connectors.ccda)
+DEMOGRAPHICS_TAG = "urn:aggregator:demographics-from"
 
 
 def fold(text: str) -> str:
@@ -116,6 +131,18 @@ class Candidate:
     item: Item | None = None
     instances: list[Instance] = field(default_factory=list)
     refs: int = 0
+    document: str = ""
+    """``ccda`` / ``hl7v2`` when the demographics are what a document states about its patient."""
+
+    @property
+    def anonymous(self) -> bool:
+        """Neither a name nor a birth date: such a candidate can never confirm who the patient is."""
+        return not self.names and not self.birth_date
+
+    @property
+    def count(self) -> int:
+        """What stands behind it: resources referring to it, or DICOM instances."""
+        return self.refs + len(self.instances)
 
     @property
     def values(self) -> set[str]:
@@ -140,8 +167,12 @@ def from_item(item: Item) -> Candidate:
     p = item.body()
     idents = {(str(i.get("system") or ""), str(i.get("value"))) for i in p.get("identifier") or []
               if isinstance(i, dict) and i.get("value")}
+    meta = p.get("meta")
+    tags = (meta.get("tag") if isinstance(meta, dict) else None) or []
+    doc = next((str(t.get("code") or "") for t in tags
+                if isinstance(t, dict) and t.get("system") == DEMOGRAPHICS_TAG), "")
     return Candidate(f"{item.ref}", item.source_id, fhir_names(p), _date(str(p.get("birthDate") or "")),
-                     str(p.get("gender") or ""), idents, item=item)
+                     str(p.get("gender") or ""), idents, item=item, document=doc if item.derived else "")
 
 
 def from_instances(instances: Iterable[Instance]) -> list[Candidate]:
@@ -175,15 +206,48 @@ class Identity:
     members: list[Candidate]
     others: list[Candidate]
     conflicts: list[dict[str, Any]]
+    several: list[list[Candidate]] = field(default_factory=list)
+    """Nothing was chosen: the persons found in the sources (each a list of candidates)."""
+    pinned: bool = False
+    """The cluster was seeded by the typed demographics or a source's patient id."""
 
 
-def reconcile(case: CaseInfo, candidates: list[Candidate]) -> Identity:
-    """Split candidates into the case patient's cluster and the others; list the conflicts."""
+def _pinned(c: Candidate, pins: dict[int, str]) -> bool:
+    """The FHIR Patient a source was added for. A DICOM PatientID does not pin: another person may
+    share it (that is what issuers and birth dates tell apart)."""
+    pid = pins.get(c.source_id)
+    return bool(pid) and c.item is not None and not c.item.derived and c.item.rid == pid
+
+
+def persons(candidates: list[Candidate]) -> list[list[Candidate]]:
+    """Candidates grouped by the strong links (connected groups), in a stable order."""
+    groups: list[list[Candidate]] = []
+    rest = sorted(candidates, key=lambda c: (c.source_id, c.label))
+    while rest:
+        group = [rest.pop(0)]
+        grew = True
+        while grew:
+            grew = False
+            for c in list(rest):
+                if any(_linked(c, m) for m in group):
+                    group.append(c)
+                    rest.remove(c)
+                    grew = True
+        groups.append(sorted(group, key=lambda c: (c.item is None, c.source_id, c.label)))
+    return groups
+
+
+def reconcile(case: CaseInfo, candidates: list[Candidate], pins: dict[int, str] | None = None) -> Identity:
+    """Split candidates into the case patient's cluster and the others; list the conflicts.
+
+    ``pins`` maps a source id to the patient id it was added with (``--patient-id``)."""
     typed = typed_name(case.patient_name) if case.patient_name else frozenset()
     birth = _date(case.birth_date) if case.birth_date else ""
-    seeds: list[Candidate] = []
+    seeds: list[Candidate] = [c for c in candidates if _pinned(c, pins or {})]
     if typed or birth:
         for c in candidates:
+            if c in seeds or c.anonymous:
+                continue
             if typed and not c.name_matches(typed):
                 continue
             if birth and c.birth_date and c.birth_date != birth:
@@ -191,11 +255,15 @@ def reconcile(case: CaseInfo, candidates: list[Candidate]) -> Identity:
             if not typed and not c.birth_date:
                 continue
             seeds.append(c)
+    pinned = bool(seeds)
     conflicts: list[dict[str, Any]] = []
     if not seeds and candidates:
-        anchor = max(candidates, key=lambda c: (c.item is not None, c.refs, len(c.instances),
-                                                -c.source_id, _neg(c.label)))
-        seeds = [anchor]
+        found = persons(candidates)
+        if len(found) > 1:
+            return Identity([], sorted(candidates, key=lambda c: (c.source_id, c.label)), [], found)
+        seeds = list(found[0])
+        anchor = max(seeds, key=lambda c: (c.item is not None, c.refs, len(c.instances),
+                                           -c.source_id, _neg(c.label)))
         if typed:
             conflicts.append({"field": "name", "values": sorted({case.patient_name or "",
                                                                  *(n.display for n in anchor.names)}),
@@ -215,7 +283,7 @@ def reconcile(case: CaseInfo, candidates: list[Candidate]) -> Identity:
                 grew = True
     members.sort(key=lambda c: (c.item is None, c.source_id, c.label))
     conflicts.extend(_conflicts(members))
-    return Identity(members, sorted(rest, key=lambda c: (c.source_id, c.label)), conflicts)
+    return Identity(members, sorted(rest, key=lambda c: (c.source_id, c.label)), conflicts, pinned=pinned)
 
 
 def _neg(label: str) -> tuple[int, ...]:

@@ -40,9 +40,9 @@ from aggregator.ledger import LedgerEntry
 from aggregator.model import BundleWriter, CaseInfo, NormalizedRecord, Quarantined, SourceInfo, new_bundle_path
 from aggregator.normalize import dicom, ids
 from aggregator.normalize.dedup import Context, apply_patch, deduplicate, link_superseded
-from aggregator.normalize.documents import ATTACHMENT_TYPES, KIND_BINARY, Documents
+from aggregator.normalize.documents import ATTACHMENT_TYPES, KIND_BINARY, Documents, attachments_of
 from aggregator.normalize.facts import facts_of
-from aggregator.normalize.identity import Candidate, from_instances, from_item, merged_patient, reconcile
+from aggregator.normalize.identity import Candidate, Identity, from_instances, from_item, merged_patient, reconcile
 from aggregator.normalize.loader import Loader
 from aggregator.normalize.parse import KIND_RESOURCE, load_resources
 from aggregator.normalize.provenance import EPOCH, instant, source_provenance
@@ -52,6 +52,10 @@ from aggregator.normalize.scratch import DROPPED, EXCLUDED, ITEM_COLS_I, KEPT, L
 log = logging.getLogger(__name__)
 
 ANOTHER_PATIENT = "another patient"
+NOT_CHOSEN = "several patients in the sources: none chosen yet"
+#: ``meta.tag`` on a resource normalization attached to the case's patient without evidence
+UNVERIFIED_TAG = {"system": "urn:aggregator:identity", "code": "unverified",
+                  "display": "patient identity not verified: the item states no patient"}
 #: types whose missing subject means "the case's patient" (loose documents from a download)
 SUBJECT_TYPES = frozenset({"DocumentReference", "DiagnosticReport", "Media", "Composition", "Observation",
                            "Condition", "Procedure"})
@@ -120,7 +124,9 @@ def _normalize(case: CaseInfo, sources: Sequence[SourceInfo], entries: Iterable[
     for target, n in db.execute("SELECT target, count(*) FROM ref WHERE pos < 0 AND target IN "
                                 "(SELECT lid FROM item WHERE lookup = 1 AND rtype = 'Patient') GROUP BY target"):
         cands[target].refs += n
-    identity = reconcile(case, [*cands.values(), *from_instances(instances)])
+    pins = {s.id: s.patient_id for s in sources if s.patient_id}
+    identity = reconcile(case, [*cands.values(), *from_instances(instances)], pins)
+    away = NOT_CHOSEN if identity.several else ANOTHER_PATIENT
     members = [c for c in identity.members if c.item is not None]
     base = members[0].item if members else None
     for c in members:
@@ -130,10 +136,11 @@ def _normalize(case: CaseInfo, sources: Sequence[SourceInfo], entries: Iterable[
             q(Quarantined(c.item.source_id, KIND_RESOURCE, c.item.key, f"duplicate of Patient/{pid}"))
     for c in identity.others:
         if c.item is not None:
-            q(Quarantined(c.item.source_id, KIND_RESOURCE, c.item.key, ANOTHER_PATIENT))
+            q(Quarantined(c.item.source_id, KIND_RESOURCE, c.item.key, away))
         for inst in c.instances:
-            q(Quarantined(inst.source_id, dicom.KIND_DICOM, inst.key, ANOTHER_PATIENT))
-    _exclude_others(scratch, [c.item.lid for c in identity.others if c.item is not None], q)
+            q(Quarantined(inst.source_id, dicom.KIND_DICOM, inst.key, away))
+    _exclude_others(scratch, [c.item.lid for c in identity.others if c.item is not None], q, away)
+    facts = identity_facts(case, identity)
     mine = {(inst.source_id, inst.key) for c in identity.members for inst in c.instances}
     patient = merged_patient(pid, case, identity.members)
     patient_item = view(scratch.add_made(base.source_id if base else 0, base.key if base else "patient",
@@ -194,11 +201,15 @@ def _normalize(case: CaseInfo, sources: Sequence[SourceInfo], entries: Iterable[
         it = view(lid)
         docs.attach(it, it.body())
     del with_attachments
+    _hold_excluded_bytes(scratch, spool, docs, q)
+    unverified = _unverified_documents(scratch, spool)
     for e in rows:
         if e.kind == KIND_BINARY and (e.source_id, e.key) not in docs.used:
             loose = _loose_document(e, purn, scratch, spool, resolver)
             docs.attach(loose, loose.body())
+            unverified.append(_unverified(loose))
     documents = docs.finish()
+    facts["unverified"] = sorted(unverified, key=lambda u: (u["source_id"], u["file"], u["resource"]))
 
     clock.mark("provenance")
     # -- links, endpoint, provenance ------------------------------------------------------------
@@ -251,11 +262,70 @@ def _normalize(case: CaseInfo, sources: Sequence[SourceInfo], entries: Iterable[
     unresolved.sort(key=lambda u: (u["source_id"], u["from"], u["path"], u["reference"]))
     clock.mark("")
     log.info("normalize: %d quarantined; seconds per phase: %s", len(quarantine), clock.summary())
-    return NormalizedRecord(documents=documents, images=images, quarantine=quarantine, unresolved=unresolved,
-                            conflicts=identity.conflicts, patient_ref=f"Patient/{pid}", writer=writer)
+    record = NormalizedRecord(documents=documents, images=images, quarantine=quarantine, unresolved=unresolved,
+                              conflicts=identity.conflicts + facts.pop("conflicts"), patient_ref=f"Patient/{pid}",
+                              writer=writer)
+    record.identity = facts
+    return record
 
 
-def _exclude_others(scratch: Scratch, others: list[int], q: Any) -> None:
+def identity_facts(case: CaseInfo, identity: Identity) -> dict[str, Any]:
+    """What the identity item needs to know, without names (ids, sources and counts only).
+
+    * ``chosen``: a case patient was established (False when several persons and no pin);
+    * ``pinned``: by the typed demographics or a source's ``--patient-id``;
+    * ``anonymous``: no candidate of the cluster has a name or a birth date (and none was typed),
+      so nothing confirms who it is;
+    * ``compared``: the documents whose own demographics agreed with the case's patient;
+    * ``several``: the persons found, each as its Patients / DICOM patients with counts;
+    * ``conflicts``: one per document about another patient (its values go to reports only).
+    """
+    several = [[{"resource": c.label, "source_id": c.source_id, "count": c.count,
+                 "kind": "dicom" if c.item is None else (c.document or "fhir")} for c in group]
+               for group in identity.several]
+    conflicts: list[dict[str, Any]] = []
+    for c in identity.others:
+        if c.document and c.item is not None and not identity.several:
+            shown = [n.display for n in c.names[:1]] + ([f"born {c.birth_date}"] if c.birth_date else [])
+            case_says = [v for v in (case.patient_name, f"born {case.birth_date}" if case.birth_date else "") if v]
+            conflicts.append({"field": "patient", "values": [", ".join(shown) or "no name or birth date",
+                                                             ", ".join(case_says) or "the case's patient"],
+                              "sources": [c.source_id], "resources": [c.label], "file": c.item.file,
+                              "document": c.document})
+    typed = bool(case.patient_name or case.birth_date)
+    return {"chosen": bool(identity.members), "pinned": identity.pinned,
+            "anonymous": bool(identity.members) and not typed and all(c.anonymous for c in identity.members),
+            "compared": sorted({c.item.file for c in identity.members if c.document and c.item is not None}),
+            "several": several, "conflicts": conflicts}
+
+
+def _hold_excluded_bytes(scratch: Scratch, spool: Spool, docs: Documents, q: Any) -> None:
+    """The bytes behind an excluded document stay out too: marked used, so that they do not come
+    back as a loose document of the case's patient, and quarantined with the document's reason."""
+    kinds = orjson.dumps(sorted(ATTACHMENT_TYPES)).decode()
+    for row in scratch.rows("state = ? AND rtype IN (SELECT value FROM json_each(?))", (EXCLUDED, kinds)):
+        it = Item(row, scratch, spool)
+        before = set(docs.used)
+        for i, att in enumerate(attachments_of(it.rtype, it.body())):
+            docs.blob_for(it, i, att)
+        for sid, key in sorted(docs.used - before):
+            if not key.startswith("resource:"):
+                q(Quarantined(sid, KIND_BINARY, key, f"attachment of excluded {it.ref}"))
+
+
+def _unverified_documents(scratch: Scratch, spool: Spool) -> list[dict[str, Any]]:
+    """Kept documents that name no patient at all: attached to the case's patient, unverified."""
+    kinds = orjson.dumps(sorted(ATTACHMENT_TYPES)).decode()
+    return [_unverified(Item(row, scratch, spool)) for row in scratch.rows(
+        "state = ? AND rtype IN (SELECT value FROM json_each(?)) AND NOT EXISTS "
+        "(SELECT 1 FROM ref r WHERE r.lid = item.lid AND r.pos < 0)", (KEPT, kinds))]
+
+
+def _unverified(it: Item) -> dict[str, Any]:
+    return {"source_id": it.source_id, "resource": f"{it.rtype}/{it.new_id}", "file": it.file or it.key}
+
+
+def _exclude_others(scratch: Scratch, others: list[int], q: Any, reason: str = ANOTHER_PATIENT) -> None:
     """Settle who stays: Patients leave the pool (the merged one stands for them), resources whose
     subject/patient is another patient are quarantined, every other loaded resource is kept
     under its bundle id."""
@@ -265,7 +335,7 @@ def _exclude_others(scratch: Scratch, others: list[int], q: Any) -> None:
                    ((lid,) for lid in others))
     for sid, key in db.execute("SELECT i.sid, i.key FROM item i JOIN excl e ON e.lid = i.lid "
                                "WHERE i.rtype != 'Patient' ORDER BY i.ord"):
-        q(Quarantined(sid, KIND_RESOURCE, key, ANOTHER_PATIENT))
+        q(Quarantined(sid, KIND_RESOURCE, key, reason))
     db.execute("UPDATE item SET state = ? WHERE lookup = 1 AND (rtype = 'Patient' OR lid IN (SELECT lid FROM excl))",
                (EXCLUDED,))
     db.execute("UPDATE item SET state = ?, new_id = uid WHERE lookup = 1 AND state = ?", (KEPT, LOADED))
@@ -306,6 +376,9 @@ def _finished(it: Item, refs: list[str | None], known: set[str], unresolved: lis
     rewrite(it, body, refs, known, unresolved)
     if it.rtype in SUBJECT_TYPES and not body.get("subject"):
         body["subject"] = {"reference": purn}
+        meta = body.setdefault("meta", {})
+        if isinstance(meta, dict):
+            meta["tag"] = [*(meta.get("tag") or []), UNVERIFIED_TAG]
     docs.apply(it, body)
     apply_patch(it, body)
     body["id"] = it.new_id
