@@ -922,24 +922,65 @@ class Evaluator:
         return self.presence(item)
 
     def identity(self, item: Item) -> ItemResult:
-        conflicts = sorted(self.record.conflicts or [], key=lambda c: str(c.get("field")))
-        if not conflicts:
-            return ItemResult(item, "complete", 1.0, "demographics agree across sources")
-        res = ItemResult(item, "missing", 0.0, f"{len(conflicts)} identity conflict(s) to confirm")
-        for c in conflicts:
+        """One patient, and every source that states a patient agrees with it.
+
+        Reads what normalization established (``record.identity``): several persons and no pin
+        (nothing chosen), conflicts (fields that differ, documents about another patient), a
+        patient no name or birth date confirms; the detail names the documents that state no
+        patient at all (kept, not compared)."""
+        facts = self.record.identity or {}
+        where_all = R.names(self.sources)
+        several = facts.get("several") or []
+        if several:
+            people = []
+            for n, group in enumerate(several, 1):
+                parts = [f"{m['resource']} at {self._source_label(m['source_id'])}: "
+                         f"{m['count']} {'instance' if m['kind'] == 'dicom' else 'resource'}"
+                         f"{'' if m['count'] == 1 else 's'}" for m in group]
+                people.append(f"patient {n}: " + "; ".join(parts))
+            detail = f"several patients in the sources: pick one ({len(several)} found: {' | '.join(people)})"
+            res = ItemResult(item, "missing", 0.0, f"several patients in the sources: pick one ({len(several)})")
+            res.gaps.append(Gap(R.SEVERAL_PATIENTS, detail, R.next_action(R.SEVERAL_PATIENTS, "", "", where_all)))
+            return res
+        gaps: list[Gap] = []
+        for c in sorted(self.record.conflicts or [], key=lambda c: (str(c.get("field")), str(c.get("file") or ""))):
             fieldname = str(c.get("field") or "demographics")
             values = " / ".join(str(v) for v in c.get("values") or [])
-            srcs = []
-            for s in c.get("sources") or []:
-                if isinstance(s, int) and s in self.source_by_id:
-                    srcs.append(R.source_name(self.source_by_id[s]))
-                elif s is not None:
-                    srcs.append(str(s))
-            where = " and ".join(sorted(set(srcs))) or "the sources"
+            where = " and ".join(sorted({self._source_label(s) for s in c.get("sources") or [] if s is not None})) \
+                or "the sources"
+            if fieldname == "patient":
+                detail = (f"another patient's document ({c.get('file') or 'a document'}): quarantined, counts "
+                          f"toward no item; it names {values}")
+                gaps.append(Gap(R.IDENTITY_CONFLICT, detail, R.next_action(
+                    R.IDENTITY_CONFLICT, "", "", where, "a document names another patient")))
+                continue
             detail = f"{fieldname} differs across sources: {values}" if values else f"{fieldname} differs"
-            res.gaps.append(Gap(R.IDENTITY_CONFLICT, detail,
-                                R.next_action(R.IDENTITY_CONFLICT, "", "", where, f"{fieldname} differs")))
-        return res
+            gaps.append(Gap(R.IDENTITY_CONFLICT, detail,
+                            R.next_action(R.IDENTITY_CONFLICT, "", "", where, f"{fieldname} differs")))
+        if facts.get("anonymous"):
+            gaps.append(Gap(R.IDENTITY_UNVERIFIED, "the patient in the sources has no name and no birth date: "
+                            "nothing confirms who it is", R.next_action(R.IDENTITY_UNVERIFIED, "", "", where_all)))
+        unverified = sorted({str(u.get("file") or u.get("resource")) for u in facts.get("unverified") or []})
+        not_compared = f"; not compared (the file states no patient): {', '.join(unverified)}" if unverified else ""
+        if gaps:
+            conflicts = sum(1 for g in gaps if g.reason == R.IDENTITY_CONFLICT)
+            status = "missing" if conflicts else "partial"
+            text = (f"{conflicts} identity conflict(s) to confirm" if conflicts
+                    else "identity not confirmed") + not_compared
+            res = ItemResult(item, status, 0.0 if conflicts else 0.5, text)
+            res.gaps.extend(gaps)
+            return res
+        if facts and not facts.get("chosen"):
+            return ItemResult(item, "complete", 1.0, f"no source states the patient's demographics{not_compared}")
+        if unverified:
+            return ItemResult(item, "complete", 1.0, "one patient; demographics agree across the sources that state "
+                              f"them{not_compared}")
+        return ItemResult(item, "complete", 1.0, "one patient, identity confirmed: demographics agree across sources")
+
+    def _source_label(self, sid: Any) -> str:
+        if isinstance(sid, int) and sid in self.source_by_id:
+            return R.source_name(self.source_by_id[sid])
+        return str(sid)
 
     def presence(self, item: Item) -> ItemResult:
         parts = list(item.components) if item.components else [item.target] if item.target else []

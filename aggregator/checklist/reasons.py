@@ -33,8 +33,12 @@ IMAGES_NOT_RETRIEVED = "images-not-retrieved"
 IDENTITY_CONFLICT = "identity-conflict"
 OUTDATED = "outdated"
 """The data exists, but all of it is older than the item's window (the gap names the newest date)."""
+SEVERAL_PATIENTS = "several-patients"
+"""Nothing pins the case's patient and the sources hold more than one person: none was chosen."""
+IDENTITY_UNVERIFIED = "identity-unverified"
+"""The case's patient has neither a name nor a birth date anywhere: nothing confirms who it is."""
 REASONS = (NOT_FOUND, ACCESS_DENIED, NOT_FOUND_AT_SOURCE, RETRIEVAL_FAILED, PENDING, SUMMARY_ONLY,
-           IMAGES_NOT_RETRIEVED, IDENTITY_CONFLICT, OUTDATED)
+           IMAGES_NOT_RETRIEVED, IDENTITY_CONFLICT, OUTDATED, SEVERAL_PATIENTS, IDENTITY_UNVERIFIED)
 
 #: which connector kinds can deliver FHIR data / DICOM instances
 FHIR_KINDS = frozenset({"media", "fhir", "fhir-bulk"})
@@ -249,4 +253,10 @@ def next_action(code: str, request: str, about: str, where: str, detail: str = "
         return f"Ask {where} for recent results: {thing} (what was received is older than the window)"
     if code == IDENTITY_CONFLICT:
         return f"Confirm the patient's identity: {detail or 'demographics differ'} between {where}"
+    if code == SEVERAL_PATIENTS:
+        return (f"Pick the case's patient among those found in {where}: give the case the patient's name "
+                "and birth date, or add the source with --patient-id, then re-run the check")
+    if code == IDENTITY_UNVERIFIED:
+        return (f"Confirm who the patient in {where} is: give the case the patient's name and birth date, "
+                "then re-run the check")
     return f"Request {thing} from {where}"
