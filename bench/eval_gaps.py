@@ -52,7 +52,7 @@ PRECISION_MIN = 0.95
 class CaseResult:
     name: str
     kind: str
-    expected: tuple[str, str] | None
+    expected: list[tuple[str, str]]
     reported: list[tuple[str, str]] = field(default_factory=list)
     error: str | None = None
     seconds: float = 0.0
@@ -89,7 +89,7 @@ def reported_gaps(report: dict[str, Any]) -> list[tuple[str, str]]:
 def run_case(case: LabelledCase, work: Path) -> CaseResult:
     """Write ``case`` under ``work`` and run it through the CLI."""
     started = time.perf_counter()
-    res = CaseResult(case.name, case.kind, (case.expected.item, case.expected.reason) if case.expected else None)
+    res = CaseResult(case.name, case.kind, case.labels)
     try:
         written = write_case(case, work / "files")
         home = work / "home"
@@ -191,21 +191,21 @@ def score(results: Iterable[CaseResult]) -> Score:
             errors.append({"case": r.name, "error": r.error})
             continue
         reported = set(r.reported)
-        if r.expected is not None:
-            if r.expected in reported:
-                count("tp", r.expected[1], r.kind)
+        wanted = dict(r.expected)  # item -> reason (one label per item)
+        missed_items = set()
+        for item, reason in r.expected:
+            if (item, reason) in reported:
+                count("tp", reason, r.kind)
             else:
-                count("fn", r.expected[1], r.kind)
-                got = sorted(reason for item, reason in reported if item == r.expected[0])
-                mismatches.append({"case": r.name, "item": r.expected[0], "expected": r.expected[1],
-                                   "got": ", ".join(got) or "no gap"})
-        missed = r.expected is not None and r.expected not in reported
-        for item, reason in sorted(reported - {r.expected} if r.expected else reported):
+                count("fn", reason, r.kind)
+                missed_items.add(item)
+                got = sorted(rs for it, rs in reported if it == item)
+                mismatches.append({"case": r.name, "item": item, "expected": reason, "got": ", ".join(got) or "no gap"})
+        for item, reason in sorted(reported - set(r.expected)):
             count("fp", reason, r.kind)
-            if missed and r.expected is not None and item == r.expected[0]:
+            if item in missed_items:
                 continue  # the false negative's row above already shows this reason as "got"
-            mismatches.append({"case": r.name, "item": item, "expected": "no gap" if r.expected is None
-                               or item != r.expected[0] else r.expected[1], "got": reason})
+            mismatches.append({"case": r.name, "item": item, "expected": wanted.get(item, "no gap"), "got": reason})
     return Score(overall, by_reason, by_kind, mismatches, errors)
 
 
