@@ -54,6 +54,26 @@ class SourceInfo:
 
 
 @dataclass(frozen=True)
+class TextProfile:
+    """What the stub detector (:mod:`aggregator.normalize.stubs`) read of one document's text.
+
+    Computed once per document file at normalization, where the bytes are at hand, so the
+    checklist can judge "is this the report, or a pointer to it?" from a few fields instead of
+    the bytes. ``snippet`` and ``pointer`` are words of the document: they go to the gap report
+    (which names the trigger), never to logs.
+    """
+
+    words: int
+    """Meaningful words (letters, 2+ characters) in the text."""
+    pointer: str = ""
+    """A phrase that points at another document ("see outside report"), as written; "" if none."""
+    sections: frozenset[str] = frozenset()
+    """Keys of the section headings found (``diagnosis``)."""
+    snippet: str = ""
+    """The start of a short text (for the gap detail); "" for a long one."""
+
+
+@dataclass(frozen=True)
 class DocumentFile:
     """An original document that goes into the package's ``documents/`` folder."""
 
@@ -65,6 +85,8 @@ class DocumentFile:
     title: str = ""
     resource_ref: str = ""
     """``DocumentReference/<id>`` or ``DiagnosticReport/<id>`` in the normalized bundle."""
+    text: TextProfile | None = None
+    """What its text shows (None: not judged - PDF, image, unreadable, or not profiled)."""
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from aggregator.checklist.loader import Checklist, Item, Link, Selector
 from aggregator.errors import ConfigError
 from aggregator.ledger import LedgerEntry
 from aggregator.model import CaseInfo, NormalizedRecord, SourceInfo
+from aggregator.normalize import stubs
 from aggregator.normalize.classify import classify, values_at
 
 REPORT_SCHEMA = "gap-report/1"
@@ -158,6 +159,11 @@ class DocumentFacts(NamedTuple):
     urls: tuple[str, ...]
     """Attachment URLs, to look their retrieval up in the ledger."""
     conclusion: bool
+    stub: str = ""
+    """Why its text is a stub rather than the document ("its text points elsewhere...: "see
+    outside report""), from the text profiles normalization made; "" when full or not judged."""
+    summary: str = ""
+    """The summary document it is by type ("discharge summary (LOINC 18842-5)"), or ""."""
 
 
 class StudyFacts(NamedTuple):
@@ -345,6 +351,8 @@ class RecordIndex:
         """Resources in the record that the engine considers (not Provenance, not ignored statuses)."""
         self.newest: date | None = None
         """The newest date of any considered resource but the Patient."""
+        self._texts = {d.path: d.text for d in record.documents if d.text is not None}
+        """Package path -> what the document's text shows (stub detection)."""
         self._shared: dict[Any, Any] = {}
         self._names = _source_names(sources)
         self._sources = sources
@@ -399,7 +407,7 @@ class RecordIndex:
         if plan.display:
             r.display = self._share(_display(res))
         if plan.document:
-            r.document = _document_facts(rtype, res)
+            r.document = _document_facts(rtype, res, classes, self._texts)
         if plan.images and rtype == "ImagingStudy":
             r.study = _study_facts(res)
         if plan.paths:
@@ -602,15 +610,24 @@ def _composition_text(res: Mapping[str, Any]) -> bool:
     return False
 
 
-def _document_facts(rtype: str, res: Mapping[str, Any]) -> DocumentFacts:
+def _document_facts(rtype: str, res: Mapping[str, Any], classes: frozenset[str] = frozenset(),
+                    texts: Mapping[str, Any] | None = None) -> DocumentFacts:
     atts = _attachments(rtype, res)
+    with_bytes = [a for a in atts if _has_bytes(a)]
+    composed = rtype == "Composition" and _composition_text(res)
+    # the text profiles of what carries the document: attachments with bytes, a Composition's narrative
+    profiles = [(texts or {}).get(str(a.get("url") or "")) for a in with_bytes]
+    if composed:
+        profiles.append(stubs.profile_text(stubs.composition_text(res)))
     return DocumentFacts(
-        has_bytes=any(_has_bytes(a) for a in atts),
+        has_bytes=bool(with_bytes),
         has_attachments=bool(atts),
-        composition_text=rtype == "Composition" and _composition_text(res),
+        composition_text=composed,
         results=len(_ref_strings(res, "result")),
         urls=tuple(str(a.get("url")) for a in atts if a.get("url")),
         conclusion=bool(res.get("conclusion") or res.get("conclusionCode")),
+        stub=stubs.judge(classes, profiles),
+        summary=stubs.summary_type(res),
     )
 
 
@@ -652,16 +669,19 @@ class Content:
             return State(True)
         if need == "images":
             return self._images(res)
-        return self._document(res, allow_results=need == "full")
+        return self._document(res, sel, allow_results=need == "full")
 
-    def _document(self, res: Res, *, allow_results: bool) -> State:
+    def _document(self, res: Res, sel: Selector, *, allow_results: bool) -> State:
         doc = res.document
         assert doc is not None, "Needs keeps document facts for every document target"
-        if doc.has_bytes or (res.ref in self.index.doc_refs and doc.has_attachments):
-            return State(True)
-        if doc.composition_text:
-            return State(True)
+        if doc.summary and not stubs.wants_summary(sel.classes_any | sel.classes_all):
+            # a summary of care stands in for the note or report the item asks for
+            return State(False, R.SUMMARY_ONLY, f"{res.ref} is a {doc.summary}, not the underlying document")
         if allow_results and doc.results:
+            return State(True)
+        if doc.has_bytes or (res.ref in self.index.doc_refs and doc.has_attachments) or doc.composition_text:
+            if doc.stub:
+                return State(False, R.SUMMARY_ONLY, f"{res.ref}: {doc.stub}")
             return State(True)
         urls = list(doc.urls)
         failure = self.ledger.for_keys(urls) if urls else None

@@ -26,9 +26,10 @@ import orjson
 
 from aggregator.blobs import BlobStore
 from aggregator.ledger import LedgerEntry
-from aggregator.model import DocumentFile, SourceInfo
+from aggregator.model import DocumentFile, SourceInfo, TextProfile
 from aggregator.normalize.references import type_id
 from aggregator.normalize.scratch import ITEM_COLS, Item, Scratch, Spool
+from aggregator.normalize.stubs import load_rules, profile_bytes
 
 KIND_BINARY = "binary"
 EXT = {
@@ -93,6 +94,8 @@ class Documents:
         self.used: set[tuple[int, str]] = set()
         self.files: dict[str, tuple[Blob, str, str]] = {}  # sha256 -> blob, first resource ref, title
         self.paths: dict[str, str] = {}
+        self.texts: dict[str, TextProfile] = {}
+        """sha256 -> what its text shows, for the checklist's stub detection (text documents only)."""
 
     def _fhir_binary(self, sid: int, tid: str) -> Item | None:
         """The last loaded FHIR Binary of source ``sid`` named ``tid`` (``Binary/<id>``, or the ledger
@@ -164,6 +167,7 @@ class Documents:
                     self.files[blob.sha256] = (known[0], ref, known[2])
             else:
                 self.files[blob.sha256] = (blob, ref, str(att.get("title") or ""))
+                self._profile(blob, att)
                 self._store(blob, att)
             plan.append((i, blob.sha256, blob.size, blob.sha1_b64, blob.content_type))
         if plan:
@@ -178,6 +182,23 @@ class Documents:
         elif blob.inline:
             self.blobs.put_bytes(base64.b64decode(str(att["data"]), validate=False))
         blob.data = None
+
+    def _profile(self, blob: Blob, att: dict[str, Any]) -> None:
+        """Read the text of a document once, here where its bytes are at hand, so the checklist can
+        tell a report from a stub ("See outside report.") without the bytes. Only documents small
+        enough to be a stub are read; a larger one cannot be."""
+        if blob.size > load_rules().max_bytes:
+            return
+        if blob.data is not None:
+            raw = blob.data
+        elif blob.inline:
+            raw = base64.b64decode(str(att["data"]), validate=False)
+        else:
+            with self.blobs.open(blob.sha256) as f:
+                raw = f.read(load_rules().max_bytes + 1)
+        prof = profile_bytes(raw, blob.content_type or str(att.get("contentType") or ""))
+        if prof is not None:
+            self.texts[blob.sha256] = prof
 
     def _sha1(self, blob: Blob, att: dict[str, Any]) -> str:
         h = hashlib.sha1()  # FHIR R4 Attachment.hash is defined as SHA-1
@@ -207,7 +228,7 @@ class Documents:
         for sha in sorted(self.files):
             blob, ref, title = self.files[sha]
             out.append(DocumentFile(self.paths[sha], sha, blob.size, blob.content_type or "application/octet-stream",
-                                    title, ref))
+                                    title, ref, self.texts.get(sha)))
         return sorted(out, key=lambda d: d.path)
 
     def apply(self, item: Item, body: dict[str, Any]) -> None:

@@ -6,6 +6,7 @@ checklist. The complete twin must show no gap at all (no false gaps).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,8 @@ from aggregator.pipeline import check_case
 EXPECTED: dict[str, dict[str, str]] = {
     "complete": {},
     "no-pathology-text": {"pathology-report": "summary-only", "breast-receptors": "not-found"},
+    # "See outside report." is a pointer, not the report: the receptors are still there
+    "stub-pathology-text": {"pathology-report": "summary-only"},
     "no-images": {"radiology-images": "images-not-retrieved"},
     "no-recent-labs": {"lab-results": "outdated"},
     "no-visit-note": {"clinical-notes": "not-found"},
@@ -28,10 +31,13 @@ EXPECTED: dict[str, dict[str, str]] = {
 }
 
 
-def _run(tmp_path: Path, variant: str, checklist: str = "oncology") -> tuple[dict, App]:
+def _run(tmp_path: Path, variant: str, checklist: str = "oncology",
+         extra: dict[str, dict] | None = None) -> tuple[dict, App]:
     from fixtures import generate_download
 
     info = generate_download(tmp_path / "dl", variant=variant)
+    for rel, resource in (extra or {}).items():  # files a patient's download may also hold
+        (tmp_path / "dl" / rel).write_text(json.dumps(resource), encoding="utf-8")
     app = App.open(tmp_path / "home")
     create_case(app, "c", checklist, patient_name=info.patient_name, birth_date=info.birth_date,
                 case_date=info.case_date.isoformat())
@@ -74,3 +80,41 @@ def test_other_checklists_run_on_the_complete_record(tmp_path: Path, checklist: 
     assert report["items"] and 0.0 <= report["score"] <= 1.0
     if checklist == "general":
         assert report["score"] == 1.0
+
+
+def test_stub_pathology_report_gap_names_its_trigger(tmp_path: Path) -> None:
+    """The report's only text is "See outside report.": a pointer to the report, not the report."""
+    report, _ = _run(tmp_path, "stub-pathology-text")
+    item = next(i for i in report["items"] if i["id"] == "pathology-report")
+    assert item["gaps"] and item["status"] == "missing"  # one gap per subject: the biopsy and its specimen
+    for gap in item["gaps"]:
+        assert gap["reason"] == "summary-only"
+        assert gap["resource"].startswith("DiagnosticReport/")
+        assert '"See outside report"' in gap["detail"] and "points elsewhere" in gap["detail"]
+        assert "pathology report" in gap["next_action"]
+
+
+def test_ips_patient_summary_does_not_count_as_the_visit_note(tmp_path: Path) -> None:
+    """An IPS "Patient summary" Composition of the follow-up visit, with narrative, stands where its
+    note should be: summary-only, not a note (and not "not found": the navigator sees what is there)."""
+    from fixtures.generate import _Ids
+
+    ids = _Ids("demo")
+    summary = {
+        "resourceType": "Composition", "id": "ips-followup", "status": "final",
+        "type": {"coding": [{"system": "http://loinc.org", "code": "60591-5", "display": "Patient summary Document"}]},
+        "subject": {"reference": f"Patient/{ids('patient')}"},
+        "encounter": {"reference": f"Encounter/{ids('enc-followup')}"},
+        "date": "2026-09-22T15:00:00-05:00", "author": [{"display": "Synthetic General Hospital"}],
+        "title": "International Patient Summary",
+        "section": [{"title": "Active Problems", "code": {"coding": [{"system": "http://loinc.org", "code": "11450-4"}]},
+                     "text": {"status": "generated", "div": '<div xmlns="http://www.w3.org/1999/xhtml"><ul>'
+                              "<li>Invasive ductal carcinoma of the left breast, stage IA, on letrozole</li>"
+                              "<li>Essential hypertension, controlled on lisinopril</li></ul></div>"}}],
+    }
+    report, _ = _run(tmp_path, "no-visit-note", extra={"portal-a/ips-summary.json": summary})
+    item = next(i for i in report["items"] if i["id"] == "clinical-notes")
+    assert item["status"] in ("partial", "missing")
+    reasons = {g["reason"] for g in item["gaps"]}
+    assert reasons == {"summary-only"}, item["gaps"]
+    assert any("patient summary (LOINC 60591-5)" in g["detail"] for g in item["gaps"])
