@@ -164,6 +164,8 @@ class DocumentFacts(NamedTuple):
     outside report""), from the text profiles normalization made; "" when full or not judged."""
     summary: str = ""
     """The summary document it is by type ("discharge summary (LOINC 18842-5)"), or ""."""
+    conclusion_pointer: str = ""
+    """A phrase of the conclusion that points at another report ("see outside report"), or ""."""
 
 
 class StudyFacts(NamedTuple):
@@ -628,6 +630,8 @@ def _document_facts(rtype: str, res: Mapping[str, Any], classes: frozenset[str] 
         conclusion=bool(res.get("conclusion") or res.get("conclusionCode")),
         stub=stubs.judge(classes, profiles),
         summary=stubs.summary_type(res),
+        conclusion_pointer=(stubs.profile_text(res["conclusion"]).pointer
+                            if isinstance(res.get("conclusion"), str) else ""),
     )
 
 
@@ -691,7 +695,9 @@ class Content:
             return State(False, R.RETRIEVAL_FAILED,
                          f"{res.ref} points at a document that was not retrieved ({len(urls)} attachment(s))")
         what = []
-        if doc.conclusion:
+        if doc.conclusion_pointer:
+            what.append(f'a conclusion line that points elsewhere ("{doc.conclusion_pointer}")')
+        elif doc.conclusion:
             what.append("a conclusion line")
         if doc.results:
             what.append(f"{doc.results} structured result(s)")

@@ -268,14 +268,17 @@ def kind_of(classes: Iterable[str], rules: Rules | None = None) -> str:
 def verdict(kind: str, prof: TextProfile, rules: Rules | None = None) -> Verdict | None:
     """Why this text is not a full document of ``kind``, or None when it is."""
     rules = rules or load_rules()
-    if prof.pointer:
-        return Verdict("pointer", prof.pointer)
     minimum = rules.min_words.get(kind, rules.default_min)
+    required = rules.required.get(kind, ())
+    missing = next((key for key in required if key not in prof.sections), None)
+    # a report with its diagnosis and some length that mentions a pending addendum is the report
+    structured = bool(required) and missing is None and prof.words >= 2 * minimum
+    if prof.pointer and not structured:
+        return Verdict("pointer", prof.pointer)
     if prof.words < minimum:
         return Verdict("short", prof.snippet or f"{prof.words} words")
-    for key in rules.required.get(kind, ()):
-        if key not in prof.sections:
-            return Verdict("missing-section", key)
+    if missing is not None:
+        return Verdict("missing-section", missing)
     return None
 
 

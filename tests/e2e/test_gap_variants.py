@@ -107,7 +107,8 @@ def test_ips_patient_summary_does_not_count_as_the_visit_note(tmp_path: Path) ->
         "encounter": {"reference": f"Encounter/{ids('enc-followup')}"},
         "date": "2026-09-22T15:00:00-05:00", "author": [{"display": "Synthetic General Hospital"}],
         "title": "International Patient Summary",
-        "section": [{"title": "Active Problems", "code": {"coding": [{"system": "http://loinc.org", "code": "11450-4"}]},
+        "section": [{"title": "Active Problems",
+                     "code": {"coding": [{"system": "http://loinc.org", "code": "11450-4"}]},
                      "text": {"status": "generated", "div": '<div xmlns="http://www.w3.org/1999/xhtml"><ul>'
                               "<li>Invasive ductal carcinoma of the left breast, stage IA, on letrozole</li>"
                               "<li>Essential hypertension, controlled on lisinopril</li></ul></div>"}}],
