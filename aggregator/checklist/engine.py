@@ -15,7 +15,10 @@ Three rules cover what a second opinion needs (see ``schemas/checklist.schema.js
 * ``identity``: identity conflicts found by normalization.
 
 Content means the underlying document, not a summary: an attachment whose bytes are in the
-record, a report with results, DICOM instances whose counts match the ImagingStudy. The engine
+record, a report with results, DICOM instances whose counts match the ImagingStudy. A text that
+only points elsewhere ("See outside report."), is too short, or is a pathology text without a
+diagnosis, and a summary of care (discharge summary, IPS patient summary) standing in for the
+note or report an item asks for, are ``summary-only`` (:mod:`aggregator.normalize.stubs`). The engine
 is deterministic (sorted output, no clock: a window runs from ``within`` days before the case date
 to the checklist's grace period after it, or ends at the newest date in the record when the case
 has none). Data that exists but only before a window is ``outdated``, not "not found".
