@@ -215,7 +215,7 @@ SUBSET = [
     "surgery/unpulled-source/portal-b/eval-a",
     pytest.param("oncology/pixelless-dicom/ct-chest/demo",
                  marks=_xfail("imaging: header-only DICOM instances count as images")),
-    pytest.param("oncology/stub-pathology/demo", marks=_xfail("stubs: 'See outside report.' counts as full text")),
+    "oncology/stub-pathology/demo",
     "cardiology/outdated/no-recent-cardiac-labs/cardio",
     "surgery/labs-after-case-date/surgery",
     "cardiology/other-encounter-note/cardio",
