@@ -160,6 +160,7 @@ def case_summary(app: App, case_id: str) -> dict[str, Any]:
         for src in s.scalars(select(Source).where(Source.case_id == case_id).order_by(Source.id)):
             counts: dict[str, int] = {}
             quarantined = 0
+            notes = 0
             for kind, state, n in s.execute(
                 select(LedgerItem.kind, LedgerItem.state, func.count())
                 .where(LedgerItem.source_id == src.id)
@@ -167,6 +168,8 @@ def case_summary(app: App, case_id: str) -> dict[str, Any]:
             ):
                 if kind == "quarantine":  # written by normalization, not by the pull
                     quarantined += int(n)
+                elif kind == "note":  # normalization's warnings on kept items (no pixel data...)
+                    notes += int(n)
                 else:
                     counts[state] = counts.get(state, 0) + int(n)
             last = s.scalar(select(Pull).where(Pull.source_id == src.id).order_by(Pull.id.desc()).limit(1))
@@ -178,6 +181,7 @@ def case_summary(app: App, case_id: str) -> dict[str, Any]:
                     "endpoint": src.endpoint.name if src.endpoint else None,
                     "items": counts,
                     "quarantined": quarantined,
+                    "notes": notes,
                     "last_pull": None
                     if last is None
                     else {

@@ -103,6 +103,8 @@ class ImageRef:
     modality: str = ""
     patient_id: str = ""
     source_id: int = 0
+    pixels: bool = True
+    """Whether it carries Pixel Data: an instance without is shipped, but is not an image."""
 
 
 @dataclass(frozen=True)
@@ -199,6 +201,9 @@ class NormalizedRecord:
         self.identity: dict[str, Any] = {}
         """How the case's patient was established, for the identity item (see
         :func:`aggregator.normalize.pipeline.identity_facts`); empty for records built by hand."""
+        self.notes: list[Quarantined] = []
+        """Raw items kept in the record with a warning the navigator should see in the ledger
+        (a DICOM instance without pixel data: shipped, but not an image)."""
         if writer is None:
             writer = BundleWriter(new_bundle_path())
             try:

@@ -3,7 +3,8 @@
 Normalization is a pure function of the raw store, so these functions can be re-run at any time;
 the same raw inputs give the same bundle and package. Items that normalization leaves out of the
 bundle (invalid, another patient, duplicate, unsupported) are written back to the ledger as
-``quarantine`` rows with their reason, so nothing is dropped silently.
+``quarantine`` rows with their reason, so nothing is dropped silently; items kept with a warning
+(a DICOM instance without pixel data, which is not an image) become ``note`` rows.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from aggregator.store.db import Database
 from aggregator.store.models import LedgerItem, Source
 
 KIND_QUARANTINE = "quarantine"
+#: normalization's warnings about items it kept (``skipped`` like quarantine rows, so that the
+#: ``done`` rows stay the raw items alone)
+KIND_NOTE = "note"
 
 
 @dataclass
@@ -64,12 +68,17 @@ def _write_quarantine(app: App, case_id: str, record: NormalizedRecord) -> None:
     with app.db.session() as s:
         source_ids = list(s.scalars(select(Source.id).where(Source.case_id == case_id)))
         s.execute(
-            delete(LedgerItem).where(LedgerItem.source_id.in_(source_ids), LedgerItem.kind == KIND_QUARANTINE)
+            delete(LedgerItem).where(LedgerItem.source_id.in_(source_ids),
+                                     LedgerItem.kind.in_((KIND_QUARANTINE, KIND_NOTE)))
         )
     by_source: dict[int, list[Row]] = {}
     for q in record.quarantine:
         by_source.setdefault(q.source_id, []).append(
             Row(KIND_QUARANTINE, f"{q.kind}:{q.key}", SKIPPED, reason=q.reason, meta={"item_kind": q.kind})
+        )
+    for n in record.notes:  # kept in the record, with a warning (e.g. DICOM without pixel data)
+        by_source.setdefault(n.source_id, []).append(
+            Row(KIND_NOTE, f"{n.kind}:{n.key}", SKIPPED, reason=n.reason, meta={"item_kind": n.kind, "kept": True})
         )
     for sid, rows in by_source.items():
         record_rows(app.db, sid, rows)

@@ -25,6 +25,7 @@ import orjson
 from aggregator.blobs import BlobStore
 from aggregator.errors import StoreError
 from aggregator.ledger import LedgerEntry
+from aggregator.normalize.uids import identifiers_uid
 from connectors.base import KIND_RESOURCE
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,6 @@ RADIOLOGY_CATEGORIES = {
     (V2_0074, "RAD"), (V2_0074, "RX"), (V2_0074, "CT"), (V2_0074, "NMR"), (V2_0074, "NMS"), (V2_0074, "VUS"),
     (V2_0074, "CUS"), (V2_0074, "OUS"), (LOINC, "LP29684-5"), (SNOMED, "394914008"),
 }
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)+$")
 #: Modality words in a report's code text, checked in order (the first match wins).
 _MODALITY_WORDS = [
     (re.compile(r"\b(ct|computed tomography|cat scan)\b"), "CT"),
@@ -156,19 +156,8 @@ def _accession(identifiers: Any) -> str | None:
 
 
 def _study_uid(identifiers: Any) -> str | None:
-    """StudyInstanceUID from ``urn:dicom:uid`` identifiers or ``urn:oid:`` values (Synthea uses those)."""
-    for ident in _list(identifiers):
-        if not isinstance(ident, dict) or not ident.get("value"):
-            continue
-        value = str(ident["value"]).strip()
-        system = str(ident.get("system") or "")
-        if value.startswith("urn:oid:"):
-            value = value[len("urn:oid:"):]
-        elif system != "urn:dicom:uid":
-            continue
-        if _UID.match(value) and len(value) <= 64:
-            return value
-    return None
+    """StudyInstanceUID however the identifiers spell it (:func:`aggregator.normalize.uids.identifiers_uid`)."""
+    return identifiers_uid(identifiers)
 
 
 def _date(value: Any) -> str | None:

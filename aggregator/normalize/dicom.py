@@ -15,7 +15,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO, Literal
 
 import pydicom
 from pydicom.errors import InvalidDicomError
@@ -24,7 +24,7 @@ from aggregator.blobs import BlobStore
 from aggregator.errors import AggregatorError
 from aggregator.ledger import LedgerEntry
 from aggregator.model import ImageRef, Quarantined
-from aggregator.normalize import ids
+from aggregator.normalize import ids, uids
 
 KIND_DICOM = "dicom"
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
@@ -58,6 +58,8 @@ class Instance:
     series_description: str
     body_part: str
     instance_number: int | None
+    pixels: bool = True
+    """Whether the instance carries Pixel Data (see :func:`_has_pixel_data`)."""
 
 
 def _s(ds: Any, name: str) -> str:
@@ -90,17 +92,19 @@ def read_instance(entry: LedgerEntry, blobs: BlobStore) -> Instance:
             path = blobs.path(sha256)
     except AggregatorError as exc:
         raise ValueError("raw content missing from the blob store") from exc
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), path.open("rb") as fp:
         warnings.simplefilter("ignore")
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            ds = pydicom.dcmread(fp, stop_before_pixels=True)
         except InvalidDicomError:
             try:
-                ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+                fp.seek(0)
+                ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
             except Exception as exc:  # pydicom raises many types on garbage input
                 raise ValueError(f"broken DICOM: {type(exc).__name__}") from exc
         except Exception as exc:
             raise ValueError(f"broken DICOM: {type(exc).__name__}") from exc
+        pixels = _has_pixel_data(ds, fp)
         ts = ""
         fm = getattr(ds, "file_meta", None)
         if fm is not None:
@@ -117,8 +121,48 @@ def read_instance(entry: LedgerEntry, blobs: BlobStore) -> Instance:
             study, series, ts, _s(ds, "Modality"), _s(ds, "PatientID"), _s(ds, "IssuerOfPatientID"),
             _s(ds, "PatientName"), _s(ds, "PatientBirthDate"), _s(ds, "PatientSex"), _s(ds, "StudyDate"),
             _s(ds, "StudyTime"), _s(ds, "StudyDescription"), _s(ds, "AccessionNumber"), _int(ds, "SeriesNumber"),
-            _s(ds, "SeriesDescription"), _s(ds, "BodyPartExamined"), _int(ds, "InstanceNumber"),
+            _s(ds, "SeriesDescription"), _s(ds, "BodyPartExamined"), _int(ds, "InstanceNumber"), pixels,
         )
+
+
+#: (7FE0,0010) Pixel Data, (7FE0,0008) Float Pixel Data, (7FE0,0009) Double Float Pixel Data
+PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
+DEFLATED = "1.2.840.10008.1.2.1.99"
+NO_PIXELS = "no pixel data (7FE0,0010): not an image"
+
+
+def _has_pixel_data(ds: Any, fp: BinaryIO) -> bool:
+    """Whether the instance carries pixels: a non-empty (7FE0,0010) (or float) Pixel Data element.
+
+    Why it matters: an image SOP class says what the instance should be, not what it holds; an
+    instance without Pixel Data (a header-only copy, a stripped export, a structured report)
+    shows the consultant nothing and must not count as the study's images.
+
+    The header was read with ``stop_before_pixels``, which leaves the file positioned at the
+    start of the pixel element when there is one and at the end otherwise, so the pixels are
+    never read: the element's header says whether it is there and how long it is.
+    """
+    fm = getattr(ds, "file_meta", None)
+    if fm is not None and _s(fm, "TransferSyntaxUID") == DEFLATED:
+        # the data set is compressed as a whole: the file position says nothing, read it all
+        fp.seek(0)
+        full = pydicom.dcmread(fp, force=True)
+        return any(t in full and len(full[t].value or b"") > 0 for t in PIXEL_TAGS)
+    head = fp.read(12)
+    if len(head) < 8:
+        return False
+    implicit, little = getattr(ds, "original_encoding", (False, True))
+    order: Literal["little", "big"] = "little" if little is not False else "big"
+    tag = int.from_bytes(head[0:2], order) << 16 | int.from_bytes(head[2:4], order)
+    if tag not in PIXEL_TAGS:
+        return False
+    if implicit:
+        length = int.from_bytes(head[4:8], order)
+    elif len(head) >= 12 and head[4:6] in (b"OB", b"OW", b"OF", b"OD", b"UN", b"OL", b"OV"):
+        length = int.from_bytes(head[8:12], order)
+    else:
+        length = int.from_bytes(head[6:8], order)
+    return length != 0  # 0xFFFFFFFF: encapsulated fragments
 
 
 def read_instances(entries: Iterable[LedgerEntry], blobs: BlobStore,
@@ -260,6 +304,7 @@ def merge_study(base: dict[str, Any], other: dict[str, Any]) -> None:
     for k in ("started", "description", "subject"):
         if k not in base and k in other:
             base[k] = other[k]
+    _merge_identifiers(base, other)
     n_series = len(base.get("series") or [])
     base["numberOfSeries"] = max(int(base.get("numberOfSeries") or 0), int(other.get("numberOfSeries") or 0),
                                  n_series)
@@ -268,14 +313,51 @@ def merge_study(base: dict[str, Any], other: dict[str, Any]) -> None:
                                     int(other.get("numberOfInstances") or 0), total)
 
 
+def _merge_identifiers(base: dict[str, Any], other: dict[str, Any]) -> None:
+    """Add ``other``'s identifiers that ``base`` lacks: the accession number the DICOM headers
+    carry is what a radiology department asks for, and Synthea-style FHIR studies have none. The
+    study UID is not repeated in another spelling (``urn:dicom:uid`` vs ``urn:ietf:rfc:3986``)."""
+    mine = [i for i in base.get("identifier") or [] if isinstance(i, dict)]
+    have_uids = {u for i in mine if (u := uids.identifier_uid(i))}
+    have_values = {(str(i.get("system") or ""), str(i.get("value") or "")) for i in mine}
+    have_plain = {str(i.get("value") or "") for i in mine}
+    added = False
+    for ident in other.get("identifier") or []:
+        if not isinstance(ident, dict) or not ident.get("value"):
+            continue
+        uid = uids.identifier_uid(ident)
+        if uid is not None:
+            if uid in have_uids:
+                continue
+            have_uids.add(uid)
+        elif (str(ident.get("system") or ""), str(ident["value"])) in have_values or (
+                not ident.get("system") and str(ident["value"]) in have_plain):
+            continue  # an accession without a system matches the same value under any system
+        mine.append(ident)
+        have_values.add((str(ident.get("system") or ""), str(ident["value"])))
+        added = True
+    if added:
+        base["identifier"] = mine
+
+
+def pixel_notes(instances: Iterable[Instance]) -> list[Quarantined]:
+    """Ledger notes for the kept instances without pixel data (waveforms aside: the tracing is their
+    content), sorted: they go to the package (never dropped) but are not images, and the
+    navigator should know before the consultant opens them."""
+    notes = [Quarantined(i.source_id, KIND_DICOM, i.key,
+                         f"{NO_PIXELS} (SOP class {i.sop_class or 'unknown'}"
+                         f"{', an image class' if uids.is_image_class(i.sop_class) else ''}; "
+                         f"study {i.study_uid}, instance {i.sop_uid})")
+             for i in instances if uids.shows_nothing(i.sop_class, i.pixels)]
+    return sorted(notes, key=lambda n: (n.source_id, n.key))
+
+
 def image_ref(inst: Instance) -> ImageRef:
     return ImageRef(inst.sop_uid, inst.sop_class, inst.study_uid, inst.series_uid, inst.transfer_syntax,
-                    inst.sha256, inst.size, inst.modality, inst.patient_id, inst.source_id)
+                    inst.sha256, inst.size, inst.modality, inst.patient_id, inst.source_id, inst.pixels)
 
 
 def study_uid_of(res: dict[str, Any]) -> str:
-    for ident in res.get("identifier") or []:
-        if isinstance(ident, dict) and ident.get("system") == "urn:dicom:uid":
-            v = str(ident.get("value") or "")
-            return v[len("urn:oid:"):] if v.startswith("urn:oid:") else v
-    return ""
+    """The study's UID however the identifier spells it (see :mod:`.uids`): the key that merges a
+    FHIR ImagingStudy with the one built from its DICOM files."""
+    return uids.study_uid(res)

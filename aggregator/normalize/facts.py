@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from aggregator.normalize.dicom import study_uid_of
+from aggregator.normalize.uids import identifier_uid
 
 
 @dataclass(slots=True)
@@ -97,8 +98,8 @@ def identifier_keys(rtype: str, d: dict[str, Any]) -> tuple[str, ...]:
     out = []
     for i in idents if isinstance(idents, list) else []:
         if isinstance(i, dict) and i.get("system") and i.get("value"):
-            if rtype == "ImagingStudy" and i.get("system") == "urn:dicom:uid":
-                continue  # handled by study-instance-uid with merging
+            if rtype == "ImagingStudy" and identifier_uid(i):
+                continue  # the StudyInstanceUID, however spelled: handled by study-instance-uid with merging
             out.append(f"{rtype}|{i['system']}|{i['value']}|{code}")
     return tuple(out)
 

@@ -13,7 +13,8 @@ themselves and the parent stores finished chunks (:mod:`.loader`) while later on
 checked, so reading the ledger, parsing and validating overlap. The scratch database ranks the
 resources by (source, key) afterwards, so the output stays deterministic whatever the timing.
 
-Cheap repairs: an empty Narrative (``text`` without ``div``) is removed, and a few R5 shapes
+Cheap repairs: an empty Narrative (``text`` without ``div``) is removed, ImagingStudy series and
+instance UIDs written as ``urn:oid:`` lose the prefix (R4 types them ``id``), and a few R5 shapes
 that differ from R4 only structurally (no information lost) are rewritten to their R4 form and
 validated again; the repaired JSON is what goes to the bundle
 and the raw store still holds the original. Anything else R4B does not know is "unsupported type".
@@ -39,6 +40,7 @@ from aggregator.model import Quarantined
 from aggregator.normalize.facts import Facts, facts_of
 from aggregator.normalize.r5 import to_r4
 from aggregator.normalize.scratch import Spool
+from aggregator.normalize.uids import plain_series_uids
 
 __all__ = ["CHUNK", "KIND_RESOURCE", "POOL_MIN", "Spool", "check_resource", "load_resources"]
 
@@ -72,7 +74,9 @@ def _repair_r5(obj: dict[str, Any]) -> dict[str, Any] | None:
         # a Narrative without its div (only a status) says nothing; R4 requires div when text exists
         fixed = {k: v for k, v in obj.items() if k != "text"}
     converted = to_r4(fixed if fixed is not None else obj)
-    return converted if converted is not None else fixed
+    fixed = converted if converted is not None else fixed
+    plain = plain_series_uids(fixed if fixed is not None else obj)  # urn:oid: series/instance UIDs
+    return plain if plain is not None else fixed
 
 
 def check_resource(obj: Any) -> tuple[str | None, dict[str, Any] | None]:

@@ -266,6 +266,7 @@ def _normalize(case: CaseInfo, sources: Sequence[SourceInfo], entries: Iterable[
                               conflicts=identity.conflicts + facts.pop("conflicts"), patient_ref=f"Patient/{pid}",
                               writer=writer)
     record.identity = facts
+    record.notes = dicom.pixel_notes(by_sop.values())
     return record
 
 

@@ -22,6 +22,7 @@ from aggregator import __version__
 from aggregator.blobs import BlobStore
 from aggregator.checklist import stream
 from aggregator.model import CaseInfo, DocumentFile, NormalizedRecord, SourceInfo
+from aggregator.normalize import uids
 from aggregator.package.dicomdir import PlacedImage
 from aggregator.package.document import SECTION_TYPES, patient_entry, section_of
 from aggregator.package.manifest import TOOL_NAME
@@ -242,7 +243,8 @@ class _Index:
         placed = self.images_by_study.get(uid, [])
         n_series = len({p.image.series_instance_uid for p in placed})
         return (_e(res_date(s)), _e(s.get("description") or ""), _e(s.get("numberOfSeries", "")),
-                _e(s.get("numberOfInstances", "")), f"{n_series} / {len(placed)}", _e(placed_folder(placed)))
+                _e(s.get("numberOfInstances", "")), f"{n_series} / {len(placed)}{_no_pixels(placed)}",
+                _e(placed_folder(placed)))
 
     def _look_up(self) -> None:
         """Fill :attr:`lookups` in one more pass, keeping only the resources referenced (the last
@@ -375,10 +377,7 @@ def _report_card(idx: _Index, res: Mapping[str, Any], images_by_study: Mapping[s
 
 
 def _study_uid(study: Mapping[str, Any]) -> str:
-    for ident in study.get("identifier") or []:
-        if isinstance(ident, Mapping) and str(ident.get("value", "")).startswith("urn:oid:"):
-            return str(ident["value"])[8:]
-    return ""
+    return uids.study_uid(study)
 
 
 def _study_line(study: Mapping[str, Any], images_by_study: Mapping[str, list[PlacedImage]]) -> str:
@@ -388,7 +387,8 @@ def _study_line(study: Mapping[str, Any], images_by_study: Mapping[str, list[Pla
                          if isinstance(s, Mapping) and isinstance((m := s.get("modality")), Mapping)})
     desc = study.get("description") or ""
     folder = placed[0].relpath.rsplit("/", 2)[0] if placed else ""
-    where = f"images in <code>{_e(folder)}</code> ({len(placed)} file(s))" if placed else "no images in this package"
+    where = (f"images in <code>{_e(folder)}</code> ({len(placed)} file(s){_no_pixels(placed)})" if placed
+             else "no images in this package")
     return (f"{_e(res_date(study))} {_e(desc)} [{_e(', '.join(modalities))}] - "
             f"{_e(study.get('numberOfSeries', len(study.get('series') or [])))} series, "
             f"{_e(study.get('numberOfInstances', ''))} instance(s); {where}")
@@ -448,14 +448,24 @@ def _imaging(idx: _Index, placed: Sequence[PlacedImage], images_by_study: Mappin
     for uid, items in sorted(images_by_study.items()):
         if uid not in described:
             n_series = len({p.image.series_instance_uid for p in items})
-            rows.append(("", "(images without an ImagingStudy)", "", "", f"{n_series} / {len(items)}",
-                         _e(placed_folder(items))))
+            rows.append(("", "(images without an ImagingStudy)", "", "",
+                         f"{n_series} / {len(items)}{_no_pixels(items)}", _e(placed_folder(items))))
     out.append("<h2 id=\"imaging\">Imaging studies</h2>")
     out.append(_table(("Date", "Description", "Series", "Instances", "Series / files in package", "Folder"), rows,
                       "No imaging studies in the record."))
     if placed:
         out.append('<p>Open <code>DICOMDIR</code> at the root of this package with any DICOM viewer.</p>')
     return "".join(out)
+
+
+def _no_pixels(items: Sequence[PlacedImage]) -> str:
+    """A warning when files of a study carry no Pixel Data: the consultant must not expect to see
+    them in a viewer (a stripped copy, a structured report, a presentation state)."""
+    n = sum(1 for p in items if uids.shows_nothing(p.image.sop_class_uid, p.image.pixels))
+    if not n:
+        return ""
+    what = "none is an image" if n == len(items) else f"{n} of them not images"
+    return f' <strong class="warn">({n} without pixel data: {what})</strong>'
 
 
 def placed_folder(items: Sequence[PlacedImage]) -> str:
