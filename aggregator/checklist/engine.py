@@ -41,7 +41,7 @@ from aggregator.checklist.loader import Checklist, Item, Link, Selector
 from aggregator.errors import ConfigError
 from aggregator.ledger import LedgerEntry
 from aggregator.model import CaseInfo, NormalizedRecord, SourceInfo
-from aggregator.normalize import stubs
+from aggregator.normalize import stubs, uids
 from aggregator.normalize.classify import classify, values_at
 
 REPORT_SCHEMA = "gap-report/1"
@@ -181,6 +181,10 @@ class StudyFacts(NamedTuple):
     series_count: int | None
     series: tuple[tuple[Any, int], ...]
     """(series UID, numberOfInstances) of each series that declares a count, in order."""
+    modality: str = ""
+    """The study's modalities (``CT``, ``CT/PT``), from the study or its series."""
+    accession: str = ""
+    """The accession number: what a radiology department files the study under."""
 
 
 class Res:
@@ -641,23 +645,45 @@ def _document_facts(rtype: str, res: Mapping[str, Any], classes: frozenset[str] 
 def _study_facts(res: Mapping[str, Any]) -> StudyFacts:
     expected = res.get("numberOfInstances")
     n_series = res.get("numberOfSeries")
-    series = tuple((s.get("uid"), n) for s in res.get("series") or []
+    series = tuple((uids.series_uid(s) or s.get("uid"), n) for s in res.get("series") or []
                    if isinstance(s, Mapping) and isinstance((n := s.get("numberOfInstances")), int))
+    codes = [c.get("code") for c in values_at(res, ["modality"]) if isinstance(c, Mapping)]
+    codes += [c.get("code") for c in values_at(res, ["series", "modality"]) if isinstance(c, Mapping)]
+    modality = "/".join(sorted({str(c).strip() for c in codes if c and str(c).strip()}))
+    accession = ""
+    for ident in res.get("identifier") or []:
+        if isinstance(ident, Mapping) and ident.get("value") and any(
+                isinstance(c, Mapping) and c.get("code") == "ACSN" for c in values_at(ident, ["type", "coding"])):
+            accession = str(ident["value"]).strip()
+            break
     return StudyFacts(
         uid=study_uid(res),
-        listed=frozenset(str(i.get("uid")) for i in values_at(res, ["series", "instance"]) if isinstance(i, Mapping)),
+        listed=frozenset(uids.instance_uid(i) or str(i.get("uid")) for i in values_at(res, ["series", "instance"])
+                         if isinstance(i, Mapping)),
         instances=expected if isinstance(expected, int) else None,
         series_count=n_series if isinstance(n_series, int) else None,
         series=series,
+        modality=modality,
+        accession=accession,
     )
 
 
+def study_label(res: Res) -> str:
+    """``CT of 2026-09-05, accession A123``: what a radiology department needs to find a study."""
+    study = res.study
+    parts = [f"{study.modality if study is not None and study.modality else 'imaging'} study"]
+    if res.date is not None:
+        parts[0] += f" of {res.date.isoformat()}"
+    parts.append(f"accession {study.accession}" if study is not None and study.accession else "no accession number")
+    if study is not None and study.uid:
+        parts.append(f"Study Instance UID {study.uid}")
+    return ", ".join(parts)
+
+
 def study_uid(res: Mapping[str, Any]) -> str:
-    for ident in res.get("identifier") or []:
-        if isinstance(ident, Mapping) and ident.get("system") == "urn:dicom:uid":
-            value = str(ident.get("value") or "")
-            return value[len("urn:oid:"):] if value.startswith("urn:oid:") else value
-    return ""
+    """The StudyInstanceUID however the identifier spells it (``urn:dicom:uid``, ``urn:ietf:rfc:3986``
+    with ``urn:oid:``...): the key to the images in the record (see :mod:`aggregator.normalize.uids`)."""
+    return uids.study_uid(res)
 
 
 class Content:
@@ -714,24 +740,37 @@ class Content:
         study = res.study
         assert study is not None, "Needs keeps study facts for every image target"
         uid = study.uid
-        images = self.index.images_by_study.get(uid, []) if uid else []
+        received = self.index.images_by_study.get(uid, []) if uid else []
+        # an instance without Pixel Data (a stripped copy, a report, a presentation state) is
+        # received, and counts as received, but shows nothing: it is not an image
+        images = [i for i in received if not uids.shows_nothing(i.sop_class_uid, i.pixels)]
+        blank = [i for i in received if uids.shows_nothing(i.sop_class_uid, i.pixels)]
+        blank_images = [i for i in blank if uids.is_image_class(i.sop_class_uid)]
         listed = study.listed
-        have = {i.sop_instance_uid for i in images}
+        have = {i.sop_instance_uid for i in received}
+        label = f"{res.ref} ({study_label(res)})"
         if not images:
             failure = self.ledger.for_study(uid, sorted(listed)) if uid else None
+            if blank:
+                detail = (f"{label}: images not retrieved - the {len(blank)} DICOM instance(s) received carry no "
+                          "pixel data (7FE0,0010), so they are not images")
+            else:
+                detail = f"{label}: images not retrieved - no DICOM instances of this study in the record"
             if failure is not None:
-                return State(False, failure.code, f"{res.ref}: images not received - {failure.detail}", failure)
-            return State(False, R.IMAGES_NOT_RETRIEVED, f"{res.ref}: no DICOM instances of this study in the record")
+                return State(False, failure.code, f"{detail} - {failure.detail}", failure)
+            return State(False, R.IMAGES_NOT_RETRIEVED, detail)
         problems = []
+        if blank_images:
+            problems.append(f"{len(blank_images)} instance(s) of an image SOP class without pixel data (not images)")
         expected = study.instances
         if expected is not None and len(have) < expected:
             problems.append(f"{len(have)} of {expected} instances")
         n_series = study.series_count
-        got_series = {i.series_instance_uid for i in images}
+        got_series = {i.series_instance_uid for i in received}
         if n_series is not None and len(got_series) < n_series:
             problems.append(f"{len(got_series)} of {n_series} series")
         for s_uid, n in study.series:
-            got = sum(1 for i in images if i.series_instance_uid == s_uid)
+            got = sum(1 for i in received if i.series_instance_uid == s_uid)
             if got < n:
                 problems.append(f"series {s_uid}: {got} of {n} instances")
         missing = sorted(listed - have)
@@ -739,7 +778,7 @@ class Content:
             problems.append(f"{len(missing)} listed instance(s) absent")
         if problems:
             failure = self.ledger.for_study(uid, missing)
-            detail = f"{res.ref}: incomplete images ({'; '.join(problems[:4])})"
+            detail = f"{label}: incomplete images ({'; '.join(problems[:4])})"
             if failure is not None:
                 return State(False, failure.code, f"{detail} - {failure.detail}", failure)
             return State(False, R.IMAGES_NOT_RETRIEVED, detail)
@@ -1064,7 +1103,7 @@ class Evaluator:
     def each(self, item: Item) -> ItemResult:
         assert item.subjects is not None and item.target is not None
         subjects = [s for s in self.index.select(item.subjects) if self.fresh(s, item.subjects)]
-        if not subjects:
+        if not subjects and not self.unlinked_candidates(item, [], {}):
             if item.otherwise == "presence":
                 return self.presence(item)
             if item.otherwise == "check-existing" and self.index.select(item.target):
@@ -1103,11 +1142,48 @@ class Evaluator:
             entry["status"] = "missing"
             entry["reason"] = gap.reason
             res.subjects.append(entry)
-        res.score = satisfied / len(subjects)
-        res.status = "complete" if satisfied == len(subjects) else "partial" if satisfied else "missing"
+        alone = self.unlinked_candidates(item, targets, links)
+        satisfied += self.unlinked_targets(item, alone, res)
+        total = len(subjects) + len(alone)
+        res.score = satisfied / total
+        res.status = "complete" if satisfied == total else "partial" if satisfied else "missing"
         noun = item.subjects.label or "item"
-        res.detail = f"{satisfied} of {len(subjects)} {noun}(s) covered"
+        res.detail = f"{satisfied} of {total} {noun}(s) covered" if not alone else (
+            f"{satisfied} of {total} covered: {len(subjects)} {noun}(s) and {len(alone)} "
+            f"{item.target.label or 'target'}(s) that no {noun} links to")
         return res
+
+    def unlinked_candidates(self, item: Item, targets: list[Res], links: Mapping[str, list[Res]]) -> list[Res]:
+        """Targets that no subject links to, dated within the target's window, when the item checks
+        them (``unlinked: check``): an ImagingStudy says images exist, with or without a report."""
+        if item.unlinked != "check" or item.target is None:
+            return []
+        claimed = {t.ref for linked in links.values() for t in linked}
+        pool = targets if targets else self.index.select(item.target)
+        return [t for t in pool if t.ref not in claimed and self.fresh(t, item.target)]
+
+    def unlinked_targets(self, item: Item, alone: list[Res], res: ItemResult) -> int:
+        """Judge each unlinked target as its own subject; returns how many satisfy the target."""
+        assert item.target is not None
+        satisfied = 0
+        for t in alone:
+            st = self.content.state(t, item.target)
+            about = study_label(t) if t.type == "ImagingStudy" else self.about(t, item.target)
+            entry: dict[str, Any] = {"ref": t.ref, "about": about, "linked": [t.ref]}
+            if st.ok:
+                satisfied += 1
+                res.evidence.add(t.ref)
+                entry["status"] = "complete"
+            else:
+                base = st.reason or R.Reason(st.code, st.detail)
+                reason = R.Reason(base.code, st.detail, base.source_id, base.key)
+                gap = self.make_gap(reason, item, item.target.request or item.request, f"the {about}",
+                                    where_res=t, subject=t, resource=t, images=item.target.content == "images")
+                res.gaps.append(gap)
+                entry["status"] = "missing"
+                entry["reason"] = gap.reason
+            res.subjects.append(entry)
+        return satisfied
 
     # -- linkage ---------------------------------------------------------------------------
 
@@ -1246,8 +1322,9 @@ def _identifiers(res: Mapping[str, Any]) -> set[str]:
             continue
         value = str(ident["value"])
         system = str(ident.get("system") or "")
-        if system == "urn:dicom:uid" or value.startswith("urn:oid:"):
-            out.add("uid|" + value.removeprefix("urn:oid:"))
+        uid = uids.identifier_uid(ident)
+        if uid is not None:
+            out.add("uid|" + uid)
             continue
         codes = {str(c.get("code")) for c in values_at(ident, ["type", "coding"]) if isinstance(c, Mapping)}
         if "ACSN" in codes:
@@ -1257,8 +1334,8 @@ def _identifiers(res: Mapping[str, Any]) -> set[str]:
     for ext in res.get("extension") or []:
         if isinstance(ext, Mapping) and "studyinstanceuid" in str(ext.get("url", "")).lower():
             v = ext.get("valueString") or ext.get("valueOid") or ext.get("valueId")
-            if isinstance(v, str):
-                out.add("uid|" + v.removeprefix("urn:oid:"))
+            if isinstance(v, str) and (uid := uids.plain_uid(v)):
+                out.add("uid|" + uid)
     return out
 
 
@@ -1311,6 +1388,8 @@ def evaluate(checklist: Checklist, record: NormalizedRecord, ledger: Iterable[Le
             "resources": ev.index.count,
             "documents": len(record.documents),
             "images": len(record.images),
+            # DICOM instances kept (and shipped) without pixel data (waveforms aside): not images
+            "instances_without_pixels": sum(1 for i in record.images if uids.shows_nothing(i.sop_class_uid, i.pixels)),
             "quarantined": len(record.quarantine),
             "unresolved_references": len(record.unresolved),
             "identity_conflicts": len(record.conflicts),

@@ -111,6 +111,8 @@ class Item:
     summaries: frozenset[str] = frozenset()
     otherwise: str = "not-applicable"
     request: str = ""
+    unlinked: str = "ignore"
+    """rule each: ``check`` judges each target no subject links to (within the target's window)."""
 
 
 @dataclass(frozen=True)
@@ -295,6 +297,7 @@ def _build(data: dict[str, Any], source: str) -> Checklist:
                 summaries=frozenset(it.get("summaries") or ()),
                 otherwise=it.get("otherwise", "not-applicable"),
                 request=str(it.get("request") or ""),
+                unlinked=str(it.get("unlinked") or "ignore"),
             )
         )
     return Checklist(

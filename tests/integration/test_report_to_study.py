@@ -143,3 +143,50 @@ def test_a_patient_id_of_two_people_is_a_gap_the_navigator_sees(loaded_archive: 
     assert "! pacs: 2 x this PatientID names several patients" in text
     assert "Kowalski" not in text + json.dumps(report) and "Tanaka" not in text + json.dumps(report)
     app.close()
+
+
+@pytest.mark.parametrize("kind", ["dimse", "dicomweb"])
+def test_synthea_style_imaging_study_brings_in_its_study_and_stays_one_study(loaded_archive: LoadedArchive,
+                                                                               tmp_path: Path, kind: str) -> None:
+    """An ImagingStudy written Synthea's way (``urn:ietf:rfc:3986`` + ``urn:oid:``, series and
+    instance UIDs as ``urn:oid:`` too) and no report: its hint retrieves the study, normalization
+    merges the FHIR and the DICOM ImagingStudy, and the checklist sees the images (no gap)."""
+    from io import BytesIO
+
+    import pydicom
+
+    from aggregator.pipeline import check_case
+
+    copies = loaded_archive.copies["LATIN1"]
+    headers = [pydicom.dcmread(BytesIO(b), stop_before_pixels=True) for b in copies.values()]
+    study_uid = str(headers[0].StudyInstanceUID)
+    series: dict[str, list[str]] = {}
+    for h in headers:
+        series.setdefault(str(h.SeriesInstanceUID), []).append(str(h.SOPInstanceUID))
+    patient = {"resourceType": "Patient", "id": "p-mueller", "name": [{"family": "Müller", "given": ["Jürgen"]}],
+               "birthDate": "1955-04-12"}
+    study = {
+        "resourceType": "ImagingStudy", "id": "synthea-style", "status": "available",
+        "identifier": [{"use": "official", "system": "urn:ietf:rfc:3986", "value": f"urn:oid:{study_uid}"}],
+        "subject": {"reference": "Patient/p-mueller"}, "started": "2026-08-04T10:00:00Z",
+        "numberOfSeries": len(series), "numberOfInstances": len(copies),
+        "series": [{"uid": f"urn:oid:{s}", "numberOfInstances": len(sops),
+                    "modality": {"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "MG"},
+                    "instance": [{"uid": f"urn:oid:{sop}", "sopClass": {"system": "urn:ietf:rfc:3986",
+                                                                        "code": str(headers[0].SOPClassUID)}}
+                                 for sop in sops]} for s, sops in sorted(series.items())],
+    }
+    app, src = _case_with_reports(tmp_path, loaded_archive, kind, [patient, study])
+    run_pull(app, src)
+    rows = [e for e in entries_for_case(app.db, "c1") if e.source_id == src]
+    assert {e.key for e in rows if e.kind == KIND_DICOM and e.state == "done"} == set(copies)
+
+    report, cr = check_case(app, "c1")
+    rad = next(i for i in report["items"] if i["id"] == "radiology-images")
+    (merged,) = cr.record.resources("ImagingStudy")
+    assert rad["status"] == "complete" and rad["evidence"] == [f"ImagingStudy/{merged['id']}"], rad
+    assert merged["meta"]["source"].endswith("#ImagingStudy/synthea-style"), "the FHIR study, DICOM merged in"
+    assert merged["numberOfInstances"] == len(copies)
+    assert {i["uid"] for s in merged["series"] for i in s["instance"]} == set(copies)
+    assert merged.get("endpoint"), "the merged study points at the package's images"
+    app.close()
