@@ -11,7 +11,9 @@ Three rules cover what a second opinion needs (see ``schemas/checklist.schema.js
   references one biopsy is not borrowed by another biopsy through date proximity, and a report
   linked by date goes to the nearest subject only. A note that names its encounter belongs to that
   encounter, never by date to another visit of the day; one that names none links by date only to
-  a visit of the class of encounter it is written in.
+  a visit of the class of encounter it is written in. With ``unlinked: check``, a target that no
+  subject links to (an ImagingStudy without a report), dated inside the target's window, is judged
+  as its own subject: the study says images exist.
 * ``identity``: identity conflicts found by normalization.
 
 Content means the underlying document, not a summary: an attachment whose bytes are in the
@@ -669,7 +671,8 @@ def _study_facts(res: Mapping[str, Any]) -> StudyFacts:
 
 
 def study_label(res: Res) -> str:
-    """``CT of 2026-09-05, accession A123``: what a radiology department needs to find a study."""
+    """``CT study of 2026-09-05, accession A123, Study Instance UID 1.2...``: what a radiology
+    department needs to find a study (gaps name it, so that the navigator can ask for it)."""
     study = res.study
     parts = [f"{study.modality if study is not None and study.modality else 'imaging'} study"]
     if res.date is not None:
