@@ -39,6 +39,8 @@ import yaml
 
 from aggregator.checklist import reasons as R
 from aggregator.checklist import stream
+from aggregator.checklist.holders import Holders
+from aggregator.checklist.holders import is_ours as holders_is_ours
 from aggregator.checklist.loader import Checklist, Item, Link, Selector
 from aggregator.errors import ConfigError
 from aggregator.ledger import LedgerEntry
@@ -369,6 +371,8 @@ class RecordIndex:
         self._sources = sources
         self._odd_fullurls = False
         """Whether a considered resource has a fullUrl other than ``urn:uuid:<its id>``."""
+        self.holders = Holders()
+        """Which institution holds each kept resource, and each source's, from the data."""
         provenances: list[tuple[Mapping[str, Any], stream.PlainTargets | None]] = []
         for entry, targets in stream.entries(record):  # streamed: the record is never one dict in memory
             res = entry.get("resource") if isinstance(entry, Mapping) else None
@@ -377,9 +381,12 @@ class RecordIndex:
             if res.get("resourceType") == "Provenance":
                 provenances.append((res, targets))  # without their target lists, when plain
             else:
+                kept = len(self.items)
                 self._add(entry, res, classify_fn)
+                self.holders.see(entry, res, self.items[-1].ref if len(self.items) > kept else None)
         self.items.sort(key=lambda r: r.ref)
         self._attach_sources(provenances)
+        self._attach_holders(provenances)
         self._resolve_outside()
         self._shared.clear()
         self.doc_refs = {d.resource_ref for d in record.documents if d.size > 0}
@@ -476,6 +483,19 @@ class RecordIndex:
                 r = self.resolve(ref)
                 if r is not None and not ids <= r.sources:
                     r.sources = self._share(r.sources | ids)
+
+    def _attach_holders(self, provenances: list[tuple[Mapping[str, Any], stream.PlainTargets | None]]) -> None:
+        """The organizations a source's own Provenance names hold its targets; resources read
+        without a source tag count for the sources Provenance gave them."""
+        def kept(ref: str) -> str | None:
+            r = self.resolve(ref)
+            return r.ref if r is not None else None
+
+        for prov, targets in provenances:
+            if not holders_is_ours(prov):
+                refs = iter(targets) if targets is not None else iter(_ref_strings(prov, "target"))
+                self.holders.provenance(prov, refs, kept)
+        self.holders.credit(lambda ref: sorted(r.sources) if (r := self.by_key.get(ref)) is not None else [])
 
     def _resolve_outside(self) -> None:
         """Resolve the compared references that point at resources the index did not keep.
@@ -881,11 +901,28 @@ class Evaluator:
         return (f"{start.isoformat()} to {end.isoformat()} "
                 f"({sel.within_days} days before {basis} {ref.isoformat()}{after})")
 
-    def where(self, res: Res | None, *, images: bool = False) -> str:
-        if res is not None and res.sources:
-            return R.names([self.source_by_id[i] for i in sorted(res.sources) if i in self.source_by_id])
+    def institution(self, src: SourceInfo) -> str:
+        """Who to ask about a source's data: the organization configured for its endpoint, else
+        the institution its data names most (performers, custodians, DICOM InstitutionName), else
+        the endpoint's name; the source's label (a folder name for media) only as a last resort."""
+        return (src.organization or self.index.holders.of_source(src.id) or src.endpoint_name
+                or src.label or f"source {src.id}")
+
+    def where(self, res: Res | None, *, images: bool = False, also: Res | None = None) -> str:
+        """The institution that holds ``res`` (or ``also``): named by the data itself when it can
+        be, else the institutions of the sources it came from, else of every source that could
+        deliver it."""
+        for r in (res, also):
+            if r is not None:
+                held = self.index.holders.of_resource(r.ref)
+                if held:
+                    return R.join_names(held)
+        for r in (res, also):
+            if r is not None and r.sources:
+                return R.join_names(self.institution(self.source_by_id[i]) for i in sorted(r.sources)
+                                    if i in self.source_by_id)
         capable = [s for s in self.sources if s.kind in (R.IMAGE_KINDS if images else R.FHIR_KINDS)]
-        return R.names(capable or self.sources)
+        return R.join_names(self.institution(s) for s in capable or self.sources)
 
     def about(self, res: Res, sel: Selector | None) -> str:
         label = sel.label if sel and sel.label else ""
@@ -970,9 +1007,14 @@ class Evaluator:
                  subject: Res | None = None, resource: Res | None = None, component: str | None = None,
                  images: bool = False) -> Gap:
         src = self.source_by_id.get(reason.source_id) if reason.source_id is not None else None
-        where = R.source_name(src) if src is not None else self.where(where_res, images=images)
+        # a failure at a source is the source's to fix; otherwise ask whoever holds the item
+        where = (self.institution(src) if src is not None
+                 else self.where(resource or where_res, images=images, also=where_res))
+        # a report received in a preliminary state: the final version is still to be signed
+        unsigned = reason.code == R.PENDING and resource is not None and resource.status in PENDING_STATUS
         action = R.next_action(reason.code, request or item.request or item.title.lower(), about, where,
-                               reason.detail, source_label=src.label if src is not None else "")
+                               reason.detail, source_label=src.label if src is not None else "",
+                               report_status=resource.status if unsigned and resource is not None else "")
         return Gap(reason.code, reason.detail, action, subject.ref if subject else None,
                    resource.ref if resource else None, src.label if src is not None else None, component)
 
@@ -1076,7 +1118,7 @@ class Evaluator:
         else:
             res.status = "missing"
         if res.gaps and not res.detail:
-            res.detail = "; ".join(g.detail for g in res.gaps[:3])
+            res.detail = R.compose((g.detail for g in res.gaps), limit=3)
         return res
 
     def present(self, item: Item, sel: Selector, component: str | None) -> tuple[bool, Gap | None, set[str], bool]:
@@ -1384,7 +1426,8 @@ def evaluate(checklist: Checklist, record: NormalizedRecord, ledger: Iterable[Le
         "items": [r.to_dict() for r in results],
         "sources": [
             {"id": s.id, "label": s.label, "kind": s.kind, "organization": s.organization,
-             "pulled_at": s.pulled_at, "problems": ev.ledger.problems(s.id)}
+             "pulled_at": s.pulled_at, "problems": ev.ledger.problems(s.id),
+             "skipped": ev.ledger.skipped_items(s.id)}
             for s in ev.sources
         ],
         "record": {

@@ -101,6 +101,9 @@ def _types_of(entry: LedgerEntry) -> frozenset[str]:
     return frozenset(found) if found else frozenset({"*"})
 
 
+#: ledger kinds whose skipped rows are written by normalization, not by a pull
+_NOT_PULL_SKIPS = frozenset({"quarantine"})
+
 _DOC_TYPES = frozenset({"Binary", "DocumentReference", "DiagnosticReport", "Composition"})
 
 
@@ -123,8 +126,18 @@ class LedgerIndex:
 
     def __init__(self, ledger: Iterable[LedgerEntry], sources: Sequence[SourceInfo]) -> None:
         self.sources = {s.id: s for s in sources}
-        self.failed = sorted((e for e in ledger if e.state == "failed"),
-                             key=lambda e: (e.source_id, e.kind, e.key))
+        self.failed: list[LedgerEntry] = []
+        self.skipped: dict[int, list[dict[str, str]]] = {}
+        """Source id -> items its pulls skipped (unsupported files...), with their reasons."""
+        for e in ledger:
+            if e.state == "failed":
+                self.failed.append(e)
+            elif e.state == "skipped" and e.kind not in _NOT_PULL_SKIPS:
+                self.skipped.setdefault(e.source_id, []).append(
+                    {"kind": e.kind, "key": e.key, "reason": e.reason or "no reason recorded"})
+        self.failed.sort(key=lambda e: (e.source_id, e.kind, e.key))
+        for rows in self.skipped.values():
+            rows.sort(key=lambda r: (r["kind"], r["key"]))
         self.by_key: dict[str, list[LedgerEntry]] = {}
         self.by_study: dict[str, list[LedgerEntry]] = {}
         for e in self.failed:
@@ -150,6 +163,11 @@ class LedgerIndex:
                 key = (e.status or "", e.reason or "")
                 groups[key] = groups.get(key, 0) + 1
         return [{"status": st, "detail": reason, "count": n} for (st, reason), n in sorted(groups.items())]
+
+    def skipped_items(self, source_id: int) -> list[dict[str, str]]:
+        """What the source's pulls skipped (kind, key, reason): files the navigator may have to
+        read or convert by hand. Quarantine rows (normalization's) are not pull-time skips."""
+        return list(self.skipped.get(source_id, ()))
 
     # -- specific --------------------------------------------------------------------------
 
@@ -221,7 +239,12 @@ def source_name(src: SourceInfo | None) -> str:
 
 
 def names(sources: Sequence[SourceInfo]) -> str:
-    unique = sorted({source_name(s) for s in sources})
+    return join_names(source_name(s) for s in sources)
+
+
+def join_names(names_: Iterable[str]) -> str:
+    """``A``, ``A or B``, ``A, B or C``: each name once, sorted; the treating facility when none."""
+    unique = sorted({n for n in names_ if n})
     if not unique:
         return "the treating facility"
     if len(unique) == 1:
@@ -229,10 +252,61 @@ def names(sources: Sequence[SourceInfo]) -> str:
     return ", ".join(unique[:-1]) + " or " + unique[-1]
 
 
+# --- composing reason texts -------------------------------------------------------------------
+
+_SPACE = re.compile(r"\s+")
+
+
+def _tokens(clause: str) -> tuple[str, ...]:
+    return tuple(_SPACE.sub(" ", clause).strip().strip(".;:,").casefold().split(" "))
+
+
+def _within(small: tuple[str, ...], big: tuple[str, ...]) -> bool:
+    """Whether ``small`` is a run of whole words inside ``big``."""
+    n = len(small)
+    return any(big[i:i + n] == small for i in range(len(big) - n + 1))
+
+
+def compose(parts: Iterable[str], sep: str = "; ", *, limit: int | None = None) -> str:
+    """Reason texts joined into one, each clause once.
+
+    Why: an item with three missing components used to read "not found at any source; not found
+    at any source; not found at any source", and a detail composed from a state and a ledger
+    failure could say the same thing twice. Parts are split into clauses at ``sep``; a clause
+    whose words already appear (as a run of whole words, ignoring case and spacing) in an earlier
+    clause is dropped, and an earlier clause that a later one contains is replaced by it. At most
+    ``limit`` clauses are kept (in order of first appearance).
+    """
+    kept: list[tuple[tuple[str, ...], str]] = []
+    for part in parts:
+        for raw in str(part or "").split(sep.strip() or sep):
+            clause = raw.strip()
+            toks = _tokens(clause)
+            if not clause or toks == ("",):
+                continue
+            if any(_within(toks, k) for k, _ in kept):
+                continue
+            wider = [i for i, (k, _) in enumerate(kept) if _within(k, toks)]
+            if wider:
+                kept[wider[0]] = (toks, clause)
+                kept = [kc for i, kc in enumerate(kept) if i not in wider[1:]]
+                continue
+            kept.append((toks, clause))
+    chosen = [c for _, c in kept]
+    return sep.join(chosen[:limit] if limit is not None else chosen)
+
+
 def next_action(code: str, request: str, about: str, where: str, detail: str = "", *,
-                source_label: str = "") -> str:
-    """One sentence a navigator can act on; names the source and the item."""
+                source_label: str = "", report_status: str = "") -> str:
+    """One sentence a navigator can act on; names the institution and the item.
+
+    ``report_status``: the status of a report that *was* received but is not final yet
+    (preliminary, partial...); the next action is then to ask when the final one will be signed.
+    """
     thing = f"the {request}{' for ' + about if about else ''}"
+    if code == PENDING and report_status:
+        return (f"The final report is pending at {where}: only a {report_status} version of {thing} was "
+                f"received. Ask {where} when it will be signed, then pull again")
     if code == ACCESS_DENIED:
         return (f"Ask {where} to grant access to {thing} (the source refused it), "
                 f"or request a copy directly from {where}")

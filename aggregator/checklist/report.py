@@ -10,6 +10,8 @@ from __future__ import annotations
 import textwrap
 from typing import Any
 
+from aggregator.checklist.reasons import compose
+
 _REASON_TEXT = {
     "not-found": "not found at any source",
     "access-denied": "access denied",
@@ -23,6 +25,12 @@ _REASON_TEXT = {
 }
 _MARK = {"missing": "MISSING", "partial": "PARTIAL", "complete": "OK", "not-applicable": "N/A"}
 WIDTH = 100
+SKIPPED_SHOWN = 50
+
+
+def _key_text(key: str) -> str:
+    """A ledger key as a navigator reads it: the file's path inside the download."""
+    return key.removeprefix("file:")
 
 
 def _wrap(text: str, indent: str) -> list[str]:
@@ -51,7 +59,7 @@ def render_text(report: dict[str, Any]) -> str:
     if todo:
         lines += ["", "GAPS TO ACT ON"]
         for it in todo:
-            lines.append(f"  [{_MARK[it['status']]}] {it.get('title')}  ({it.get('detail', '')})")
+            lines.append(f"  [{_MARK[it['status']]}] {it.get('title')}  ({compose([str(it.get('detail') or '')])})")
             for g in it.get("gaps") or []:
                 what = g.get("component") or g.get("subject") or g.get("resource") or ""
                 label = str(_REASON_TEXT.get(g.get("reason", ""), g.get("reason")))
@@ -60,6 +68,7 @@ def render_text(report: dict[str, Any]) -> str:
                 # The detail often starts with the reason's own words: say them once.
                 if detail.startswith(label):
                     detail = detail[len(label):].lstrip(" :")
+                detail = compose([detail])
                 lines += _wrap(f"{head}: {detail}" if detail else head, "      ")
                 lines += _wrap(f"-> {g.get('next_action', '')}", "        ")
     else:
@@ -87,4 +96,11 @@ def render_text(report: dict[str, Any]) -> str:
             for problem in s.get("problems") or []:
                 times = f"{problem.get('count')} x " if (problem.get("count") or 0) > 1 else ""
                 lines += _wrap(f"! {s.get('label')}: {times}{problem.get('detail')} [{problem.get('status')}]", "    ")
+        skipped = [(s, row) for s in srcs for row in s.get("skipped") or []]
+        if skipped:
+            lines += ["", f"SKIPPED AT PULL ({len(skipped)} item(s) not in the record; open or convert them by hand)"]
+            for s, row in skipped[:SKIPPED_SHOWN]:
+                lines += _wrap(f"- {s.get('label')}: {_key_text(str(row.get('key')))}: {row.get('reason')}", "  ")
+            if len(skipped) > SKIPPED_SHOWN:
+                lines.append(f"  ... and {len(skipped) - SKIPPED_SHOWN} more (all of them in the --json report)")
     return "\n".join(lines) + "\n"
