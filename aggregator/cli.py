@@ -352,7 +352,14 @@ def _pull_text(summaries: list[Any]) -> str:
         lines.append(f"[{s.source_id}] {s.label}: {s.state} ({s.method or '-'}); {items}")
         if s.error:
             lines.append(f"    error: {s.error}")
+        for row in s.skipped[:_SKIPPED_SHOWN]:
+            lines.append(f"    skipped {row['key'].removeprefix('file:')}: {row['reason']}")
+        if len(s.skipped) > _SKIPPED_SHOWN:
+            lines.append(f"    ... and {len(s.skipped) - _SKIPPED_SHOWN} more skipped (all in --json and `check`)")
     return "\n".join(lines) or "no sources to pull"
+
+
+_SKIPPED_SHOWN = 50
 
 
 @cli.command()

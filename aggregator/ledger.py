@@ -312,6 +312,18 @@ def counts_for_source(db: Database, source_id: int) -> dict[str, int]:
         return {state: int(n) for state, n in rows}
 
 
+def skipped_rows(db: Database, source_id: int, pull_id: int) -> list[dict[str, str]]:
+    """What one pull skipped (kind, key, reason), so the pull can say so and not only the ledger."""
+    with db.session() as s:
+        q = (
+            select(LedgerItem.kind, LedgerItem.key, LedgerItem.reason)
+            .where(LedgerItem.source_id == source_id, LedgerItem.pull_id == pull_id, LedgerItem.state == SKIPPED)
+            .order_by(LedgerItem.kind, LedgerItem.key)
+        )
+        return [{"kind": kind, "key": key, "reason": reason or "no reason recorded"}
+                for kind, key, reason in s.execute(q)]
+
+
 def record_rows(db: Database, source_id: int, rows: Iterable[Row], pull_id: int | None = None) -> None:
     """Write rows outside a pull (normalization quarantine, for instance)."""
     with db.session() as s:

@@ -29,7 +29,7 @@ from aggregator.cases import connector_config, get_case
 from aggregator.errors import AggregatorError, NotFound
 from aggregator.jobs import lock as case_lock
 from aggregator.jobs.hints import study_hints
-from aggregator.ledger import FAILED, LedgerSink, entries_for_case
+from aggregator.ledger import FAILED, SKIPPED, LedgerSink, entries_for_case, skipped_rows
 from aggregator.store.models import Cursor as CursorRow
 from aggregator.store.models import LedgerItem, Pull, Source, utcnow
 from connectors.base import KIND_DICOM, KIND_QUERY, Cursor, NullProgress, PatientRef, Progress, create_connector
@@ -49,6 +49,8 @@ class PullSummary:
     method: str
     counts: dict[str, int] = field(default_factory=dict)
     error: str | None = None
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    """What this pull skipped (kind, key, reason): unsupported files are not in the record."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -59,6 +61,7 @@ class PullSummary:
             "method": self.method,
             "items": self.counts,
             "error": self.error,
+            "skipped": self.skipped,
         }
 
 
@@ -264,7 +267,8 @@ def run_pull(app: App, source_id: int, progress: Progress | None = None, *, lock
         from aggregator.audit import os_actor
 
         audit_retrievals(app, pull_id, case_id, actor or os_actor())
-    return PullSummary(source_id, src.label, pull_id, state, sink.method, dict(sink.counts), error)
+    skipped = skipped_rows(app.db, source_id, pull_id) if sink.counts.get(SKIPPED) else []
+    return PullSummary(source_id, src.label, pull_id, state, sink.method, dict(sink.counts), error, skipped)
 
 
 def pull_case(

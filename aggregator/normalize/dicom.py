@@ -60,6 +60,8 @@ class Instance:
     instance_number: int | None
     pixels: bool = True
     """Whether the instance carries Pixel Data (see :func:`_has_pixel_data`)."""
+    institution: str = ""
+    """InstitutionName (0008,0080): who made the images, named in next actions of image gaps."""
 
 
 def _s(ds: Any, name: str) -> str:
@@ -122,6 +124,7 @@ def read_instance(entry: LedgerEntry, blobs: BlobStore) -> Instance:
             _s(ds, "PatientName"), _s(ds, "PatientBirthDate"), _s(ds, "PatientSex"), _s(ds, "StudyDate"),
             _s(ds, "StudyTime"), _s(ds, "StudyDescription"), _s(ds, "AccessionNumber"), _int(ds, "SeriesNumber"),
             _s(ds, "SeriesDescription"), _s(ds, "BodyPartExamined"), _int(ds, "InstanceNumber"), pixels,
+            institution=_s(ds, "InstitutionName"),
         )
 
 
@@ -212,6 +215,10 @@ def build_study(uid: str, instances: list[Instance], patient_urn: str) -> dict[s
         s["numberOfInstances"] = len(members)
         if head.body_part:
             s["bodySite"] = {"display": head.body_part}
+        if head.institution:
+            # R4 has no institution element; the performing organization is the closest, and the
+            # reference says it names an Organization
+            s["performer"] = [{"actor": {"type": "Organization", "display": head.institution}}]
         s["instance"] = []
         for m in members:
             row: dict[str, Any] = {"uid": m.sop_uid,
