@@ -101,6 +101,10 @@ def _types_of(entry: LedgerEntry) -> frozenset[str]:
     return frozenset(found) if found else frozenset({"*"})
 
 
+def _rejected_member(entry: LedgerEntry) -> bool:
+    return entry.kind == "file" and isinstance(entry.meta, dict) and entry.meta.get("member") == "rejected"
+
+
 #: ledger kinds whose skipped rows are written by normalization, not by a pull
 _NOT_PULL_SKIPS = frozenset({"quarantine"})
 
@@ -132,7 +136,9 @@ class LedgerIndex:
         for e in ledger:
             if e.state == "failed":
                 self.failed.append(e)
-            elif e.state == "skipped" and e.kind not in _NOT_PULL_SKIPS:
+            # archive members refused for their path are not read either, and explain no gap
+            # (see _types_of): listed with the skipped items so they show somewhere
+            if (e.state == "skipped" and e.kind not in _NOT_PULL_SKIPS) or _rejected_member(e):
                 self.skipped.setdefault(e.source_id, []).append(
                     {"kind": e.kind, "key": e.key, "reason": e.reason or "no reason recorded"})
         self.failed.sort(key=lambda e: (e.source_id, e.kind, e.key))

@@ -220,3 +220,31 @@ def test_unpulled_source_still_says_pull_it() -> None:
     g = gap_of(run(record(res), sources=[MEDIA, CD, lab]), "lab-results")
     assert g["reason"] == "pending"
     assert g["next_action"].startswith("Pull lab-portal (not retrieved yet)") and "from citylab" in g["next_action"]
+
+
+# --- what the pull did not read -------------------------------------------------------------------
+
+
+def test_gap_report_lists_pull_skips_and_refused_members_not_quarantine() -> None:
+    from datetime import datetime
+
+    from aggregator.ledger import LedgerEntry
+
+    def row(kind: str, key: str, state: str, reason: str, meta: dict[str, Any] | None = None) -> LedgerEntry:
+        return LedgerEntry(1, kind, key, state, reason, None, 1, None, None, None, meta or {}, datetime(2026, 3, 9))
+
+    ledger = [
+        row("file", "file:photos/scan.heic", "skipped", "unsupported file type: HEIC image"),
+        row("file", "file:export.zip!/../evil.txt", "failed", "unsafe path in archive", {"member": "rejected"}),
+        row("quarantine", "resource:Observation/x", "skipped", "duplicate of Observation/y"),
+        row("binary", "Binary/9", "failed", "HTTP 500"),
+    ]
+    report = run(record(complete_resources()), ledger=ledger, sources=[MEDIA, CD])
+    src = next(s for s in report["sources"] if s["id"] == 1)
+    assert src["skipped"] == [
+        {"kind": "file", "key": "file:export.zip!/../evil.txt", "reason": "unsafe path in archive"},
+        {"kind": "file", "key": "file:photos/scan.heic", "reason": "unsupported file type: HEIC image"},
+    ]
+    assert next(s for s in report["sources"] if s["id"] == 2)["skipped"] == []
+    text = render_text(report)
+    assert "SKIPPED AT PULL (2 item(s)" in text and "photos/scan.heic: unsupported file type: HEIC image" in text
