@@ -28,6 +28,23 @@ WIDTH = 100
 SKIPPED_SHOWN = 50
 
 
+def _once(label: str, detail: str) -> tuple[str, str]:
+    """The reason's label and the gap's detail, with words they share said once.
+
+    The detail often starts with the label's words ("not found at any source"), or with its
+    last part ("outdated: nothing recent" before "nothing recent at any source: ..."): the
+    detail keeps them, the label drops them.
+    """
+    detail = compose([detail])
+    if detail.startswith(label):
+        return label, compose([detail[len(label):].lstrip(" :;")])
+    parts = label.split(": ")
+    for i in range(1, len(parts)):
+        if detail.casefold().startswith(": ".join(parts[i:]).casefold()):
+            return ": ".join(parts[:i]), detail
+    return label, detail
+
+
 def _key_text(key: str) -> str:
     """A ledger key as a navigator reads it: the file's path inside the download."""
     return key.removeprefix("file:")
@@ -63,12 +80,9 @@ def render_text(report: dict[str, Any]) -> str:
             for g in it.get("gaps") or []:
                 what = g.get("component") or g.get("subject") or g.get("resource") or ""
                 label = str(_REASON_TEXT.get(g.get("reason", ""), g.get("reason")))
-                head = f"- {label}" + (f" [{what}]" if what else "")
                 detail = str(g.get("detail") or "")
-                # The detail often starts with the reason's own words: say them once.
-                if detail.startswith(label):
-                    detail = detail[len(label):].lstrip(" :")
-                detail = compose([detail])
+                label, detail = _once(label, detail)
+                head = f"- {label}" + (f" [{what}]" if what else "")
                 lines += _wrap(f"{head}: {detail}" if detail else head, "      ")
                 lines += _wrap(f"-> {g.get('next_action', '')}", "        ")
     else:

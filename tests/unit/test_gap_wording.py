@@ -248,3 +248,18 @@ def test_gap_report_lists_pull_skips_and_refused_members_not_quarantine() -> Non
     assert next(s for s in report["sources"] if s["id"] == 2)["skipped"] == []
     text = render_text(report)
     assert "SKIPPED AT PULL (2 item(s)" in text and "photos/scan.heic: unsupported file type: HEIC image" in text
+
+
+def test_rendered_gap_line_says_the_reason_and_its_detail_once() -> None:
+    report = {"case": "c", "checklist": "x", "counts": {}, "items": [{
+        "id": "labs", "title": "Recent labs", "rule": "presence", "status": "missing",
+        "detail": "nothing recent at any source: newest 2025-06-16; nothing recent at any source: newest 2025-06-16",
+        "gaps": [{"reason": "outdated", "detail": "nothing recent at any source: newest 2025-06-16",
+                  "next_action": "Ask X"},
+                 {"reason": "not-found", "detail": "not found at any source; not found at any source",
+                  "next_action": "Ask X"}]}]}
+    text = render_text(report)  # "outdated" reads "outdated: nothing recent" in the text report
+    assert "(nothing recent at any source: newest 2025-06-16)" in text
+    assert "nothing recent: nothing recent" not in text
+    assert "- outdated: nothing recent at any source: newest 2025-06-16" in text
+    assert "- not found at any source\n" in text
