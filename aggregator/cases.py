@@ -20,6 +20,7 @@ from aggregator.errors import AlreadyExists, ConfigError, NotFound, UsageError
 from aggregator.model import CaseInfo, SourceInfo
 from aggregator.store.models import Case, Endpoint, LedgerItem, Pull, Source
 from connectors.base import load_connector_class
+from connectors.dicom_identifier import matching_key_problem
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -244,6 +245,8 @@ def add_source(
                     )
             if patient_identifier and "|" not in patient_identifier:
                 raise UsageError("--patient-identifier must be SYSTEM|VALUE")
+            if ep.kind in DICOM_QUERY_KINDS:
+                _check_matching_keys(patient_id, issuer)
             src = Source(
                 case_id=case_id,
                 endpoint_id=ep.id,
@@ -255,6 +258,20 @@ def add_source(
         s.add(src)
         s.flush()
         return {"id": src.id, "case": case_id, "kind": src.kind, "label": src.label}
+
+
+#: endpoint kinds whose --patient-id / --issuer become C-FIND or QIDO-RS matching keys
+DICOM_QUERY_KINDS = frozenset({"dimse", "dicomweb"})
+
+
+def _check_matching_keys(patient_id: str | None, issuer: str | None) -> None:
+    """Refuse a PatientID or issuer that an archive would read as a pattern, a list or
+    nothing at all (it would silently match no study, or another patient's); the message names
+    the rule that failed, never the value."""
+    for option, value in (("--patient-id", patient_id), ("--issuer", issuer)):
+        problem = None if value is None else matching_key_problem(value)
+        if problem:
+            raise UsageError(f"{option} cannot be a DICOM query key: it {problem}")
 
 
 def list_sources(app: App, case_id: str) -> list[dict[str, Any]]:

@@ -85,6 +85,44 @@ _CODECS: dict[str, str] = {
 }
 
 
+#: longest LO value in characters (PS3.5 table 6.2-1): PatientID and IssuerOfPatientID are LO
+MAX_LO_CHARS = 64
+
+
+def matching_key_problem(value: str) -> str | None:
+    """Why ``value`` cannot be sent as a single-value matching key (PatientID, issuer), or None.
+
+    A C-FIND or QIDO-RS key containing ``*`` or ``?`` is a wildcard match (PS3.4 C.2.2.2.4),
+    a backslash makes it a list of values (PS3.4 C.2.2.2.3; PatientID is single-valued), a
+    value of spaces only is universal matching (every patient), and an LO value is at most 64
+    characters with no control characters (PS3.5 6.2). Such a key silently returns nothing or
+    another patient's studies, so it is refused before any query. The reason names the rule,
+    never the value (a PatientID is PHI).
+    """
+    if not value.strip(" "):
+        return "is empty (an empty matching key would match every patient)"
+    if "*" in value or "?" in value:
+        return "contains a wildcard character (* or ?), which C-FIND and QIDO-RS treat as a pattern"
+    if "\\" in value:
+        return "contains a backslash, which DICOM treats as a separator between several values"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        return "contains a control character, which a DICOM LO value may not hold"
+    if len(value) > MAX_LO_CHARS:
+        return f"is longer than {MAX_LO_CHARS} characters, the most a DICOM LO value may hold"
+    return None
+
+
+def patient_key_problem(patient_id: str | None, issuer: str | None) -> str | None:
+    """The first of a source's PatientID / IssuerOfPatientID that cannot be a matching key,
+    as a PHI-free sentence; connectors refuse to query with it (sources added before
+    ``source add`` checked this, or written to the database directly)."""
+    for keyword, value in (("PatientID", patient_id), ("IssuerOfPatientID", issuer)):
+        problem = matching_key_problem(value) if value else None
+        if problem:
+            return f"the source's {keyword} cannot be a DICOM query key: it {problem}"
+    return None
+
+
 def encode_identifier(keys: Mapping[str, Any], transfer_syntax: str) -> bytes:
     """``keys`` (keyword -> value, ``None`` left out) as an identifier in ``transfer_syntax``.
 

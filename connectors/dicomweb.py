@@ -46,6 +46,7 @@ from connectors.base import (
     Sink,
     option,
 )
+from connectors.dicom_identifier import patient_key_problem
 from connectors.dicom_stream import (
     NO_CRITERIA,
     BackgroundWriter,
@@ -162,6 +163,9 @@ class DicomwebConnector(Connector):
         hints = parse_hints(self.cfg.study_hints)
         if not patient.id and not hints:
             raise UsageError("a DICOMweb pull needs the patient's PatientID at this archive (or study hints)")
+        problem = patient_key_problem(patient.id, patient.issuer)
+        if problem:
+            raise UsageError(problem)
         done_before: dict[str, int] = dict((since or {}).get("studies", {}).get("studies", {}))
         studies = self._find_studies(patient, sink) if patient.id else []
         if hints:

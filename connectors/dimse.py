@@ -46,7 +46,7 @@ from connectors.base import (
     Sink,
     option,
 )
-from connectors.dicom_identifier import decode_identifier, encode_identifier
+from connectors.dicom_identifier import decode_identifier, encode_identifier, patient_key_problem
 from connectors.dicom_stream import (
     NO_CRITERIA,
     AssociationAborted,
@@ -418,6 +418,9 @@ class DimseConnector(Connector):
         hints = parse_hints(self.cfg.study_hints)
         if not patient.id and not hints:
             raise UsageError("a DIMSE pull needs the patient's PatientID at this archive (or study hints)")
+        problem = patient_key_problem(patient.id, patient.issuer)
+        if problem:
+            raise UsageError(problem)
         started = time.monotonic()
         done_before: dict[str, int] = dict((since or {}).get("studies", {}).get("studies", {}))
         found = self._find_studies(patient, sink) if patient.id else []

@@ -97,7 +97,11 @@ def fhir_names(patient: dict[str, Any]) -> list[PersonName]:
 
 
 def dicom_name(pn: str) -> PersonName | None:
-    """``Family^Given^Middle^Prefix^Suffix`` (alphabetic group only)."""
+    """``Family^Given^Middle^Prefix^Suffix`` of the alphabetic group, for matching only.
+
+    Matching folds to Latin letters, so the ideographic and phonetic groups could never match
+    what a navigator typed; they are kept in the Patient by :func:`dicom_human_names` instead.
+    """
     alpha = pn.split("=")[0]
     if not alpha.strip("^ "):
         return None
@@ -105,6 +109,56 @@ def dicom_name(pn: str) -> PersonName | None:
     family = tuple(fold(parts[0]).split())
     given = tuple(t for p in parts[1:3] for t in fold(p).split())
     return PersonName(family, given, alpha)
+
+
+#: HL7 extension telling the representations of one name apart (ISO 21090 EN.representation)
+EN_REPRESENTATION = "http://hl7.org/fhir/StructureDefinition/iso21090-EN-representation"
+#: DICOM PN component groups in order (PS3.5 6.2.1.2): alphabetic, ideographic, phonetic
+PN_GROUPS = ("ABC", "IDE", "SYL")
+
+
+def representation(name: Any) -> str:
+    """``ABC``, ``IDE`` or ``SYL`` from a HumanName's EN-representation extension, else ``""``."""
+    for ext in (name.get("extension") or []) if isinstance(name, dict) else []:
+        if isinstance(ext, dict) and ext.get("url") == EN_REPRESENTATION:
+            return str(ext.get("valueCode") or "")
+    return ""
+
+
+def _group_name(group: str) -> dict[str, Any]:
+    parts = [p.strip() for p in group.split("^")] + [""] * 5
+    hn: dict[str, Any] = {"text": " ".join(group.replace("^", " ").split())}
+    if parts[0]:
+        hn["family"] = parts[0]
+    given = [p for p in parts[1:3] if p]
+    if given:
+        hn["given"] = given
+    if parts[3]:
+        hn["prefix"] = [parts[3]]
+    if parts[4]:
+        hn["suffix"] = [parts[4]]
+    return hn
+
+
+def dicom_human_names(pn: str) -> list[tuple[str, dict[str, Any]]]:
+    """Every non-empty component group of a DICOM PN as ``(group code, FHIR HumanName)``.
+
+    The alphabetic group comes first (the primary name). When the value has an ideographic or
+    phonetic group, every name carries the EN-representation extension (``ABC``/``IDE``/``SYL``)
+    so a reader can tell ``Yamada^Tarou=山田^太郎=やまだ^たろう``'s three spellings apart; a
+    plain one-group name stays a plain HumanName.
+    """
+    groups = pn.split("=")[:3]
+    marked = any(g.strip("^ ") for g in groups[1:])
+    out = []
+    for code, group in zip(PN_GROUPS, groups, strict=False):
+        if not group.strip("^ "):
+            continue
+        hn = _group_name(group)
+        if marked:
+            hn = {"extension": [{"url": EN_REPRESENTATION, "valueCode": code}], **hn}
+        out.append((code, hn))
+    return out
 
 
 def typed_name(text: str) -> frozenset[str]:
@@ -349,17 +403,17 @@ def merged_patient(pid: str, case: CaseInfo, members: list[Candidate]) -> dict[s
             if (system, value) not in seen:
                 seen.add((system, value))
                 idents.append({"type": {"text": "DICOM PatientID"}, "system": system, "value": value})
-        for pn in c.names:
-            if not any(pn.matches(k.all_tokens()) or k.matches(pn.all_tokens()) for k in known):
-                parts = pn.display.split("^")
-                hn: dict[str, Any] = {"text": pn.display.replace("^", " ").strip()}
-                if parts[0]:
-                    hn["family"] = parts[0]
-                given = [p for p in parts[1:3] if p]
-                if given:
-                    hn["given"] = given
-                names.append(hn)
+        raw = c.instances[0].patient_name if c.instances else ""
+        for code, hn in dicom_human_names(raw):
+            if code == "ABC":
+                # the alphabetic group is added unless a name already known says the same
+                pn = dicom_name(raw)
+                if pn is None or any(pn.matches(k.all_tokens()) or k.matches(pn.all_tokens()) for k in known):
+                    continue
                 known.append(pn)
+            elif any(representation(n) == code and n.get("text") == hn["text"] for n in names):
+                continue  # ideographic/phonetic spellings cannot be folded: kept unless identical
+            names.append(hn)
     if not fhir and not names and case.patient_name:
         names.append({"text": case.patient_name})
     if idents:

@@ -23,6 +23,7 @@ from aggregator.blobs import BlobStore
 from aggregator.checklist import stream
 from aggregator.model import CaseInfo, DocumentFile, NormalizedRecord, SourceInfo
 from aggregator.normalize import uids
+from aggregator.normalize.identity import representation
 from aggregator.package.dicomdir import PlacedImage
 from aggregator.package.document import SECTION_TYPES, patient_entry, section_of
 from aggregator.package.manifest import TOOL_NAME
@@ -312,13 +313,19 @@ def _table(headers: Sequence[str], rows: Iterable[Sequence[str]], empty: str) ->
 # --- sections of summary.html ---------------------------------------------------------------
 
 
+#: how the Patient row labels a name's EN-representation (the alphabetic one needs no label)
+_SPELLING = {"IDE": "ideographic", "SYL": "phonetic"}
+
+
 def _patient(record: NormalizedRecord, case: CaseInfo) -> str:
     entry = patient_entry(record)
     res = (entry or {}).get("resource") or {}
     names = []
     for n in res.get("name") or []:
         if isinstance(n, Mapping):
-            names.append(n.get("text") or " ".join([*(n.get("given") or []), str(n.get("family") or "")]).strip())
+            text = n.get("text") or " ".join([*(n.get("given") or []), str(n.get("family") or "")]).strip()
+            spelled = _SPELLING.get(representation(n))  # a DICOM name's ideographic/phonetic group
+            names.append(f"{text} ({spelled})" if text and spelled else text)
     ids = [f"{_e(i.get('value'))} <span class=\"muted\">{_e(cc_text(i.get('type')) or i.get('system') or '')}</span>"
            for i in res.get("identifier") or [] if isinstance(i, Mapping)]
     rows = [
