@@ -46,7 +46,9 @@ class SourceInfo:
     method: str = ""
     """How the last pull got the data: $everything, crawl, $export, C-GET, C-MOVE, WADO-RS, media."""
     pulled_at: str | None = None
-    """ISO 8601 time of the last successful pull."""
+    """ISO 8601 time of the last successful pull (None: never pulled). From a built record on
+    (check, package: :func:`aggregator.pipeline.build_record`) it is the source's data time
+    (:attr:`NormalizedRecord.source_times`), so those outputs never depend on a clock."""
     organization: str | None = None
     """Name of the organization behind the source, for next-action texts."""
     patient_id: str | None = None
@@ -186,7 +188,8 @@ class NormalizedRecord:
     def __init__(self, bundle: dict[str, Any] | None = None, documents: list[DocumentFile] | None = None,
                  images: list[ImageRef] | None = None, quarantine: list[Quarantined] | None = None,
                  unresolved: list[dict[str, Any]] | None = None, conflicts: list[dict[str, Any]] | None = None,
-                 patient_ref: str | None = None, *, writer: BundleWriter | None = None) -> None:
+                 patient_ref: str | None = None, *, writer: BundleWriter | None = None,
+                 source_times: dict[int, str] | None = None) -> None:
         self.documents: list[DocumentFile] = documents if documents is not None else []
         self.images: list[ImageRef] = images if images is not None else []
         self.quarantine: list[Quarantined] = quarantine if quarantine is not None else []
@@ -204,6 +207,10 @@ class NormalizedRecord:
         self.notes: list[Quarantined] = []
         """Raw items kept in the record with a warning the navigator should see in the ledger
         (a DICOM instance without pixel data: shipped, but not an image)."""
+        self.source_times: dict[int, str] = source_times if source_times is not None else {}
+        """Per source id, the time its data speaks for (FHIR instant): the newest
+        ``meta.lastUpdated`` it gave, else the case date; never a clock reading, so the same data
+        gives the same record and package (its Provenance.recorded)."""
         if writer is None:
             writer = BundleWriter(new_bundle_path())
             try:

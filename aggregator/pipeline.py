@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,11 @@ def build_record(app: App, case_id: str) -> CaseRecord:
     work.mkdir(parents=True, exist_ok=True)
     record = normalize(case, sources, done, app.blobs(case_id), workdir=str(work))
     _write_quarantine(app, case_id, record)
+    # the gap report and the package say when each source's data is from, not when the pull's
+    # clock ran: two homes pulling the same data must write the same bytes (``case show`` and
+    # the ledger keep the real pull times)
+    sources = [replace(s, pulled_at=record.source_times.get(s.id, s.pulled_at)) if s.pulled_at else s
+               for s in sources]
     return CaseRecord(case, sources, record, app.db)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -124,9 +124,12 @@ def instant(value: Any) -> float:
     if not isinstance(value, str) or not value:
         return 0.0
     try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         return 0.0
+    # a time without a zone is read as UTC, not in the machine's TZ: the same data must give
+    # the same order and the same record times on every machine
+    return (dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)).timestamp()
 
 
 def version(value: Any) -> int:

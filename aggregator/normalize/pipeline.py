@@ -31,6 +31,7 @@ import logging
 import time
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -86,7 +87,6 @@ def _normalize(case: CaseInfo, sources: Sequence[SourceInfo], entries: Iterable[
     quarantine: list[Quarantined] = []
     q = quarantine.append
     side_rows: list[LedgerEntry] = []
-    newest: dict[int, Any] = {}
     db = scratch.db
 
     def resource_rows() -> Iterator[LedgerEntry]:
@@ -94,9 +94,6 @@ def _normalize(case: CaseInfo, sources: Sequence[SourceInfo], entries: Iterable[
         for e in entries:
             if e.state != "done":
                 continue
-            t = e.updated_at
-            if t is not None and (e.source_id not in newest or t > newest[e.source_id]):
-                newest[e.source_id] = t
             if e.kind == KIND_RESOURCE:
                 yield e
             else:
@@ -213,7 +210,7 @@ def _normalize(case: CaseInfo, sources: Sequence[SourceInfo], entries: Iterable[
 
     clock.mark("provenance")
     # -- links, endpoint, provenance ------------------------------------------------------------
-    recorded = _recorded_times(sources, newest)
+    recorded = _recorded_times(case, sources, scratch)
     extra: list[dict[str, Any]] = []
     for old_lid, new_lid in sorted(outcome.superseded, key=lambda x: (_new_id(scratch, x[0]), _new_id(scratch, x[1]))):
         old, new = view(old_lid), view(new_lid)  # fresh: an earlier link may have patched them
@@ -264,7 +261,7 @@ def _normalize(case: CaseInfo, sources: Sequence[SourceInfo], entries: Iterable[
     log.info("normalize: %d quarantined; seconds per phase: %s", len(quarantine), clock.summary())
     record = NormalizedRecord(documents=documents, images=images, quarantine=quarantine, unresolved=unresolved,
                               conflicts=identity.conflicts + facts.pop("conflicts"), patient_ref=f"Patient/{pid}",
-                              writer=writer)
+                              writer=writer, source_times=recorded)
     record.identity = facts
     record.notes = dicom.pixel_notes(by_sop.values())
     return record
@@ -444,13 +441,21 @@ def _loose_document(e: LedgerEntry, purn: str, scratch: Scratch, spool: Spool, r
     return item
 
 
-def _recorded_times(sources: Sequence[SourceInfo], newest: dict[int, Any]) -> dict[int, str]:
-    """Pull time per source; without one, the newest ledger row of the source (still stable)."""
+def _recorded_times(case: CaseInfo, sources: Sequence[SourceInfo], scratch: Scratch) -> dict[int, str]:
+    """Each source's *data time*: the newest ``meta.lastUpdated`` among the resources it gave,
+    else the case date (midnight UTC), else the epoch.
+
+    Why not the pull's clock time: two homes that pull the same data at different moments must
+    build byte-identical packages, and every id of the package derives from the record's
+    digest, so no time in the record may come from a clock. The ledger and ``case show`` keep
+    the real pull times.
+    """
+    newest = dict(scratch.db.execute("SELECT sid, MAX(updated) FROM item WHERE updated > 0 GROUP BY sid"))
+    fallback = instant(f"{case.case_date}T00:00:00+00:00") if case.case_date else None
     out: dict[int, str] = {}
     for s in sources:
-        t = instant(s.pulled_at) or instant(newest.get(s.id))
-        if t:
-            out[s.id] = t
+        t = newest.get(s.id)
+        out[s.id] = (instant(datetime.fromtimestamp(t, UTC)) if t else None) or fallback or EPOCH
     return out
 
 

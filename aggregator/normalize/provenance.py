@@ -1,7 +1,9 @@
 """One Provenance per source pull: which resources came from where, how and when.
 
-The time is the pull's time (``SourceInfo.pulled_at``), never "now", so re-running
-normalization gives the same bundle. The source is named three ways that the checklist and a
+The time (``recorded``) is the source's data time (the newest ``meta.lastUpdated`` it gave,
+else the case date: see ``normalize.pipeline._recorded_times``), never "now" nor the pull's
+clock time, so re-running normalization, or pulling the same data in another home, gives the
+same bundle. The source is named three ways that the checklist and a
 reader can both use: ``entity.what.identifier`` (system ``urn:aggregator:source``, value = source
 id), ``policy`` (``urn:aggregator:source:<id>``) and a human label with the endpoint and method.
 A resource merged from several sources is a target of each of their Provenances.

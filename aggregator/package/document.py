@@ -7,7 +7,7 @@ entries are every resource of the record, Provenance included, with their ``urn:
 unchanged so references keep resolving.
 
 Determinism: ids are UUIDv5 of the case and the record content, the timestamp is the case date
-(or the newest pull time), never the wall clock, so the same record gives the same bytes.
+(or the newest source data time), never a clock, so the same record gives the same bytes.
 """
 
 from __future__ import annotations
@@ -270,7 +270,7 @@ def _source_text(s: SourceInfo) -> str:
     if s.method:
         parts.append(f"via {s.method}")
     if s.pulled_at:
-        parts.append(f"pulled {s.pulled_at}")
+        parts.append(f"data as of {s.pulled_at}")  # the data's time, not the pull's clock
     return ", ".join(parts)
 
 

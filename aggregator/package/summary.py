@@ -512,7 +512,7 @@ def _sources(record: NormalizedRecord, sources: Sequence[SourceInfo]) -> str:
                      _e(s.pulled_at or ""), str(quarantined.get(s.id, 0))))
     provenance = record.count("Provenance")
     out = ["<h2 id=\"sources\">Sources and provenance</h2>",
-           _table(("#", "Kind", "Source", "Organization", "Method", "Pulled at", "Items left out"), rows,
+           _table(("#", "Kind", "Source", "Organization", "Method", "Data as of", "Items left out"), rows,
                   "No sources recorded."),
            f"<p>{provenance} Provenance resource(s) in <a href=\"fhir/bundle.json\">fhir/bundle.json</a> say which "
            "source each resource came from.</p>"]
