@@ -111,12 +111,14 @@ class ImageRef:
 
 @dataclass(frozen=True)
 class Quarantined:
-    """A raw item that is not in the bundle, and why (invalid, another patient, duplicate of X...)."""
+    """A raw item that is not in the bundle, and why (invalid, another patient, merged into X...)."""
 
     source_id: int
     kind: str
     key: str
     reason: str
+    survivor: str = ""
+    """``Type/<bundle id>`` the item was merged into (its id maps to it); empty when not merged."""
 
 
 BUNDLE_HEAD = b'{"resourceType":"Bundle","type":"collection","entry":[\n'
@@ -189,7 +191,8 @@ class NormalizedRecord:
                  images: list[ImageRef] | None = None, quarantine: list[Quarantined] | None = None,
                  unresolved: list[dict[str, Any]] | None = None, conflicts: list[dict[str, Any]] | None = None,
                  patient_ref: str | None = None, *, writer: BundleWriter | None = None,
-                 source_times: dict[int, str] | None = None) -> None:
+                 source_times: dict[int, str] | None = None,
+                 kept: dict[tuple[int, str, str], int] | None = None) -> None:
         self.documents: list[DocumentFile] = documents if documents is not None else []
         self.images: list[ImageRef] = images if images is not None else []
         self.quarantine: list[Quarantined] = quarantine if quarantine is not None else []
@@ -211,6 +214,10 @@ class NormalizedRecord:
         """Per source id, the time its data speaks for (FHIR instant): the newest
         ``meta.lastUpdated`` it gave, else the case date; never a clock reading, so the same data
         gives the same record and package (its Provenance.recorded)."""
+        self.kept: dict[tuple[int, str, str], int] = kept if kept is not None else {}
+        """How many pulled items of each ``(source id, ledger kind, resource type)`` the record
+        keeps (DICOM instances and documents under the type ``""``): with :attr:`quarantine`,
+        what ``aggregator reconcile`` adds up against the ledger."""
         if writer is None:
             writer = BundleWriter(new_bundle_path())
             try:

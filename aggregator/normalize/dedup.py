@@ -45,10 +45,13 @@ import yaml
 from aggregator.errors import ConfigError
 from aggregator.model import SourceInfo
 from aggregator.normalize.dicom import merge_study
+from aggregator.normalize.facts import reference_nodes
 from aggregator.normalize.references import CONTAINED, Resolver, _base_of
 from aggregator.normalize.scratch import ITEM_COLS_I, KEPT, Item, Scratch, Spool
 
 TABLE = "tables/dedup.yaml"
+#: how the ledger names a dropped copy: ``merged into Type/<survivor id>``
+MERGED_INTO = "merged into"
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 
 
@@ -67,6 +70,8 @@ class Table:
     never_merge: frozenset[str]
     status_rank: dict[str, int]
     reports: frozenset[str]
+    #: elements whose difference makes two resources two facts (``name[x]``: any choice type)
+    clinical: tuple[str, ...] = ()
 
 
 @lru_cache(maxsize=1)
@@ -83,7 +88,8 @@ def load_table() -> Table:
                               bool(r.get("unique_within_source"))))
         return Table(tuple(rules), frozenset(raw.get("never_merge") or ()),
                      {str(k): int(v) for k, v in (raw.get("status_rank") or {}).items()},
-                     frozenset(raw.get("reports") or ()))
+                     frozenset(raw.get("reports") or ()),
+                     tuple(str(e) for e in raw.get("clinical_elements") or ()))
     except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError) as exc:
         raise ConfigError(f"cannot read the de-duplication table: {type(exc).__name__}", item=TABLE)
 
@@ -295,7 +301,12 @@ def deduplicate(ctx: Context, table: Table | None = None) -> Outcome:
         regroup()
         joined = sum(apply(r) for r in content_rules)
     regroup()  # winners are judged with references mapped to groups
-    return _settle_groups(ctx, table, uf, members)
+    while _partition(ctx, table, uf, members):
+        # a group fell apart into distinct resources: references to its parts now differ, so
+        # the resources that point at them are judged again with the finer groups
+        uf = _refined(ctx, n)
+        regroup()
+    return _settle_groups(ctx, table)
 
 
 def _join(group: list[tuple[Any, ...]], rule: Rule, uf: _UnionFind) -> int:
@@ -328,8 +339,109 @@ def _fill_attachment_keys(ctx: Context, rule: Rule, pool: str, never: list[str])
     db.executemany("INSERT INTO mk(k, lid) VALUES (?, ?)", keys())
 
 
-def _settle_groups(ctx: Context, table: Table, uf: _UnionFind, members: bytearray) -> Outcome:
-    """Settle every group of more than one item, in the order of their first members."""
+# --- one group -> its parts -----------------------------------------------------------------
+
+#: how a member relates to the winner of its part: the same fact (may be dropped), or another
+#: version of the same report (kept in the bundle and linked to it)
+SAME, VERSION = 1, 2
+
+#: a reference's value in a clinical signature: its target's group, as in :data:`_VALUES`
+_POSITIONS = (
+    "SELECT r.pos, CASE WHEN r.target IS NULL THEN (CASE WHEN r.mode = 1 THEN '#' ELSE r.text END) "
+    "WHEN t.new_id != '' THEN coalesce(nullif(t.gid, ''), t.new_id) ELSE 'item:' || t.sid || ':' || t.key END "
+    "FROM ref r LEFT JOIN item t ON t.lid = r.target WHERE r.lid = ? AND r.pos >= 0"
+)
+
+
+def _ranked(members: list[Item], table: Table) -> list[Item]:
+    """Members best first: status rank, newest, carrying most, FHIR over DICOM-derived, first source."""
+    ranked = sorted(members, key=lambda it: (it.source_id, it.key))
+    ranked.sort(key=lambda it: (
+        table.status_rank.get(it.status, 0),
+        table.status_rank.get(it.doc_status, 0),
+        it.updated,
+        it.version,
+        len(it.carries),
+        not it.derived,
+    ), reverse=True)
+    return ranked
+
+
+def _server(it: Item) -> str:
+    """Which server's id space an item's id belongs to (ids are only comparable within one)."""
+    if it.skey:
+        server = it.skey.split("|", 2)[1]
+        if server != "uuid":
+            return server
+    return f"source:{it.source_id}"
+
+
+def clinical_signature(body: dict[str, Any], values: Sequence[str], elements: Sequence[str]) -> bytes:
+    """Digest of the elements that give a resource its clinical meaning (the table's
+    ``clinical_elements``), each reference replaced by ``values`` (its target's group, in
+    :func:`~.facts.reference_nodes` order), so copies from two sources compare equal and twins
+    that differ in encounter, specimen, performer, time, value or status do not."""
+    nodes = reference_nodes(body, [])
+    for node, value in zip(nodes, values, strict=False):
+        node["reference"] = value
+    picked: dict[str, Any] = {}
+    for name in elements:
+        if name.endswith("[x]"):
+            stem = name[:-3]
+            picked.update((k, v) for k, v in body.items() if k.startswith(stem) and k[len(stem):][:1].isupper())
+        elif name in body:
+            picked[name] = body[name]
+    return hashlib.blake2b(orjson.dumps(picked, option=orjson.OPT_SORT_KEYS), digest_size=16).digest()
+
+
+class _Judge:
+    """Decides, for one group, which members are the same fact as which (see :meth:`relation`)."""
+
+    def __init__(self, ctx: Context, table: Table) -> None:
+        self.ctx, self.table = ctx, table
+        self._sig: dict[int, bytes] = {}
+        self._ikeys: dict[int, frozenset[str]] = {}
+
+    def signature(self, it: Item) -> bytes:
+        sig = self._sig.get(it.lid)
+        if sig is None:
+            rows = sorted(self.ctx.scratch.db.execute(_POSITIONS, (it.lid,)))
+            sig = self._sig[it.lid] = clinical_signature(it.body(), [str(v) for _p, v in rows], self.table.clinical)
+        return sig
+
+    def ikeys(self, it: Item) -> frozenset[str]:
+        keys = self._ikeys.get(it.lid)
+        if keys is None:
+            keys = self._ikeys[it.lid] = frozenset(
+                str(k) for (k,) in self.ctx.scratch.db.execute("SELECT k FROM ikey WHERE lid = ?", (it.lid,)))
+        return keys
+
+    def relation(self, win: Item, lo: Item) -> int:
+        """:data:`SAME`, :data:`VERSION` or 0 (distinct: both stay, unlinked).
+
+        The same fact: the same resource of one server (versions of it); copies whose content
+        except id/meta/text is identical; one imaging study (its UID names it everywhere); or,
+        from *different* servers, copies whose clinical signatures are equal. Two ids of one
+        server are two resources unless identical: the server said so. A report that shares a
+        business identifier with the winner but is not the same is another version of it.
+        """
+        if win.skey is not None and lo.skey == win.skey:
+            return SAME
+        if lo.chash is not None and lo.chash == win.chash:
+            return SAME
+        if win.rtype == "ImagingStudy" and win.study_uid and lo.study_uid == win.study_uid:
+            return SAME
+        if _server(win) != _server(lo) and self.signature(win) == self.signature(lo):
+            return SAME
+        if (lo.rtype in self.table.reports and lo.rtype == win.rtype and lo.carries & {"text", "results"}
+                and self.ikeys(win) & self.ikeys(lo)):
+            return VERSION
+        return 0
+
+
+def _partition(ctx: Context, table: Table, uf: _UnionFind, members: bytearray) -> bool:
+    """Split every group of ``uf`` into parts of the same fact (table ``sub``: part leader, member,
+    relation; parts of one item are left out). True when some group held more than one part."""
     db = ctx.scratch.db
     n = len(members)
     size = array("i", bytes(4 * n))
@@ -341,46 +453,82 @@ def _settle_groups(ctx: Context, table: Table, uf: _UnionFind, members: bytearra
                    ((r, o) for o in range(n) if members[o] and size[r := uf.find(o)] > 1))
     del size
     refresh_digests(ctx, "i.cshared = 0 AND i.lid IN (SELECT m.lid FROM grp g JOIN item m ON m.ord = g.ord)")
-    out = Outcome()
-    merged: list[tuple[Item, dict[str, Any]]] = []
+    db.execute("DELETE FROM sub")
     rows = db.execute(f"SELECT g.root, {ITEM_COLS_I} FROM grp g JOIN item i ON i.ord = g.ord ORDER BY g.root, g.ord")  # noqa: S608
+    split = False
+    found: list[tuple[int, int, int]] = []
     group: list[Item] = []
     root = None
     for row in chain(rows, [None]):
         if group and (row is None or row[0] != root):
-            done = _settle(group, table, out, ctx)
-            if done is not None:
-                merged.append(done)
+            judge = _Judge(ctx, table)
+            parts: list[list[tuple[Item, int]]] = []
+            for it in _ranked(group, table):
+                for part in parts:
+                    rel = judge.relation(part[0][0], it)
+                    if rel:
+                        part.append((it, rel))
+                        break
+                else:
+                    parts.append([(it, 0)])
+            split = split or len(parts) > 1
+            found.extend((p[0][0].ord, it.ord, rel) for p in parts if len(p) > 1 for it, rel in p)
             group = []
         if row is not None:
             root = row[0]
             group.append(Item(row[1:], ctx.scratch, ctx.spool))
+    db.executemany("INSERT INTO sub(leader, ord, rel) VALUES (?, ?, ?)", found)
+    return split
+
+
+def _refined(ctx: Context, n: int) -> _UnionFind:
+    """A union-find holding exactly the parts of the last :func:`_partition`."""
+    uf = _UnionFind(n)
+    for leader, o in ctx.scratch.db.execute("SELECT leader, ord FROM sub"):
+        uf.union(leader, o)
+    return uf
+
+
+def _settle_groups(ctx: Context, table: Table) -> Outcome:
+    """Settle every part of more than one item (table ``sub``), in the order of their winners."""
+    db = ctx.scratch.db
+    out = Outcome()
+    merged: list[tuple[Item, dict[str, Any]]] = []
+    rows = db.execute(f"SELECT s.leader, s.rel, {ITEM_COLS_I} FROM sub s JOIN item i ON i.ord = s.ord "  # noqa: S608
+                      "ORDER BY s.leader, s.rel, i.ord")
+    part: list[tuple[Item, int]] = []
+    leader = None
+    for row in chain(rows, [None]):
+        if part and (row is None or row[0] != leader):
+            done = _settle(part, table, out, ctx)
+            if done is not None:
+                merged.append(done)
+            part = []
+        if row is not None:
+            leader = row[0]
+            part.append((Item(row[2:], ctx.scratch, ctx.spool), row[1]))
     for winner, body in merged:  # after the scan: these change rows it was reading
         winner.store(body)
         ctx.resolver.add(winner, body)  # new references may have arrived with the merged series
     return out
 
 
-def _settle(members: list[Item], table: Table, out: Outcome, ctx: Context) -> tuple[Item, dict[str, Any]] | None:
-    """Pick the group's winner; record each loser as dropped or superseded. Returns the winner
-    and its merged body when ImagingStudy copies were merged (stored by the caller)."""
-    ranked = sorted(members, key=lambda it: (it.source_id, it.key))
-    ranked.sort(key=lambda it: (
-        table.status_rank.get(it.status, 0),
-        table.status_rank.get(it.doc_status, 0),
-        it.updated,
-        it.version,
-        len(it.carries),
-        not it.derived,
-    ), reverse=True)
-    winner, losers = ranked[0], ranked[1:]
+def _settle(part: list[tuple[Item, int]], table: Table, out: Outcome, ctx: Context) -> tuple[Item, dict[str, Any]] | None:
+    """Record each member of a part as dropped (merged into its winner) or kept as a superseded
+    version. Returns the winner and its merged body when ImagingStudy copies were merged (stored
+    by the caller)."""
+    winner = next(it for it, rel in part if rel == 0)
     merge = any(r.merge == "union-series" and (r.types is None or winner.rtype in r.types) for r in table.rules)
     win_key = winner.chash
     win_server = winner.skey
-    win_rank = table.status_rank.get(winner.status, 0)
     merged: dict[str, Any] | None = None
     drops = []
-    for lo in losers:
+    for lo, rel in part:
+        if lo is winner:
+            continue
+        if rel == VERSION:
+            out.superseded.append((lo.lid, winner.lid))
+            continue
         if winner.rtype == "ImagingStudy" and lo.rtype == "ImagingStudy" and merge:
             merged = merged if merged is not None else winner.body()
             merge_study(merged, lo.body())
@@ -391,9 +539,8 @@ def _settle(members: list[Item], table: Table, out: Outcome, ctx: Context) -> tu
                 not same_version_line or not lo_carries <= winner.carries):
             out.superseded.append((lo.lid, winner.lid))
             continue
-        lower = table.status_rank.get(lo.status, 0) < win_rank
-        reason = "duplicate of" if same or not (same_version_line or lower) else "superseded by"
-        drops.append((lo.lid, winner.lid, f"{reason} {winner.rtype}/{winner.new_id}"))
+        older = " (older version)" if same_version_line and not same else ""
+        drops.append((lo.lid, winner.lid, f"{MERGED_INTO} {winner.rtype}/{winner.new_id}{older}"))
     ctx.scratch.db.executemany("INSERT INTO drop_(lid, win, reason) VALUES (?, ?, ?)", drops)
     return (winner, merged) if merged is not None else None
 

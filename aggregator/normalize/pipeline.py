@@ -38,15 +38,16 @@ import orjson
 
 from aggregator.blobs import BlobStore
 from aggregator.ledger import LedgerEntry
-from aggregator.model import BundleWriter, CaseInfo, NormalizedRecord, Quarantined, SourceInfo, new_bundle_path
+from aggregator.model import (BundleWriter, CaseInfo, DocumentFile, NormalizedRecord, Quarantined, SourceInfo,
+                              new_bundle_path)
 from aggregator.normalize import dicom, ids
-from aggregator.normalize.dedup import Context, apply_patch, deduplicate, link_superseded
+from aggregator.normalize.dedup import MERGED_INTO, Context, apply_patch, deduplicate, link_superseded
 from aggregator.normalize.documents import ATTACHMENT_TYPES, KIND_BINARY, Documents, attachments_of
 from aggregator.normalize.facts import facts_of
 from aggregator.normalize.identity import Candidate, Identity, from_instances, from_item, merged_patient, reconcile
 from aggregator.normalize.loader import Loader
 from aggregator.normalize.parse import KIND_RESOURCE, load_resources
-from aggregator.normalize.provenance import EPOCH, instant, source_provenance
+from aggregator.normalize.provenance import EPOCH, MergeProvenances, instant, merge_provenance, source_provenance
 from aggregator.normalize.references import TARGETS, Resolver, rewrite, targets, targets_of
 from aggregator.normalize.scratch import DROPPED, EXCLUDED, ITEM_COLS_I, KEPT, LOADED, PATIENT, Item, Scratch, Spool
 
@@ -130,7 +131,7 @@ def _normalize(case: CaseInfo, sources: Sequence[SourceInfo], entries: Iterable[
         assert c.item is not None
         scratch.put(c.item.lid, new_id=pid)
         if c.item is not base:
-            q(Quarantined(c.item.source_id, KIND_RESOURCE, c.item.key, f"duplicate of Patient/{pid}"))
+            q(Quarantined(c.item.source_id, KIND_RESOURCE, c.item.key, f"{MERGED_INTO} Patient/{pid}", f"Patient/{pid}"))
     for c in identity.others:
         if c.item is not None:
             q(Quarantined(c.item.source_id, KIND_RESOURCE, c.item.key, away))
@@ -175,9 +176,12 @@ def _normalize(case: CaseInfo, sources: Sequence[SourceInfo], entries: Iterable[
     # -- de-duplication -----------------------------------------------------------------------
     docs = Documents([e for e in rows if e.kind == KIND_BINARY], srcmap, blobs, scratch, spool)
     outcome = deduplicate(Context(scratch, spool, docs.digest, resolver))
-    for sid, key, reason in db.execute("SELECT lo.sid, lo.key, d.reason FROM drop_ d JOIN item lo ON lo.lid = d.lid "
-                                       "WHERE lo.derived = 0"):
-        q(Quarantined(sid, KIND_RESOURCE, key, reason))
+    # every dropped copy that was pulled (made items have no ledger row) is in the ledger as
+    # "merged into <survivor>"; the survivor's merge Provenance names it (see merge_provenances)
+    for sid, key, reason, survivor in db.execute(
+            "SELECT lo.sid, lo.key, d.reason, w.rtype || '/' || w.new_id FROM drop_ d JOIN item lo ON lo.lid = d.lid "
+            "JOIN item w ON w.lid = d.win WHERE lo.lookup = 1"):
+        q(Quarantined(sid, KIND_RESOURCE, key, reason, survivor))
     # a dropped copy's id becomes its winner's (references follow), its sources the winner's too
     db.execute("INSERT OR IGNORE INTO xsrc(lid, sid) SELECT d.win, lo.sid FROM drop_ d JOIN item lo ON lo.lid = d.lid")
     db.execute("INSERT OR IGNORE INTO xsrc(lid, sid) SELECT d.win, x.sid FROM drop_ d JOIN xsrc x ON x.lid = d.lid")
@@ -185,7 +189,8 @@ def _normalize(case: CaseInfo, sources: Sequence[SourceInfo], entries: Iterable[
                "WHERE item.lid = d.lid", (DROPPED,))
     for inst in dup_instances:
         st_id = ids.study_id(inst.study_uid)
-        q(Quarantined(inst.source_id, dicom.KIND_DICOM, inst.key, f"duplicate of ImagingStudy/{st_id}"))
+        q(Quarantined(inst.source_id, dicom.KIND_DICOM, inst.key, f"{MERGED_INTO} ImagingStudy/{st_id}",
+                      f"ImagingStudy/{st_id}"))
     known = {purn, ids.urn(dicom.ENDPOINT_ID)} | {ids.urn(ids.study_id(uid)) for uid in study_lids}
 
     clock.mark("documents")
@@ -226,6 +231,11 @@ def _normalize(case: CaseInfo, sources: Sequence[SourceInfo], entries: Iterable[
     if images:
         extra.append(dicom.endpoint())
     member_sources = {c.source_id for c in identity.members}
+    if len(members) > 1:
+        extra.append(merge_provenance(pid, [(c.item.source_id, c.item.key, c.item.ref) for c in members
+                                            if c.item is not None], recorded.get(members[0].source_id, EPOCH)))
+    merges = MergeProvenances(scratch, recorded)
+    kept = _kept(scratch, base, by_sop.values(), rows, documents)
     provenances = [(ids.provenance_id(src.id), src) for src in sorted(sources, key=lambda s: s.id)
                    if src.id in member_sources or _has_targets(scratch, src.id)]
 
@@ -243,7 +253,7 @@ def _normalize(case: CaseInfo, sources: Sequence[SourceInfo], entries: Iterable[
         writer.add(body)
         final = ((Item(r[:-1], scratch, spool), r[-1]) for r in db.execute(_FINAL, (KEPT,)))
         merged = heapq.merge(((it.rtype, it.new_id, (it, packed)) for it, packed in final), extras,
-                             key=lambda x: (x[0], x[1]))
+                             merges, key=lambda x: (x[0], x[1]))
         for _rtype, _rid, obj in merged:
             if isinstance(obj, tuple):
                 writer.add(_finished(obj[0], targets(obj[1]), known, unresolved, docs, purn))
@@ -261,7 +271,7 @@ def _normalize(case: CaseInfo, sources: Sequence[SourceInfo], entries: Iterable[
     log.info("normalize: %d quarantined; seconds per phase: %s", len(quarantine), clock.summary())
     record = NormalizedRecord(documents=documents, images=images, quarantine=quarantine, unresolved=unresolved,
                               conflicts=identity.conflicts + facts.pop("conflicts"), patient_ref=f"Patient/{pid}",
-                              writer=writer, source_times=recorded)
+                              writer=writer, source_times=recorded, kept=kept)
     record.identity = facts
     record.notes = dicom.pixel_notes(by_sop.values())
     return record
@@ -337,6 +347,30 @@ def _exclude_others(scratch: Scratch, others: list[int], q: Any, reason: str = A
     db.execute("UPDATE item SET state = ? WHERE lookup = 1 AND (rtype = 'Patient' OR lid IN (SELECT lid FROM excl))",
                (EXCLUDED,))
     db.execute("UPDATE item SET state = ?, new_id = uid WHERE lookup = 1 AND state = ?", (KEPT, LOADED))
+
+
+def _kept(scratch: Scratch, patient: Item | None, images: Iterable[dicom.Instance], side_rows: list[LedgerEntry],
+          documents: Sequence[DocumentFile]) -> dict[tuple[int, str, str], int]:
+    """Pulled items the record keeps, per (source, kind, resource type): resources in the bundle
+    (the Patient the merged one was built on among them), DICOM instances, documents whose bytes
+    are in the package. Counted from the outcome, not derived from the quarantine, so that
+    ``aggregator reconcile`` can tell when an item has no fate or two."""
+    kept: dict[tuple[int, str, str], int] = {}
+    for sid, rtype, n in scratch.db.execute("SELECT sid, rtype, count(*) FROM item WHERE lookup = 1 AND state = ? "
+                                            "GROUP BY sid, rtype", (KEPT,)):
+        kept[(int(sid), KIND_RESOURCE, str(rtype))] = int(n)
+    if patient is not None:
+        k = (patient.source_id, KIND_RESOURCE, "Patient")
+        kept[k] = kept.get(k, 0) + 1
+    for inst in images:
+        k = (inst.source_id, dicom.KIND_DICOM, "")
+        kept[k] = kept.get(k, 0) + 1
+    packaged = {d.sha256 for d in documents}
+    for e in side_rows:
+        if e.kind == KIND_BINARY and e.sha256 in packaged:
+            k = (e.source_id, KIND_BINARY, "")
+            kept[k] = kept.get(k, 0) + 1
+    return kept
 
 
 def _new_id(scratch: Scratch, lid: int) -> str:

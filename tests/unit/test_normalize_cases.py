@@ -68,7 +68,7 @@ def test_two_exports_newer_version_wins_without_duplicates(tmp_path: Path) -> No
     assert o["valueQuantity"]["value"] == 12.5
     assert len(rec.resources("Patient")) == 1 and rec.conflicts == []
     reasons = {(q.source_id, q.reason) for q in rec.quarantine}
-    assert (old.source_id, f"superseded by Observation/{o['id']}") in reasons
+    assert (old.source_id, f"merged into Observation/{o['id']} (older version)") in reasons
     # both pulls are credited: the merged resources are targets of both Provenances
     provs = [p for p in rec.resources("Provenance") if p.get("policy")]
     assert len(provs) == 2 and all(f"urn:uuid:{o['id']}" in [t["reference"] for t in p["target"]] for p in provs)
@@ -134,6 +134,6 @@ def test_invalid_resource_quarantined_rest_kept_and_deterministic(tmp_path: Path
     assert q["Observation/bad"].startswith("invalid FHIR R4: ") and "secret" not in q["Observation/bad"]
     assert q["ImagingSelection/r5only"] == "unsupported type"
     (o,) = rec.resources("Observation")
-    assert q["Observation/o1"] == f"duplicate of Observation/{o['id']}"
+    assert q["Observation/o1"] == f"merged into Observation/{o['id']}"
     assert o["subject"]["reference"] == f"urn:uuid:{rec.patient_ref.split('/')[1]}"  # type: ignore[union-attr]
     assert orjson.dumps(run(h, [h.sink]).bundle) == orjson.dumps(rec.bundle)

@@ -68,7 +68,7 @@ def test_parallel_and_serial_give_the_same_record(tmp_path: Path, monkeypatch: p
     assert len(serial.resources("Patient")) == 1
     reasons = [q.reason for q in serial.quarantine if q.kind == "resource"]
     assert sum(r.startswith("invalid FHIR R4: ") for r in reasons) == len(range(0, SEEDS, 25))
-    assert sum(r.startswith("duplicate of ") for r in reasons) > n // 4
+    assert sum(r.startswith("merged into ") for r in reasons) > n // 4
     made = {"Provenance", "Endpoint"}
     kept = sum(1 for r in serial.resources() if r["resourceType"] not in made)
     assert kept + len(reasons) == n  # the merged Patient stands for one input Patient

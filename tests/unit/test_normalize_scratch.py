@@ -78,7 +78,7 @@ def test_scratch_spills_only_into_the_case_folder_and_is_gone_afterwards(
     assert tight.quarantine == roomy.quarantine
     assert tight.unresolved == roomy.unresolved
     assert tight.documents == roomy.documents
-    assert any(q.reason.startswith("duplicate of ") for q in tight.quarantine)
+    assert any(q.reason.startswith("merged into ") for q in tight.quarantine)
 
 
 def test_scratch_folder_name_may_hold_a_quote(tmp_path: Path) -> None:
