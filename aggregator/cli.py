@@ -451,6 +451,22 @@ def verify(package_path: str, as_json: bool) -> None:
         sys.exit(1)
 
 
+@cli.command()
+@click.argument("case_id", metavar="CASE")
+@json_option
+@with_app
+def reconcile(app: Any, case_id: str, as_json: bool) -> None:
+    """Account for every pulled item of CASE: per source and type, pulled = kept + merged + quarantined.
+
+    Exits 1 when a count does not add up (an item with no fate or with two)."""
+    from aggregator.reconcile import reconcile as run, render_text
+
+    data = run(app, case_id)
+    _emit(as_json, data, lambda: render_text(data))
+    if not data["balanced"]:
+        sys.exit(1)
+
+
 # --- checklists -----------------------------------------------------------------------------
 
 

@@ -79,7 +79,8 @@ def _write_quarantine(app: App, case_id: str, record: NormalizedRecord) -> None:
     by_source: dict[int, list[Row]] = {}
     for q in record.quarantine:
         by_source.setdefault(q.source_id, []).append(
-            Row(KIND_QUARANTINE, f"{q.kind}:{q.key}", SKIPPED, reason=q.reason, meta={"item_kind": q.kind})
+            Row(KIND_QUARANTINE, f"{q.kind}:{q.key}", SKIPPED, reason=q.reason,
+                meta={"item_kind": q.kind, **({"merged_into": q.survivor} if q.survivor else {})})
         )
     for n in record.notes:  # kept in the record, with a warning (e.g. DICOM without pixel data)
         by_source.setdefault(n.source_id, []).append(
