@@ -459,10 +459,10 @@ def reconcile(app: Any, case_id: str, as_json: bool) -> None:
     """Account for every pulled item of CASE: per source and type, pulled = kept + merged + quarantined.
 
     Exits 1 when a count does not add up (an item with no fate or with two)."""
-    from aggregator.reconcile import reconcile as run, render_text
+    from aggregator import reconcile as rc
 
-    data = run(app, case_id)
-    _emit(as_json, data, lambda: render_text(data))
+    data = rc.reconcile(app, case_id)
+    _emit(as_json, data, lambda: rc.render_text(data))
     if not data["balanced"]:
         sys.exit(1)
 

@@ -513,7 +513,8 @@ def _settle_groups(ctx: Context, table: Table) -> Outcome:
     return out
 
 
-def _settle(part: list[tuple[Item, int]], table: Table, out: Outcome, ctx: Context) -> tuple[Item, dict[str, Any]] | None:
+def _settle(part: list[tuple[Item, int]], table: Table, out: Outcome,
+            ctx: Context) -> tuple[Item, dict[str, Any]] | None:
     """Record each member of a part as dropped (merged into its winner) or kept as a superseded
     version. Returns the winner and its merged body when ImagingStudy copies were merged (stored
     by the caller)."""

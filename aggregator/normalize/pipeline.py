@@ -38,8 +38,15 @@ import orjson
 
 from aggregator.blobs import BlobStore
 from aggregator.ledger import LedgerEntry
-from aggregator.model import (BundleWriter, CaseInfo, DocumentFile, NormalizedRecord, Quarantined, SourceInfo,
-                              new_bundle_path)
+from aggregator.model import (
+    BundleWriter,
+    CaseInfo,
+    DocumentFile,
+    NormalizedRecord,
+    Quarantined,
+    SourceInfo,
+    new_bundle_path,
+)
 from aggregator.normalize import dicom, ids
 from aggregator.normalize.dedup import MERGED_INTO, Context, apply_patch, deduplicate, link_superseded
 from aggregator.normalize.documents import ATTACHMENT_TYPES, KIND_BINARY, Documents, attachments_of
@@ -131,7 +138,8 @@ def _normalize(case: CaseInfo, sources: Sequence[SourceInfo], entries: Iterable[
         assert c.item is not None
         scratch.put(c.item.lid, new_id=pid)
         if c.item is not base:
-            q(Quarantined(c.item.source_id, KIND_RESOURCE, c.item.key, f"{MERGED_INTO} Patient/{pid}", f"Patient/{pid}"))
+            q(Quarantined(c.item.source_id, KIND_RESOURCE, c.item.key, f"{MERGED_INTO} Patient/{pid}",
+                          f"Patient/{pid}"))
     for c in identity.others:
         if c.item is not None:
             q(Quarantined(c.item.source_id, KIND_RESOURCE, c.item.key, away))
