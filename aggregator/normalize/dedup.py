@@ -2,17 +2,22 @@
 
 The table says *which* match keys apply to *which* resource types and in what order; this
 module only knows how to compute each key (``MATCHERS``). Resources sharing a key are grouped
-(transitively, with a union-find), and each group keeps one winner:
+(transitively, with a union-find). A key only proposes: each group is then split into *parts*
+of the same fact (:meth:`_Judge.relation`), because twins that share code, time and value may
+be two results (another encounter, specimen, performer, status...). Two ids of one server are
+one fact only when identical but for id/meta/text; copies from different servers only when the
+table's ``clinical_elements`` are equal. When a group falls apart, the references to its parts
+differ again, so groups are re-judged until none splits. Each part keeps one winner:
 
 * winner order: status rank from the table (amended/corrected > final > preliminary), then
   the newest ``meta.lastUpdated`` / ``versionId``, then the copy that carries text or results,
   then a FHIR copy over a DICOM-derived one, then the first source;
-* a loser with the same content is dropped and quarantined as ``duplicate of Type/<id>``; an
-  older version of the same server resource, or a lower-status copy, as ``superseded by Type/<id>``
-  (its raw JSON stays in the raw store, so it remains traceable);
+* a loser is dropped and quarantined as ``merged into Type/<id>`` (``(older version)`` added for
+  an older version of the same server resource); its raw JSON stays in the raw store, its id
+  maps to the winner's (references follow), and the winner's merge Provenance names it;
 * a loser that is a *report* with different content that carries text or results is **never
   dropped**: it stays in the bundle as a superseded version and is linked to its successor
-  (see :func:`link_superseded`);
+  (see :func:`link_superseded`), as is a report sharing a business identifier with the winner;
 * ImagingStudy copies of one StudyInstanceUID are merged (series and instances unioned).
 
 References inside resources differ between sources (each source has its own ids), so the
@@ -412,6 +417,8 @@ class _Judge:
     def ikeys(self, it: Item) -> frozenset[str]:
         keys = self._ikeys.get(it.lid)
         if keys is None:
+            # asked of few items (reports that differ from their winner): the index is built on first need
+            self.ctx.scratch.db.execute("CREATE INDEX IF NOT EXISTS ikey_lid ON ikey(lid)")
             keys = self._ikeys[it.lid] = frozenset(
                 str(k) for (k,) in self.ctx.scratch.db.execute("SELECT k FROM ikey WHERE lid = ?", (it.lid,)))
         return keys
