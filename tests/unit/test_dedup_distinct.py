@@ -211,3 +211,24 @@ def test_reports_pointing_at_distinct_twins_stay_distinct(tmp_path: Path) -> Non
     assert len(reports) == 2
     assert {r["result"][0]["reference"] for r in reports} == {f"urn:uuid:{o['id']}" for o in twins(rec)}
     assert not [q for q in rec.quarantine if q.kind == "resource"]
+
+
+SYNTHEA_TWINS = "fhir/synthea-r4-bundles/Fletcher_Hyatt_fe0562b5-f517-4951-8366-32fdab088930.json"
+
+
+def test_synthea_lab_twins_in_two_encounters_are_all_kept(shared_data: Path, tmp_path: Path) -> None:
+    """A real record: this Synthea patient had the same metabolic panel (same codes, time and
+    values, other ids) recorded in two encounters. Eight of those results used to be merged away;
+    every Observation now stays."""
+    from tests.unit.test_normalize_shared import feed_json
+    from tests.unit.test_normalize_shared import run as run_media
+
+    path = shared_data / SYNTHEA_TWINS
+    if not path.is_file():
+        pytest.skip(f"{SYNTHEA_TWINS} not present")
+    h = make_sink(tmp_path)
+    feed_json(h, path)
+    rec = run_media(h)
+    n_obs = sum(1 for e in h.entries("done") if e.meta.get("resourceType") == "Observation")
+    assert rec.count("Observation") == n_obs
+    assert not [q for q in rec.quarantine if q.survivor.startswith("Observation/")]
