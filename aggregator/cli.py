@@ -455,6 +455,7 @@ def verify(package_path: str, as_json: bool) -> None:
 @click.argument("case_id", metavar="CASE")
 @json_option
 @with_app
+@audited("R", "reconcile")
 def reconcile(app: Any, case_id: str, as_json: bool) -> None:
     """Account for every pulled item of CASE: per source and type, pulled = kept + merged + quarantined.
 
