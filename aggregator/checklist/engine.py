@@ -781,6 +781,12 @@ class Content:
                 detail = f"{label}: images not retrieved - no DICOM instances of this study in the record"
             if failure is not None:
                 return State(False, failure.code, f"{detail} - {failure.detail}", failure)
+            pending = [] if blank else self.ledger.pending_sources(images=True)
+            if pending:
+                # an imaging source (a CD, a PACS) is on the case but not pulled yet: the images
+                # may well be there; "retrieve them" would send the navigator after a disc they have
+                reason = R.Reason(R.PENDING, f"source {R.names(pending)} has not been pulled yet", pending[0].id)
+                return State(False, R.PENDING, f"{label}: images not received yet - {reason.detail}", reason)
             return State(False, R.IMAGES_NOT_RETRIEVED, detail)
         problems = []
         if blank_images:

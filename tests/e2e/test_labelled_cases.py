@@ -219,8 +219,7 @@ SUBSET = [
     "surgery/labs-after-case-date/surgery",
     "cardiology/other-encounter-note/cardio",
     "oncology/wrong-patient-ccda/demo",
-    pytest.param("surgery/unpulled-source/cd/surgery",
-                 marks=_xfail("pending: a CD source added but not pulled is reported as images-not-retrieved")),
+    "surgery/unpulled-source/cd/surgery",
 ]
 
 
