@@ -10,9 +10,15 @@ the token only when the manifest says ``requiresAccessToken``. A job the server 
 status answers that are not ``transient``) or whose files expired (410) is reported as such and
 its types keep their old cursor.
 
-One patient, two ways: ``Patient/{id}/$export`` transfers only that patient's data and is
+A kick-off answered 429 or 503 started no job (the spec says so), so it is sent again after
+``Retry-After``; nothing else about a kick-off is retried.
+
+One patient, three ways: ``Patient/{id}/$export`` transfers only that patient's data and is
 preferred whenever it is available (no group configured, or ``/metadata`` declares ``$export``
-on Patient; a refused kick-off falls back to the group). ``Group/{id}/$export`` carries every
+on Patient). A kick-off refused outright (404 "not served", 403 "not for this token"...) falls
+back to the group export when ``group_id`` is set, else - or when the group is refused too -
+to the REST API (``$everything`` or the crawl, as ``fhir`` pulls); a ``skipped`` ledger row
+names what was used instead, and the pull's method says it. ``Group/{id}/$export`` carries every
 member's data: each line is checked with :func:`connectors.fhir_rest.belongs_to` and other
 members' lines are counted per file in one ``skipped`` ledger row (``lines_skipped``), so no
 other patient's resource reaches the sink. Memory stays flat however long the file: lines
@@ -33,7 +39,14 @@ from typing import Any, ClassVar
 import orjson
 import requests
 
-from aggregator.errors import ConfigError, ConnectorError, ProtocolError, RemoteNotFound, TransientConnectorError
+from aggregator.errors import (
+    AccessDenied,
+    ConfigError,
+    ConnectorError,
+    ProtocolError,
+    RemoteNotFound,
+    TransientConnectorError,
+)
 from connectors.base import KIND_FILE, KIND_QUERY, ConnectorConfig, Cursor, PatientRef, Progress, Sink, option
 from connectors.fhir_rest import (
     COMPARTMENT,
@@ -64,8 +77,11 @@ MAX_TRANSIENT_POLLS = 10
 FILE_ATTEMPTS = 3
 #: Bytes read from an export file at a time.
 CHUNK = 256 * 1024
-#: Kick-off answers to ``Patient/{id}/$export`` that mean "not served here" (no job started).
-PATIENT_EXPORT_REFUSED = frozenset({400, 404, 405, 501})
+#: Kick-off answers that mean "not served here, or not to us" (no job started): in ``auto``
+#: mode the next export level, then the REST API, is tried.
+EXPORT_REFUSED = frozenset({400, 403, 404, 405, 501})
+#: Kick-off answers after which the spec says no job exists: retried after Retry-After.
+KICKOFF_RETRY = frozenset({429, 503})
 
 
 @dataclass
@@ -145,31 +161,22 @@ class FhirBulkConnector(FhirConnector):
         return "Patient" in caps.export_types
 
     def pull_resources(self, pid: str, state: PullState, sink: Sink, progress: Progress) -> None:
-        sink.set_method("$export")
         types = self.export_types()
         state.planned = set(types) if types else set(COMPARTMENT) | {"Patient"}
         params: list[tuple[str, str]] = []
         if types:
             params.append(("_type", ",".join(types)))
-        since = state.min_since(types) if types else state.min_since()
+        since = state.min_since(state.planned)
         if since:
             params.append(("_since", since))
-        group = not self.patient_level()
-        # Refused outright (no job was created): a server that does not serve patient-level
-        # export after all. With a group configured (auto mode), the group export still works.
-        fallback = not group and self.config.export_level == "auto" and bool(self.config.group_id)
-        try:
-            status_url = self.kick_off(f"Group/{self.config.group_id}/$export" if group else f"Patient/{pid}/$export",
-                                       params, sink, record=not fallback)
-        except (RequestRejected, RemoteNotFound) as exc:
-            if not fallback or exc.status not in PATIENT_EXPORT_REFUSED:
-                if fallback:
-                    sink.failed(KIND_QUERY, "query:$export", f"export kick-off refused: {exc.message}",
-                                status=exc.status)
-                raise
-            log.info("Patient/$export refused (HTTP %s); exporting the group and filtering", exc.status)
-            group = True
-            status_url = self.kick_off(f"Group/{self.config.group_id}/$export", params, sink)
+        started = self.start_export(pid, params, sink)
+        if started is None:
+            # No export served for this patient: the REST API brings the same resources.
+            state.planned = set()
+            super().pull_resources(pid, state, sink, progress)
+            return
+        status_url, group = started
+        sink.set_method("Group/$export" if group else "$export")
         try:
             manifest = self.wait(status_url, progress)
             when = parse_instant(manifest.get("transactionTime"))
@@ -177,7 +184,9 @@ class FhirBulkConnector(FhirConnector):
                 raise ProtocolError("the export manifest has no valid transactionTime", item=mask_url(status_url))
             state.start = when  # the server's own cut-off: exactly what the next _since needs
             self.download(manifest, pid, state, sink, progress, strict=group)
-            state.covered_types |= set(types or [])
+            # Everything asked for up to transactionTime is in the manifest: a type without a
+            # file had no data. Types whose file was lost are in failed_types and keep their cursor.
+            state.covered_types |= state.planned
         except ConnectorError as exc:
             state.all_failed = True
             if not isinstance(exc, ExportFailed):
@@ -186,15 +195,55 @@ class FhirBulkConnector(FhirConnector):
         finally:
             self.delete_job(status_url)
 
+    def export_levels(self, pid: str) -> list[tuple[str, bool]]:
+        """Kick-off paths to try in order, each with "is a group export"."""
+        gid = self.config.group_id
+        group = [(f"Group/{gid}/$export", True)] if gid and self.config.export_level != "patient" else []
+        if self.patient_level():
+            return [(f"Patient/{pid}/$export", False), *group]
+        return group
+
+    def start_export(self, pid: str, params: list[tuple[str, str]], sink: Sink) -> tuple[str, bool] | None:
+        """Kick off the first export level the server serves: (status URL, is a group export).
+
+        In ``auto`` mode a level the server refuses outright (400, 403, 404, 405, 501: no job
+        was created) gives way to the next - the group export when ``group_id`` is set - and
+        when none is left, None tells the caller to pull through the REST API instead. Each
+        refusal that was worked around is a ``skipped`` ledger row naming what was used, so
+        the record says how it was gathered. Forced levels (``export_level``) are not
+        replaced: their refusal is the pull's error."""
+        levels = self.export_levels(pid)
+        auto = self.config.export_level == "auto"
+        for i, (path, group) in enumerate(levels):
+            last = i == len(levels) - 1
+            try:
+                return self.kick_off(path, params, sink, record=not auto), group
+            except (RequestRejected, RemoteNotFound, AccessDenied) as exc:
+                if not auto or exc.status not in EXPORT_REFUSED:
+                    if auto:
+                        sink.failed(KIND_QUERY, "query:$export", f"export kick-off refused: {exc.message}",
+                                    status=exc.status)
+                    raise
+                instead = "Group/$export" if not last else "the REST API"
+                level = "Group/$export" if group else "Patient/$export"
+                log.info("%s refused (HTTP %s); trying %s", level, exc.status, instead)
+                sink.skipped(KIND_QUERY, f"query:{level}",
+                             f"{level} not served here (HTTP {exc.status}); pulled with {instead} instead",
+                             meta={"status": exc.status, "fallback": instead})
+        return None  # only in auto mode: a forced level re-raised its refusal above
+
     def kick_off(self, path: str, params: list[tuple[str, str]], sink: Sink, *, record: bool = True) -> str:
-        """Start the export job; returns its status URL. Never retried: a retried kick-off
-        could start a second job. ``record=False`` leaves a refusal out of the ledger (the
-        caller has another way to try)."""
+        """Start the export job; returns its status URL.
+
+        Retried only after 429 or 503 (honouring Retry-After): the Bulk Data spec says no job
+        exists after those answers. Any other failure - a dropped connection included - is not
+        retried, since a second kick-off could start a second job. ``record=False`` leaves a
+        refusal out of the ledger (the caller has another way to try)."""
         headers = {"Accept": "application/fhir+json", "Prefer": "respond-async"}
         try:
-            resp = self.client.request("GET", path, params=params, headers=headers, retry=False)
+            resp = self.client.request("GET", path, params=params, headers=headers, retry_on=KICKOFF_RETRY)
         except ConnectorError as exc:
-            if record or not isinstance(exc, RequestRejected | RemoteNotFound):
+            if record or not isinstance(exc, RequestRejected | RemoteNotFound | AccessDenied):
                 sink.failed(KIND_QUERY, "query:$export", f"export kick-off refused: {exc.message}",
                             status=exc.status)
             if isinstance(exc, TransientConnectorError):

@@ -114,7 +114,8 @@ class FhirConfig(ConnectorConfig):
     kid: str | None = option(None, help="Key id for the JWT header.")
     alg: str = option("RS384", help="JWT signing algorithm.", choices=("RS384", "ES384"))
     token_url: str | None = option(None, help="Token endpoint (default: from .well-known/smart-configuration).")
-    scope: str = option("system/*.read", help="OAuth scopes to request.")
+    scope: str = option("auto", help="OAuth scopes to request; auto: SMART v1 system/*.read or v2 "
+                        "system/*.rs as .well-known/smart-configuration advertises.")
     concurrency: int = option(4, help="Requests in flight at once.")
     rps: float | None = option(None, help="Requests per second limit.")
     timeout: float = option(60.0, help="Read timeout in seconds.")
@@ -258,21 +259,29 @@ class PullState:
         value = (self.since.get(rtype) or {}).get("since")
         return value if isinstance(value, str) else None
 
-    def min_since(self, types: Iterable[str] | None = None) -> str | None:
-        """The earliest cursor over ``types`` (all when None): safe for a single ``_since``."""
-        keys = list(types) if types is not None else list(self.since)
-        values = [self.since_for(t) for t in keys]
+    def min_since(self, types: Iterable[str]) -> str | None:
+        """The earliest cursor over ``types``: safe for a single ``_since`` covering them all.
+
+        ``types`` must be what the one request fetches (the compartment for ``$everything``,
+        the exported types), never every stream in the cursor: types read by id for hydration
+        keep the cursor of the pull that first read them, and taking their minimum pinned
+        every later ``_since`` to the first pull. A type without a cursor means "never fetched
+        completely", so the answer is None: a full pull."""
+        values = [self.since_for(t) for t in types]
         if not values or any(v is None for v in values):
             return None
         return min(values, key=lambda v: parse_instant(v) or datetime.min.replace(tzinfo=UTC))
 
     def new_cursor(self) -> Cursor:
-        """Per type: the start time when covered without failure, else the old value."""
+        """Per type: the start time when covered without failure, else the old value.
+
+        Only the types the strategy fetches (``planned``) get a cursor; referenced resources
+        read by id (hydration) have no stream to resume, so they get none."""
         cursor: Cursor = {k: dict(v) for k, v in self.since.items()}
         if self.start is None or self.all_failed:
             return cursor
         stamp = format_instant(self.start)
-        for rtype in sorted((self.covered_types | self.seen_types) - self.failed_types):
+        for rtype in sorted((self.covered_types | (self.seen_types & self.planned)) - self.failed_types):
             entry: dict[str, Any] = {"since": stamp}
             if self.boundary.get(rtype):
                 entry["boundary"] = dict(sorted(self.boundary[rtype].items()))
@@ -451,6 +460,11 @@ class FhirConnector(Connector):
         return None
 
     def _strategy_name(self, caps: Capabilities) -> str:
+        """What ``check`` reports as the pull strategy."""
+        return self._rest_strategy(caps)
+
+    def _rest_strategy(self, caps: Capabilities) -> str:
+        """``everything`` or ``crawl``: how the REST API is pulled (also the Bulk fallback)."""
         if self.config.strategy != "auto":
             return self.config.strategy
         return "crawl" if caps.everything is False else "everything"
@@ -513,7 +527,7 @@ class FhirConnector(Connector):
             except ConnectorError as exc:
                 log.info("no usable /metadata (%s); trying $everything", exc.status)
                 caps = Capabilities()
-            strategy = self._strategy_name(caps)
+            strategy = self._rest_strategy(caps)
         if strategy == "everything":
             try:
                 self.everything(pid, state, sink, progress)
@@ -527,11 +541,11 @@ class FhirConnector(Connector):
     def everything(self, pid: str, state: PullState, sink: Sink, progress: Progress) -> None:
         sink.set_method("$everything")
         params = [("_count", str(self.config.page_size))]
-        since = state.min_since()
-        if since:
-            params.append(("_since", since))
         # $everything covers the whole compartment: references into it need no hydration.
         state.planned = set(COMPARTMENT) | {"Patient"}
+        since = state.min_since(state.planned)
+        if since:
+            params.append(("_since", since))
         pager = Paginator(self.client, f"Patient/{pid}/$everything", params)
         first = True
         try:
@@ -587,6 +601,8 @@ class FhirConnector(Connector):
             raise RemoteNotFound("the patient does not exist at this source", item=key)
         state.observe(resp)
         if resp.status_code == 304:
+            # Unchanged: the validator stays for the next pull (else every other pull re-reads it).
+            state.etags["Patient"] = resp.headers.get("ETag") or headers["If-None-Match"]
             state.unchanged += 1
             state.covered_types.add("Patient")
             return

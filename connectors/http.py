@@ -65,6 +65,9 @@ class AuthStrategy(Protocol):
         """Forget a cached token after a 401 so the next ``headers()`` gets a fresh one."""
         ...
 
+    # Optional: ``rescope() -> bool`` - after a 403, switch to another scope and get a token
+    # for it; True when the request is worth sending again (see connectors.smart).
+
 
 class NoAuth:
     name = "none"
@@ -322,16 +325,21 @@ class HttpClient:
         stream: bool = False,
         send_auth: bool | None = None,
         retry: bool | None = None,
+        retry_on: frozenset[int] | None = None,
         ok_statuses: frozenset[int] = frozenset(),
     ) -> requests.Response:
         """Send one request with retries; return the response or raise a ConnectorError.
 
         ``send_auth`` defaults to "only to the FHIR server itself" so presigned storage URLs
         never see the bearer token. ``retry`` defaults to True for idempotent methods only.
-        Statuses in ``ok_statuses`` are returned instead of raised (the caller decides).
+        ``retry_on`` narrows the retries to answers with these statuses, for requests that
+        must not be sent twice unless the server said it did nothing (a Bulk kick-off: after a
+        429 or 503 no job exists, after a dropped connection one may). Statuses in
+        ``ok_statuses`` are returned instead of raised (the caller decides).
         """
         return self.call(method, url, lambda r: r, headers=headers, params=params, data=data, basic=basic,
-                         stream=stream, send_auth=send_auth, retry=retry, ok_statuses=ok_statuses)
+                         stream=stream, send_auth=send_auth, retry=retry, retry_on=retry_on,
+                         ok_statuses=ok_statuses)
 
     @contextmanager
     def stream(
@@ -381,6 +389,7 @@ class HttpClient:
         stream: bool = False,
         send_auth: bool | None = None,
         retry: bool | None = None,
+        retry_on: frozenset[int] | None = None,
         ok_statuses: frozenset[int] = frozenset(),
     ) -> T:
         """Like :meth:`request`, but ``handle`` runs inside each attempt, so a body that breaks
@@ -388,10 +397,10 @@ class HttpClient:
         method = method.upper()
         url = self.url(url)
         if retry is None:
-            retry = method in IDEMPOTENT
+            retry = method in IDEMPOTENT or retry_on is not None
         if send_auth is None:
             send_auth = self.same_server(url)
-        state = {"refreshed": False}
+        state = {"refreshed": False, "rescoped": False}
 
         def attempt() -> T:
             # The slot covers the whole exchange: a streamed body read by ``handle`` counts
@@ -405,6 +414,13 @@ class HttpClient:
                     log.info("401 from %s: refreshing the token once", mask_url(url))
                     self.auth.invalidate()
                     resp = self._send(method, url, headers, params, data, basic, stream, send_auth)
+                if resp.status_code == 403 and send_auth and not state["rescoped"] and 403 not in ok_statuses:
+                    # Once: the token's scope may be the wrong SMART version for this server.
+                    state["rescoped"] = True
+                    rescope = getattr(self.auth, "rescope", None)
+                    if rescope is not None and rescope():
+                        resp.close()
+                        resp = self._send(method, url, headers, params, data, basic, stream, send_auth)
                 if resp.status_code not in ok_statuses:
                     err = classify_response(resp, item=mask_url(url))
                     if err is not None:
@@ -421,7 +437,7 @@ class HttpClient:
             return attempt()
         retrying = Retrying(
             stop=stop_after_attempt(self.max_attempts),
-            retry=_retry_if_retriable,
+            retry=_retry_if_retriable if retry_on is None else _retry_if_status(retry_on),
             wait=self._wait,
             sleep=_sleep,
             reraise=True,
@@ -484,6 +500,18 @@ def _retry_if_retriable(retry_state: RetryCallState) -> bool:
         return False
     exc = retry_state.outcome.exception()
     return isinstance(exc, TransientConnectorError) and retriable_status(exc)
+
+
+def _retry_if_status(statuses: frozenset[int]) -> Callable[[RetryCallState], bool]:
+    """Retry only answers with one of ``statuses``; a transport error is never retried here."""
+
+    def check(retry_state: RetryCallState) -> bool:
+        if retry_state.outcome is None or not retry_state.outcome.failed:
+            return False
+        exc = retry_state.outcome.exception()
+        return isinstance(exc, TransientConnectorError) and exc.status in statuses
+
+    return check
 
 
 def parse_json_object(resp: requests.Response) -> dict[str, Any]:

@@ -9,11 +9,19 @@ SMART Backend Services (https://hl7.org/fhir/smart-app-launch/backend-services.h
 signs a short-lived JWT (``iss``=``sub``=client id, ``aud``=token URL, ``exp`` <= 5 minutes,
 unique ``jti``, header ``kid``) with its private key (RS384 or ES384) and posts it as a
 ``client_assertion`` in a ``client_credentials`` grant. Tokens and assertions are never logged.
+
+Scopes (``scope = "auto"``, the default): SMART v1 spells read access ``system/*.read``, v2
+``system/*.rs``, and a server may accept only one. The scopes are chosen from
+``.well-known/smart-configuration`` (``capabilities`` ``permission-v1``/``permission-v2`` and the
+syntax of ``scopes_supported``): v1 first when it is advertised, else v2. When the token
+endpoint refuses the scope (403, or ``invalid_scope``), or the FHIR server answers 403 to the
+token, the other advertised version is asked for once. A scope given explicitly is sent as is.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 import uuid
@@ -40,6 +48,74 @@ EXPIRY_MARGIN = 30.0
 #: (url, form fields, HTTP basic credentials or None) -> parsed JSON token response
 TokenPoster = Callable[[str, Mapping[str, str], "tuple[str, str] | None"], Mapping[str, Any]]
 
+SCOPE_AUTO = "auto"
+#: Read access to everything, in SMART v1 and v2 syntax.
+SCOPE_V1 = "system/*.read"
+SCOPE_V2 = "system/*.rs"
+_V2_SCOPE = re.compile(r"^(patient|user|system)/[^.\s]+\.c?r?u?d?s?(\?\S*)?$")
+_V1_SCOPE = re.compile(r"^(patient|user|system)/[^.\s]+\.(read|write|\*)$")
+
+
+def advertised_scopes(smart_config: Mapping[str, Any] | None) -> list[str]:
+    """Read scopes to try, in order, from a ``.well-known/smart-configuration`` document.
+
+    v1 (``system/*.read``) first when the server advertises it - the form most servers accept -
+    then v2 (``system/*.rs``). A document that says neither (or none at all) gives both."""
+    if not smart_config:
+        return [SCOPE_V1, SCOPE_V2]
+    caps = {str(c) for c in smart_config.get("capabilities") or [] if isinstance(c, str)}
+    supported = [str(x) for x in smart_config.get("scopes_supported") or [] if isinstance(x, str)]
+    v1 = "permission-v1" in caps or any(_V1_SCOPE.match(x) for x in supported)
+    v2 = "permission-v2" in caps or any(_V2_SCOPE.match(x) and not _V1_SCOPE.match(x) for x in supported)
+    if not v1 and not v2:
+        return [SCOPE_V1, SCOPE_V2]
+    return [x for x, ok in ((SCOPE_V1, v1), (SCOPE_V2, v2)) if ok]
+
+
+class ScopeChoice:
+    """The scope a token is asked for: the configured one, or the advertised ones in turn.
+
+    ``discover`` fetches ``.well-known/smart-configuration`` (None when there is none); it is
+    called only when the choice is needed - at once when the document is already known, else
+    on the first refusal - so a server that accepts the first scope costs no extra request."""
+
+    def __init__(self, configured: str, discover: Callable[[], Mapping[str, Any] | None] | None = None,
+                 known: Mapping[str, Any] | None = None) -> None:
+        self.auto = configured == SCOPE_AUTO
+        self._discover = discover
+        self._discovered = known is not None or not self.auto
+        self.candidates = advertised_scopes(known) if self.auto and known is not None else \
+            [SCOPE_V1] if self.auto else [configured]
+        self.index = 0
+        #: scopes a token was refused for (by the token endpoint or the FHIR server)
+        self.refused: list[str] = []
+
+    @property
+    def current(self) -> str:
+        return self.candidates[self.index]
+
+    def advance(self) -> bool:
+        """Move to the next advertised scope; False when there is none (or it was configured)."""
+        if not self.auto:
+            return False
+        if not self._discovered:
+            self._discovered = True
+            try:
+                doc = self._discover() if self._discover else None
+            except ConnectorError:
+                doc = None
+            self.candidates = [self.current, *(c for c in advertised_scopes(doc) if c != self.current)]
+        if self.index + 1 >= len(self.candidates):
+            return False
+        self.refused.append(self.current)
+        self.index += 1
+        return True
+
+    def back(self) -> None:
+        """Return to the previous scope (its successor was refused too)."""
+        if self.index > 0:
+            self.index -= 1
+
 
 class BearerAuth:
     """A static token read from an environment variable or a file (already issued elsewhere)."""
@@ -62,9 +138,9 @@ class _TokenCache:
 
     name = "oauth"
 
-    def __init__(self, token_url: str, scope: str, poster: TokenPoster) -> None:
+    def __init__(self, token_url: str, scope: str | ScopeChoice, poster: TokenPoster) -> None:
         self.token_url = token_url
-        self.scope = scope
+        self.scopes = scope if isinstance(scope, ScopeChoice) else ScopeChoice(scope)
         self._post = poster
         self._lock = threading.Lock()
         self._token: str | None = None
@@ -80,6 +156,11 @@ class _TokenCache:
             self._token = None
             self._expires_at = 0.0
 
+    @property
+    def scope(self) -> str:
+        """The scope the current token is (or the next one will be) asked for."""
+        return self.scopes.current
+
     def token(self) -> str:
         with self._lock:
             if self._token is None or time.monotonic() >= self._expires_at:
@@ -87,10 +168,43 @@ class _TokenCache:
             assert self._token is not None
             return self._token
 
+    def rescope(self) -> bool:
+        """After a 403 from the FHIR server: get a token for the next advertised scope.
+
+        True when there is one and the token endpoint granted it (the caller sends the request
+        again); otherwise the old token and scope stay and the 403 stands."""
+        with self._lock:
+            saved = (self._token, self._expires_at)
+            before = self.scope
+            if not self.scopes.advance():
+                return False
+            try:
+                self._fetch_one()
+            except ConnectorError:
+                self.scopes.back()
+                self._token, self._expires_at = saved
+                return False
+            log.info("403 with scope %s: now using scope %s", before, self.scope)
+            return True
+
     def _form(self) -> tuple[dict[str, str], tuple[str, str] | None]:
         raise NotImplementedError
 
     def _fetch(self) -> None:
+        """A token for the current scope, or the next advertised one when it is refused."""
+        while True:
+            try:
+                self._fetch_one()
+                return
+            except AuthError as exc:
+                refused = exc.status == 403 or "invalid_scope" in exc.message
+                before = self.scope
+                if not refused or not self.scopes.advance():
+                    raise
+                log.info("token request for scope %s refused (HTTP %s); asking for %s", before, exc.status,
+                         self.scope)
+
+    def _fetch_one(self) -> None:
         form, basic = self._form()
         data = self._post(self.token_url, form, basic)
         self.fetches += 1
@@ -114,7 +228,8 @@ class ClientCredentialsAuth(_TokenCache):
 
     name = "client-credentials"
 
-    def __init__(self, token_url: str, client_id: str, client_secret: str, scope: str, poster: TokenPoster) -> None:
+    def __init__(self, token_url: str, client_id: str, client_secret: str, scope: str | ScopeChoice,
+                 poster: TokenPoster) -> None:
         super().__init__(token_url, scope, poster)
         self.client_id = client_id
         self._secret = client_secret
@@ -139,7 +254,7 @@ class SmartBackendAuth(_TokenCache):
         *,
         kid: str | None,
         alg: str,
-        scope: str,
+        scope: str | ScopeChoice,
         poster: TokenPoster,
     ) -> None:
         super().__init__(token_url, scope, poster)
@@ -207,8 +322,9 @@ def token_poster(client: HttpClient) -> TokenPoster:
     return post
 
 
-def discover_token_url(client: HttpClient) -> str:
-    """Find the token endpoint in ``.well-known/smart-configuration`` (under the base, then root)."""
+def smart_configuration(client: HttpClient) -> tuple[dict[str, Any] | None, ConnectorError | None]:
+    """``.well-known/smart-configuration`` (under the base, then the server root) with a
+    ``token_endpoint``; (None, the last error) when neither place has one."""
     from urllib.parse import urlsplit, urlunsplit
 
     root = urlunsplit(urlsplit(client.base_url)._replace(path="", query="", fragment=""))
@@ -222,9 +338,17 @@ def discover_token_url(client: HttpClient) -> str:
             continue
         endpoint = data.get("token_endpoint")
         if isinstance(endpoint, str) and endpoint:
-            return endpoint
-    raise ConfigError("no token endpoint: .well-known/smart-configuration has none; give --token-url"
-                      + (f" ({last.message})" if last else ""))
+            return data, None
+    return None, last
+
+
+def discover_token_url(client: HttpClient) -> str:
+    """Find the token endpoint in ``.well-known/smart-configuration`` (under the base, then root)."""
+    data, last = smart_configuration(client)
+    if data is None:
+        raise ConfigError("no token endpoint: .well-known/smart-configuration has none; give --token-url"
+                          + (f" ({last.message})" if last else ""))
+    return str(data["token_endpoint"])
 
 
 def build_auth(config: Any, client: HttpClient) -> Any:
@@ -240,10 +364,19 @@ def build_auth(config: Any, client: HttpClient) -> Any:
         client_id = config.client_id
     else:
         client_id = read_secret(env=config.client_id_env, file=None, what="client id")
-    token_url = config.token_url or discover_token_url(client)
+    known: dict[str, Any] | None = None
+    if config.token_url:
+        token_url = config.token_url
+    else:
+        known, last = smart_configuration(client)
+        if known is None:
+            raise ConfigError("no token endpoint: .well-known/smart-configuration has none; give --token-url"
+                              + (f" ({last.message})" if last else ""))
+        token_url = str(known["token_endpoint"])
+    scopes = ScopeChoice(config.scope or SCOPE_AUTO, lambda: smart_configuration(client)[0], known)
     poster = token_poster(client)
     if mode == "client-credentials":
         secret = read_secret(env=config.client_secret_env, file=config.client_secret_file, what="client secret")
-        return ClientCredentialsAuth(token_url, client_id, secret, config.scope, poster)
+        return ClientCredentialsAuth(token_url, client_id, secret, scopes, poster)
     return SmartBackendAuth(token_url, client_id, read_private_key(config.private_key), kid=config.kid,
-                            alg=config.alg, scope=config.scope, poster=poster)
+                            alg=config.alg, scope=scopes, poster=poster)

@@ -18,8 +18,9 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -28,8 +29,8 @@ OLD = "2020-01-01T00:00:00.000Z"
 PDF = b"%PDF-1.4\n% fake attachment for tests\n" + bytes(range(256)) * 4 + b"\n%%EOF\n"
 
 
-def now_instant() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+def now_instant(when: datetime | None = None) -> str:
+    return (when or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 class FakeFhirServer:
@@ -37,6 +38,9 @@ class FakeFhirServer:
                  delay: float = 0.0, obs_size: int = 0, token: str | None = None) -> None:
         #: when set, every FHIR request except /metadata needs ``Authorization: Bearer <token>``
         self.token = token
+        #: the server's clock: ``Date`` headers, lastUpdated of changes, transactionTime. Tests
+        #: set it to move time forward between pulls without waiting.
+        self.clock: Callable[[], datetime] = lambda: datetime.now(UTC)
         self.lock = threading.Lock()
         self.resources: dict[str, dict[str, Any]] = {}
         self.binaries: dict[str, bytes] = {}
@@ -85,7 +89,7 @@ class FakeFhirServer:
         with self.lock:
             res = dict(self.resources[key])
             res.update(fields)
-            self._put(res, now_instant())
+            self._put(res, now_instant(self.clock()))
 
     def patient_resources(self, pid: str, rtype: str | None = None, since: str | None = None) -> list[dict[str, Any]]:
         out = []
@@ -141,6 +145,29 @@ class FakeFhirServer:
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
+
+            def date_time_string(self, timestamp: float | None = None) -> str:
+                return formatdate(server.clock().timestamp(), usegmt=True)
+
+            def do_POST(self) -> None:
+                """The OAuth token endpoint (``/oauth/token``): grants ``server.token`` unless
+                the requested scope is in ``server.refused_scopes`` (403, as servers refuse
+                a SMART version they do not speak)."""
+                length = int(self.headers.get("Content-Length") or 0)
+                form = {k: v[-1] for k, v in parse_qs(self.rfile.read(length).decode()).items()}
+                server.log.append(("POST", self.path))
+                if self.path != "/oauth/token" or form.get("grant_type") != "client_credentials":
+                    self._oo(404, "not-found", "Not found")
+                    return
+                scope = form.get("scope", "")
+                server.token_scopes.append(scope)
+                if scope in server.refused_scopes:
+                    self._send(403, json.dumps({"error": "invalid_scope",
+                                                "error_description": "scope not allowed"}).encode(),
+                               "application/json")
+                    return
+                self._send(200, json.dumps({"access_token": server.token or "tok", "token_type": "Bearer",
+                                            "expires_in": 3600, "scope": scope}).encode(), "application/json")
 
             def do_DELETE(self) -> None:
                 server.log.append(("DELETE", self.path))
@@ -218,12 +245,15 @@ class FakeFhirServer:
                     self._oo(404, "not-found", "Not found")
                     return
                 path = path[len("/fhir"):]
-                if server.token and path != "/metadata" and \
+                if server.token and path not in ("/metadata", "/.well-known/smart-configuration") and \
                         self.headers.get("Authorization") != f"Bearer {server.token}":
                     self._oo(401, "login", "Unauthorized")
                     return
                 if path == "/metadata":
                     self._json(server.capability())
+                    return
+                if path == "/.well-known/smart-configuration" and server.smart_configuration is not None:
+                    self._send(200, json.dumps(server.smart_configuration).encode(), "application/json")
                     return
                 if path == "/Patient" and q.get("_summary") == "count":
                     total = sum(1 for k in server.resources if k.startswith("Patient/"))
@@ -261,8 +291,8 @@ class FakeFhirServer:
                         return
                     files = [{"type": t, "url": f"{server.url}/bulkfiles/{m.group(1)}-{t}.ndjson"}
                              for t in job["types"]]
-                    self._json({"transactionTime": now_instant(), "request": "x", "requiresAccessToken": True,
-                                "output": files, "error": []})
+                    self._json({"transactionTime": now_instant(server.clock()), "request": "x",
+                                "requiresAccessToken": True, "output": files, "error": []})
                     return
                 m = re.fullmatch(r"/bulkfiles/([^/]+)-([A-Za-z]+)\.ndjson", path)
                 if m:
@@ -316,6 +346,22 @@ class FakeFhirServer:
         return Handler
 
     loop_links = False
+    #: served at ``.well-known/smart-configuration`` when set (see :meth:`smart`)
+    smart_configuration: dict[str, Any] | None = None
+    #: scopes the token endpoint refuses, and the scopes it was asked for
+    refused_scopes: frozenset[str] = frozenset()
+
+    @property
+    def token_scopes(self) -> list[str]:
+        return self.__dict__.setdefault("_token_scopes", [])
+
+    def smart(self, capabilities: list[str], scopes: list[str]) -> None:
+        """Advertise SMART (``capabilities`` like ``permission-v2``) with a token endpoint."""
+        self.smart_configuration = {
+            "token_endpoint": f"http://127.0.0.1:{self.httpd.server_address[1]}/oauth/token",
+            "token_endpoint_auth_methods_supported": ["private_key_jwt", "client_secret_basic"],
+            "grant_types_supported": ["client_credentials"], "capabilities": capabilities,
+            "scopes_supported": scopes}
     #: where $export is served (and declared in /metadata)
     export_levels: tuple[str, ...] = ("Patient", "Group")
 

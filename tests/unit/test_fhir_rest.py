@@ -54,7 +54,7 @@ from responses.registries import OrderedRegistry
 
 from aggregator.errors import ConnectorError, ProtocolError, RemoteNotFound
 from connectors.base import NullProgress, PatientRef
-from connectors.fhir_rest import FhirConfig, FhirConnector, PullState
+from connectors.fhir_rest import COMPARTMENT, FhirConfig, FhirConnector, PullState
 from connectors.http import HttpClient
 from connectors.paging import Paginator
 from tests.conformance import assert_connector_conforms
@@ -176,7 +176,9 @@ def test_everything_since_sends_the_cursor_and_takes_the_change(recordings: Path
         for url in presigned_urls(records):
             rsps.add("GET", url, body=pdf_bytes(recordings), content_type="application/pdf")
         connector(strategy="everything", page_size=50).pull(PatientRef(id=A), None, h.sink, NullProgress())
-    since = {"Observation": {"since": "2026-11-24T16:03:35Z"}, "Patient": {"since": "2026-11-24T16:03:35Z"}}
+    # $everything's _since must hold for every compartment type: a type without a cursor was
+    # never fetched completely, and would make the pull a full one.
+    since = {t: {"since": "2026-11-24T16:03:35Z"} for t in [*COMPARTMENT, "Patient"]}
     recs = load(recordings / "everything-since")
     with responses.RequestsMock(registry=OrderedRegistry) as rsps:
         register_one(rsps, recs[0], loose_query=True)

@@ -117,13 +117,22 @@ def test_check_in_bearer_mode_reports_a_refused_token(recordings: Path, monkeypa
 
 
 def test_system_read_token_cannot_export(recordings: Path, tmp_path: Path) -> None:
+    """Medplum refused $export to a system/*.read token (403). Its smart-configuration also
+    advertises SMART v2, so a system/*.rs token is asked for once and the request sent again;
+    the recorded 403 answers that too, and then it stands."""
     c, _ = smart(tmp_path, token_url=TOKEN_URL)
     with responses.RequestsMock(registry=OrderedRegistry) as rsps:
+        register(rsps, recordings / "smart-backend", "private-key-jwt")
+        register(rsps, recordings / "smart-backend", "forbidden")
+        register(rsps, recordings / "capabilities", "fhir-well-known")
         register(rsps, recordings / "smart-backend", "private-key-jwt")
         register(rsps, recordings / "smart-backend", "forbidden")
         with pytest.raises(AccessDenied, match="forbidden"):
             c.client.request("GET", "Patient/$export", params={"_type": "Patient,Condition"},
                              headers={"Prefer": "respond-async"})
+        scopes = [parse_qs(str(call.request.body))["scope"] for call in rsps.calls if call.request.method == "POST"]
+    assert scopes == [["system/*.read"], ["system/*.rs"]]
+    assert cast(SmartBackendAuth, c.client.auth).scope == "system/*.rs"
 
 
 def test_401_refreshes_the_token_once(recordings: Path, tmp_path: Path) -> None:
