@@ -3,7 +3,10 @@
 WADO-RS answers are ``multipart/related`` streams of Part 10 files. They are parsed while they
 arrive (never held whole in memory) and each part is handed to the sink as received. The SOP
 Instance UID of a part is read from its File Meta group only, so no instance is decoded.
-Uses plain ``requests`` with (connect, read) timeouts; errors are translated at the boundary.
+Every request goes through the shared :class:`connectors.http.HttpClient`, as the FHIR
+connectors' do: (connect, read) timeouts, retries of 429/502-504 and dropped connections after
+``Retry-After``, statuses classified in one place (401 auth, 403 access denied, 404 not found),
+and query values (PatientIDs) masked wherever a URL is logged or reported.
 
 Report to study: with ``study_hints`` (from the case's FHIR reports, see
 ``aggregator.jobs.hints``) each hint is also looked up with QIDO-RS, by StudyInstanceUID, accession
@@ -25,16 +28,7 @@ from urllib.parse import quote
 import requests
 import urllib3
 
-from aggregator.errors import (
-    AccessDenied,
-    AuthError,
-    ConfigError,
-    ConnectorError,
-    ProtocolError,
-    RemoteNotFound,
-    TransientConnectorError,
-    UsageError,
-)
+from aggregator.errors import ConfigError, ProtocolError, TransientConnectorError, UsageError
 from connectors.base import (
     KIND_DICOM,
     CheckResult,
@@ -60,6 +54,7 @@ from connectors.dicom_stream import (
     select_hinted,
     split_part10,
 )
+from connectors.http import AuthStrategy, HttpClient, StaticAuth, mask_url
 from connectors.secrets import read_secret
 
 log = logging.getLogger(__name__)
@@ -96,11 +91,6 @@ class DicomwebConfig(ConnectorConfig):
             raise ConfigError("url must start with http:// or https://", item="url")
 
 
-def mask_url(url: str) -> str:
-    """The URL with query values masked (they can carry PatientIDs)."""
-    return re.sub(r"([?&][^=&]+=)[^&]*", r"\1***", url)
-
-
 class DicomwebConnector(Connector):
     kind: ClassVar[str] = "dicomweb"
     config_type: ClassVar[type[ConnectorConfig]] = DicomwebConfig
@@ -111,35 +101,29 @@ class DicomwebConnector(Connector):
         super().__init__(config)
         self.cfg: DicomwebConfig = config
         self.base = config.url.rstrip("/")
-        self.session = requests.Session()
-        self.session.headers["Accept-Encoding"] = "identity"
+        auth: AuthStrategy | None = None
         if config.auth == "bearer":
-            self.session.headers["Authorization"] = "Bearer " + read_secret(env=config.token_env,
-                                                                            file=config.token_file, what="token")
+            auth = StaticAuth.bearer(read_secret(env=config.token_env, file=config.token_file, what="token"))
         elif config.auth == "basic":
             if not config.username:
                 raise ConfigError("basic auth needs --username", item="username")
-            self.session.auth = (config.username, read_secret(env=config.password_env, file=config.password_file,
-                                                               what="password"))
+            auth = StaticAuth.basic(config.username, read_secret(env=config.password_env, file=config.password_file,
+                                                                 what="password"))
+        # One request at a time: studies are retrieved one after another.
+        self.client = HttpClient(self.base, auth=auth, concurrency=1, timeout=float(config.timeout),
+                                 connect_timeout=CONNECT_TIMEOUT)
+        # WADO-RS bodies are read straight from the socket (see response_blocks): no gzip.
+        self.client.session.headers["Accept-Encoding"] = "identity"
 
     def close(self) -> None:
-        self.session.close()
+        self.client.close()
 
     # -- HTTP ------------------------------------------------------------------------------
 
     def _get(self, path: str, *, params: Mapping[str, str] | None = None, accept: str = "application/dicom+json",
              stream: bool = False) -> requests.Response:
-        url = self.base + path
-        try:
-            resp = self.session.get(url, params=params, headers={"Accept": accept}, stream=stream,
-                                    timeout=(CONNECT_TIMEOUT, self.cfg.timeout))
-        except requests.Timeout as exc:
-            raise TransientConnectorError("DICOMweb request timed out", item=mask_url(url)) from exc
-        except requests.RequestException as exc:
-            raise TransientConnectorError(f"DICOMweb request failed: {type(exc).__name__}",
-                                          item=mask_url(url)) from exc
-        _raise_for_status(resp, mask_url(resp.url or url))
-        return resp
+        return self.client.request("GET", self.base + path, params=params, headers={"Accept": accept},
+                                   stream=stream)
 
     def _qido(self, path: str, params: Mapping[str, str]) -> list[dict[str, Any]]:
         resp = self._get(path, params=params)
@@ -559,23 +543,3 @@ def _meta_of(head: bytes) -> tuple[int, str, str, str]:
             sop_class = value
         pos = start + length
     return offset, ts, sop, sop_class
-
-
-def _raise_for_status(resp: requests.Response, where: str) -> None:
-    code = resp.status_code
-    if code < 400:
-        return
-    retry_after = None
-    if code in (429, 503) and resp.headers.get("Retry-After", "").isdigit():
-        retry_after = float(resp.headers["Retry-After"])
-    resp.close()
-    if code == 401:
-        raise AuthError("the DICOMweb server rejected our credentials (401)", item=where, status=code)
-    if code == 403:
-        raise AccessDenied("the DICOMweb server refused access (403)", item=where, status=code)
-    if code in (404, 410):
-        raise RemoteNotFound(f"not found on the DICOMweb server ({code})", item=where, status=code)
-    if code in (408, 429, 500, 502, 503, 504):
-        raise TransientConnectorError(f"DICOMweb server answered {code}", item=where, status=code,
-                                      retry_after=retry_after)
-    raise ConnectorError(f"DICOMweb server answered {code}", item=where, status=code)

@@ -11,6 +11,7 @@ PHI: names, birth dates, identifiers) and never bodies or tokens.
 
 from __future__ import annotations
 
+import base64
 import email.utils
 import logging
 import random
@@ -79,6 +80,32 @@ class NoAuth:
         pass
 
 
+class StaticAuth:
+    """Credentials that cannot be refreshed: a bearer token issued elsewhere, or HTTP Basic.
+
+    Used by DICOMweb; a 401 makes the client send once more (``invalidate`` has nothing to
+    forget), then it stands."""
+
+    def __init__(self, name: str, authorization: str) -> None:
+        self.name = name
+        self._value = authorization
+
+    @classmethod
+    def bearer(cls, token: str) -> StaticAuth:
+        return cls("bearer", f"Bearer {token}")
+
+    @classmethod
+    def basic(cls, user: str, password: str) -> StaticAuth:
+        raw = f"{user}:{password}".encode()
+        return cls("basic", "Basic " + base64.b64encode(raw).decode("ascii"))
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": self._value}
+
+    def invalidate(self) -> None:
+        pass
+
+
 # --- small pure helpers ---------------------------------------------------------------------
 
 
@@ -93,6 +120,21 @@ def mask_url(url: str) -> str:
     keys = [k for k, _ in parse_qsl(parts.query, keep_blank_values=True)]
     masked = "&".join(f"{k}=***" for k in keys)
     return urlunsplit(parts._replace(query=masked, fragment=""))
+
+
+class _MaskQueryValues(logging.Filter):
+    """Masks the query values in urllib3's own request log lines.
+
+    urllib3 logs every request line at DEBUG, query included: with ``AGGREGATOR_LOG_LEVEL=DEBUG``
+    a FHIR search's names and birth dates, or a QIDO-RS PatientID, would reach the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and record.args:
+            record.args = tuple(mask_url(a) if isinstance(a, str) and "?" in a else a for a in record.args)
+        return True
+
+
+logging.getLogger("urllib3.connectionpool").addFilter(_MaskQueryValues())
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
@@ -543,6 +585,7 @@ __all__ = [
     "RateLimiter",
     "RequestRejected",
     "Slots",
+    "StaticAuth",
     "classify_response",
     "mask_url",
     "outcome_codes",
