@@ -37,3 +37,11 @@ if [ "$with_test" = 1 ]; then
 else
   .venv/bin/python -m pip install -q --disable-pip-version-check -e .
 fi
+
+# The Medplum FHIR peer for tests (tests/peers/medplum): only when npm is there; the tests
+# that need it skip, saying why, when it is not.
+if [ "$with_test" = 1 ] && command -v npm >/dev/null 2>&1 \
+    && [ ! -d tests/peers/medplum/node_modules/@medplum/fhir-router ]; then
+  echo "installing the Medplum FHIR test peer (npm ci)" >&2
+  (cd tests/peers/medplum && npm ci --no-audit --no-fund --silent)
+fi

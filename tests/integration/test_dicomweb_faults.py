@@ -8,106 +8,27 @@ is reported are all the shared client's (``connectors/http.py``).
 
 from __future__ import annotations
 
-import http.client
-import json
 import logging
 import re
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 
 from aggregator.errors import AccessDenied, AuthError
 from connectors.base import KIND_DICOM, NullProgress, PatientRef
 from connectors.dicomweb import DicomwebConfig, DicomwebConnector
+from tests.fakes.proxy import FaultProxy
 from tests.integration.orthanc import LoadedArchive
 from tests.support import make_sink
 
 pytestmark = pytest.mark.orthanc
 
 
-class FaultProxy:
-    """A forwarding HTTP proxy for one upstream, with queued faults per path pattern."""
-
-    def __init__(self, upstream: str) -> None:
-        parts = urlsplit(upstream)
-        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
-        self.faults: list[tuple[re.Pattern[str], int, dict[str, str]]] = []
-        self.log: list[tuple[str, int]] = []
-        self.authorization: list[str | None] = []
-        self.lock = threading.Lock()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.httpd.daemon_threads = True
-
-    def inject(self, pattern: str, status: int, retry_after: int | None = None, times: int = 1) -> None:
-        headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
-        self.faults += [(re.compile(pattern), status, headers)] * times
-
-    def _take(self, path: str) -> tuple[int, dict[str, str]] | None:
-        with self.lock:
-            for i, (rx, status, headers) in enumerate(self.faults):
-                if rx.search(path):
-                    del self.faults[i]
-                    return status, headers
-        return None
-
-    def url(self, path: str = "") -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
-
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:  # http.server's method name
-                proxy.authorization.append(self.headers.get("Authorization"))
-                fault = proxy._take(self.path)
-                if fault is not None:
-                    status, headers = fault
-                    body = json.dumps({"error": "injected"}).encode()
-                    proxy.log.append((self.path, status))
-                    self.send_response(status)
-                    for k, v in {**headers, "Content-Type": "application/json",
-                                 "Content-Length": str(len(body))}.items():
-                        self.send_header(k, v)
-                    self.end_headers()
-                    self.wfile.write(body)
-                    return
-                conn = http.client.HTTPConnection(proxy.host, proxy.port, timeout=60)
-                try:
-                    conn.request("GET", self.path, headers={"Accept": self.headers.get("Accept", "*/*")})
-                    up = conn.getresponse()
-                    body = up.read()
-                finally:
-                    conn.close()
-                proxy.log.append((self.path, up.status))
-                self.send_response(up.status)
-                self.send_header("Content-Type", up.getheader("Content-Type") or "application/octet-stream")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        return Handler
-
-
 @pytest.fixture()
 def proxy(loaded_archive: LoadedArchive) -> Iterator[FaultProxy]:
-    p = FaultProxy(loaded_archive.server.url)
-    t = threading.Thread(target=p.httpd.serve_forever, daemon=True)
-    t.start()
-    try:
+    with FaultProxy(loaded_archive.server.url) as p:
         yield p
-    finally:
-        p.httpd.shutdown()
-        p.httpd.server_close()
 
 
 @pytest.fixture()
