@@ -13,7 +13,10 @@ sink is not thread-safe.
 Incremental cursor: ``{"<Type>": {"since": "<server instant>", ...}}``, where the instant is
 the server's clock (``Date`` header, else Bundle ``meta.lastUpdated``) at the *start* of the
 pull, so a resource changed while the pull ran is fetched again next time (a re-fetch, never a
-gap). A type whose search failed keeps its old cursor. Resources re-sent at the boundary whose
+gap). Only the types the strategy fetches get a cursor; one ``_since`` ($everything, $export)
+is the earliest over exactly those types, so every incremental pull asks for what changed since
+the last complete pull (referenced resources read by id have no cursor and cannot hold it
+back). A type whose search failed keeps its old cursor. Resources re-sent at the boundary whose
 ``meta.versionId`` did not change are not emitted again.
 """
 
