@@ -436,6 +436,9 @@ class FhirConnector(Connector):
             if self.config.auth != "none":
                 self.client.auth.headers()  # gets (and caches) a token for the OAuth modes
                 refused = self._probe_auth()
+                scope = getattr(self.client.auth, "scope", None)
+                if isinstance(scope, str):
+                    details["scope"] = scope  # the one granted (auto picks SMART v1 or v2)
                 if refused is not None:
                     details.update(auth_ok=False, status=refused.status, error=str(refused))
                     return CheckResult(False, details)

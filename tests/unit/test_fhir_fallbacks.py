@@ -191,6 +191,16 @@ def test_refused_v1_scope_leads_to_the_advertised_v2_scope(tmp_path: Path, slept
     assert {"Patient/p0", "Observation/o0-4"} <= done_keys(h)
 
 
+def test_check_reports_the_scope_it_was_granted(tmp_path: Path) -> None:
+    with FakeFhirServer(n_obs=1, token="tok") as srv:
+        srv.smart(["permission-v1", "permission-v2"], ["system/*.rs", "system/*.read"])
+        srv.refused_scopes = frozenset({"system/*.read"})
+        result = FhirConnector(FhirConfig(url=srv.url, auth="smart-backend", client_id="agg",
+                                          private_key=private_key(tmp_path))).check()
+        assert srv.token_scopes == ["system/*.read", "system/*.rs"]
+    assert result.ok and result.details["auth_ok"] and result.details["scope"] == "system/*.rs"
+
+
 def test_a_v1_only_server_keeps_the_v1_scope_and_reports_the_refusal(tmp_path: Path) -> None:
     with FakeFhirServer(n_obs=1, token="tok") as srv:
         srv.smart(["permission-v1"], ["system/*.read", "patient/*.read"])
