@@ -8,19 +8,21 @@ Instance UID; instances the archive fails to send become ``failed`` rows with th
 With ``study_hints`` (report to study, ``aggregator.jobs.hints``) each hint is also queried at
 STUDY level and its matches join the list; unmatched hints become ``query`` gaps.
 
-Speed and memory: queries and retrieves run on :class:`~connectors.dicom_stream.DimseLink`, one
-thread reading PDUs straight off a TCP_NODELAY socket with an unlimited maximum PDU, never
-decoding an instance; association PDUs are :mod:`connectors.acse`'s and identifiers
-:mod:`connectors.dicom_identifier`'s, so a query or retrieve never imports pydicom (~11 MiB).
-pynetdicom (its AE, with the socket reader replaced) is loaded only for C-ECHO and the
-capability probe of ``endpoint check``.
+Speed and memory: every association (C-ECHO, the capability probe of ``endpoint check``,
+queries and retrieves) runs on :class:`~connectors.dimse_link.DimseLink`, one thread reading
+PDUs straight off a TCP_NODELAY socket with an unlimited maximum PDU, never decoding an
+instance; association PDUs are :mod:`connectors.acse`'s and identifiers
+:mod:`connectors.dicom_identifier`'s, so the connector imports neither pydicom (~11 MiB) nor
+pynetdicom. pynetdicom is the tests' peer only.
+
+``cancel()`` (from another thread, e.g. a job being cancelled) sends C-CANCEL-RQ for the
+running query or retrieve and stops the pull before its next study.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -49,10 +51,7 @@ from connectors.base import (
 from connectors.dicom_identifier import decode_identifier, encode_identifier, patient_key_problem
 from connectors.dicom_stream import (
     NO_CRITERIA,
-    AssociationAborted,
-    AssociationRejected,
     BackgroundWriter,
-    DimseLink,
     SpoolBuffer,
     StudyHint,
     StudyMatch,
@@ -64,7 +63,13 @@ from connectors.dicom_stream import (
     record_hint_gap,
     select_hinted,
     store_instance,
-    tune_socket,
+)
+from connectors.dimse_link import (
+    VERIFICATION,
+    AssociationAborted,
+    AssociationRejected,
+    DimseLink,
+    PeerProtocolError,
 )
 
 log = logging.getLogger(__name__)
@@ -79,7 +84,6 @@ STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
 STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
 PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
-VERIFICATION = "1.2.840.10008.1.1"
 
 #: Transfer syntax UIDs (PS3.6 Annex A); spelled out so a retrieve never imports pydicom.
 ImplicitVRLittleEndian = "1.2.840.10008.1.2"
@@ -122,26 +126,10 @@ COMMON_STORAGE_CLASSES = [
     "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture
 ]
 
+CANCEL_STATUS = 0xFE00
+
 #: DIMSE failure statuses that mean "you are not allowed", not "try again".
 REFUSED_STATUSES = {0x0122, 0x0124, 0xA701, 0xA702, 0xA801, 0xA900}
-
-_configured = False
-_config_lock = threading.Lock()
-
-
-def configure_pynetdicom() -> None:
-    """Keep identifiers (names, birth dates) out of pynetdicom's logs; done once per process."""
-    global _configured
-    with _config_lock:
-        if _configured:
-            return
-        from pynetdicom import _config
-
-        _config.LOG_REQUEST_IDENTIFIERS = False
-        _config.LOG_RESPONSE_IDENTIFIERS = False
-        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-        _configured = True
-
 
 @dataclass
 class DimseConfig(ConnectorConfig):
@@ -245,40 +233,6 @@ class _Retrieval:
         return 0x0000
 
 
-def _on_conn_open(event: Any) -> None:
-    """Per-connection tuning: TCP_NODELAY, a big receive buffer, and a faster socket reader."""
-    wrapper = getattr(event.assoc.dul, "socket", None)
-    sock = getattr(wrapper, "socket", None)
-    if sock is None:
-        return
-    tune_socket(sock)
-    _install_fast_recv(wrapper, sock)
-
-
-def _install_fast_recv(wrapper: Any, sock: socket.socket) -> None:
-    """Replace pynetdicom's 4 KiB-at-a-time reader with ``recv_into`` a preallocated buffer.
-
-    pynetdicom's ``AssociationSocket.recv`` grows a bytearray in 4096-byte steps: about 40,000
-    calls and re-allocations for a 158 MB study. Reading straight into a buffer of the wanted
-    size is one allocation and a handful of syscalls per PDU. Semantics are kept: it returns
-    what it got when the peer closes the connection.
-    """
-
-    def recv(nr_bytes: int) -> bytearray:
-        buf = bytearray(nr_bytes)
-        view = memoryview(buf)
-        got = 0
-        while got < nr_bytes:
-            n = sock.recv_into(view[got:], nr_bytes - got)
-            if n == 0:
-                del view
-                return buf[:got]
-            got += n
-        return buf
-
-    wrapper.recv = recv
-
-
 class DimseConnector(Connector):
     """Query/retrieve one DICOM archive over DIMSE."""
 
@@ -290,48 +244,7 @@ class DimseConnector(Connector):
             raise ConfigError("DimseConnector needs a DimseConfig")
         super().__init__(config)
         self.cfg: DimseConfig = config
-
-    # -- associations ----------------------------------------------------------------------
-
-    def _ae(self) -> Any:
-        # pynetdicom's AE only for C-ECHO and the capability probe of ``endpoint check``:
-        # queries and retrieves use DimseLink and never load pynetdicom (resident memory)
-        configure_pynetdicom()
-        from pynetdicom import AE
-
-        ae = AE(ae_title=self.cfg.calling_ae)
-        ae.acse_timeout = self.cfg.acse_timeout
-        ae.dimse_timeout = self.cfg.dimse_timeout
-        ae.network_timeout = self.cfg.network_timeout
-        ae.connection_timeout = self.cfg.network_timeout
-        ae.maximum_pdu_size = MAX_PDU
-        return ae
-
-    def _associate(self, contexts: Sequence[tuple[str, Sequence[str]]], *, roles: Sequence[str] = (),
-                   handlers: Sequence[tuple[Any, Any]] = ()) -> Any:
-        """Open an association or raise a translated error that says why it failed."""
-        from pynetdicom import build_context, build_role, evt
-
-        ae = self._ae()
-        cxs = [build_context(a, list(ts)) for a, ts in contexts]
-        ext = [build_role(c, scp_role=True) for c in roles]
-        where = f"{self.cfg.called_ae}@{self.cfg.host}:{self.cfg.port}"
-        try:
-            assoc = ae.associate(self.cfg.host, int(self.cfg.port), cxs, ae_title=self.cfg.called_ae,
-                                 max_pdu=MAX_PDU, ext_neg=ext or None,
-                                 evt_handlers=[(evt.EVT_CONN_OPEN, _on_conn_open), *handlers])
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"cannot build the association request: {exc}", item=where) from exc
-        if assoc.is_established:
-            return assoc
-        if assoc.is_rejected:
-            raise AccessDenied(
-                f"the archive rejected the association; it must know calling AE title "
-                f"{self.cfg.calling_ae!r} (and our host) and answer to {self.cfg.called_ae!r}",
-                item=where)
-        if assoc.is_aborted:
-            raise TransientConnectorError("the archive aborted the association request", item=where)
-        raise TransientConnectorError("could not connect to the archive (no answer or timeout)", item=where)
+        self._cancel = threading.Event()
 
     # -- check -----------------------------------------------------------------------------
 
@@ -339,12 +252,17 @@ class DimseConnector(Connector):
         """C-ECHO, then probe which C-FIND/C-GET/C-MOVE models and levels the archive accepts."""
         details: dict[str, Any] = {"host": self.cfg.host, "port": self.cfg.port, "called_ae": self.cfg.called_ae}
         t0 = time.perf_counter()
-        assoc = self._associate([(VERIFICATION, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])])
+        link = self._open_link([(VERIFICATION, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])])
+        code: int | None = None
         try:
-            status = assoc.send_c_echo()
-            code = int(getattr(status, "Status", 0xFFFF)) if status else None
+            try:
+                code = link.echo()
+            except KeyError:
+                details["echo_error"] = "the archive does not accept the Verification SOP class"
+            except AssociationAborted as exc:
+                details["echo_error"] = str(exc)
         finally:
-            _release(assoc)
+            link.release()
         details["echo"] = code == 0
         details["echo_ms"] = round((time.perf_counter() - t0) * 1000, 1)
         if code != 0:
@@ -352,57 +270,69 @@ class DimseConnector(Connector):
             return CheckResult(False, details)
 
         probe = [(m, UNCOMPRESSED) for m in (PATIENT_ROOT_FIND, STUDY_ROOT_FIND, STUDY_ROOT_GET, STUDY_ROOT_MOVE)]
-        assoc = self._associate(probe)
+        prober = _Prober(self, probe)
         try:
-            accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
-            details["find"] = {lvl: self._probe_find(assoc, lvl) for lvl in ("PATIENT", "STUDY", "SERIES", "IMAGE")
+            accepted = {ab for ab, _ in prober.link.accepted.values()}
+            details["find"] = {lvl: prober.run(self._probe_find, lvl) for lvl in ("PATIENT", "STUDY", "SERIES", "IMAGE")
                                if STUDY_ROOT_FIND in accepted or lvl == "PATIENT"}
-            details["get"] = {lvl: self._probe_retrieve(assoc, "get", lvl) for lvl in ("STUDY", "SERIES", "IMAGE")} \
+            details["get"] = {lvl: prober.run(self._probe_get, lvl) for lvl in ("STUDY", "SERIES", "IMAGE")} \
                 if STUDY_ROOT_GET in accepted else {}
-            details["move"] = {lvl: self._probe_retrieve(assoc, "move", lvl) for lvl in ("STUDY", "SERIES", "IMAGE")} \
+            details["move"] = {lvl: prober.run(self._probe_move, lvl) for lvl in ("STUDY", "SERIES", "IMAGE")} \
                 if STUDY_ROOT_MOVE in accepted else {}
         finally:
-            _release(assoc)
+            prober.link.release()
         works = {"get": any(details["get"].values()), "move": any(details["move"].values())}
         details["retrieve_works"] = works
         return CheckResult(bool(works[self.cfg.retrieve]), details)
 
-    def _probe_find(self, assoc: Any, level: str) -> bool:
+    def _probe_find(self, link: DimseLink, level: str) -> bool:
         ds = _query(level, StudyInstanceUID="2.25.1" if level != "PATIENT" else None)
         model = PATIENT_ROOT_FIND if level == "PATIENT" else STUDY_ROOT_FIND
         if level == "PATIENT":
             ds["PatientID"] = "AGGREGATOR-PROBE-NO-SUCH-ID"
         try:
-            for status, _ in assoc.send_c_find(_dataset(ds), model):
-                if status is None or not hasattr(status, "Status"):
-                    return False
-                st = classify_status(int(status.Status))
-                if not (st.ok or st.pending):
-                    return False
-            return True
-        except (ValueError, RuntimeError):
+            cid_ts = link.context_for(model)
+        except KeyError:
             return False
+        for code, _ in link.find(model, encode_identifier(ds, cid_ts[1])):
+            st = classify_status(code)
+            if not (st.ok or st.pending):
+                return False
+        return True
 
-    def _probe_retrieve(self, assoc: Any, op: str, level: str) -> bool:
+    def _probe_get(self, link: DimseLink, level: str) -> bool:
+        return self._probe_retrieve(link, "get", level)
+
+    def _probe_move(self, link: DimseLink, level: str) -> bool:
+        return self._probe_retrieve(link, "move", level)
+
+    def _probe_retrieve(self, link: DimseLink, op: str, level: str) -> bool:
         """A retrieve of a UID that does not exist: allowed archives answer success/0 sub-ops."""
         ds = _query(level, StudyInstanceUID="2.25.1")
         if level in ("SERIES", "IMAGE"):
             ds["SeriesInstanceUID"] = "2.25.1.1"
         if level == "IMAGE":
             ds["SOPInstanceUID"] = "2.25.1.2"
-        dest = self.cfg.move_ae or self.cfg.calling_ae
+        model = STUDY_ROOT_GET if op == "get" else STUDY_ROOT_MOVE
         try:
-            responses = assoc.send_c_get(_dataset(ds), STUDY_ROOT_GET) if op == "get" else \
-                assoc.send_c_move(_dataset(ds), dest, STUDY_ROOT_MOVE)
-            for status, _ in responses:
-                if status is None or not hasattr(status, "Status"):
-                    return False
-                code = int(status.Status)
-                if code in REFUSED_STATUSES or 0xA800 <= code <= 0xA8FF:
-                    return False
-            return True
-        except (ValueError, RuntimeError):
+            _, ts = link.context_for(model)
+        except KeyError:
             return False
+        code, _, _ = link.retrieve("C-GET" if op == "get" else "C-MOVE", model, encode_identifier(ds, ts),
+                                   _refuse_store, self.cfg.move_ae or self.cfg.calling_ae)
+        return not (code in REFUSED_STATUSES or 0xA800 <= code <= 0xA8FF)
+
+    def cancel(self) -> None:
+        """Cancel the running pull from another thread: C-CANCEL-RQ now, no further study after.
+
+        The pull then ends with a :class:`TransientConnectorError` saying it was cancelled;
+        what was stored before stays stored (and in the ledger).
+        """
+        self._cancel.set()
+
+    def _check_cancelled(self) -> None:
+        if self._cancel.is_set():
+            raise TransientConnectorError("the pull was cancelled", item=self.cfg.called_ae, status="0xFE00")
 
     # -- pull ------------------------------------------------------------------------------
 
@@ -432,6 +362,7 @@ class DimseConnector(Connector):
         complete = dict(done_before)
         with BackgroundWriter() as writer:
             for study in studies:
+                self._check_cancelled()
                 retrieval = _Retrieval(sink, progress, study, writer)
                 optimistic = since is None and (
                     self.cfg.retrieve == "move" or 0 < len(study.sop_classes) <= _classes_per_association())
@@ -453,6 +384,7 @@ class DimseConnector(Connector):
                         complete[study.study_uid] = len(study.instances)
                 elif study.count is not None and len(retrieval.received) >= study.count:
                     complete[study.study_uid] = study.count
+        self._check_cancelled()
         log.info("dimse pull: %d studies, %.1fs", len(studies), time.monotonic() - started)
         return {"studies": {"studies": complete}}
 
@@ -611,7 +543,8 @@ class DimseConnector(Connector):
     def _link(self) -> DimseLink:
         return DimseLink(self.cfg.host, int(self.cfg.port), calling_ae=self.cfg.calling_ae,
                          called_ae=self.cfg.called_ae, connect_timeout=self.cfg.network_timeout,
-                         acse_timeout=self.cfg.acse_timeout, dimse_timeout=self.cfg.dimse_timeout)
+                         acse_timeout=self.cfg.acse_timeout, dimse_timeout=self.cfg.dimse_timeout,
+                         cancel_event=self._cancel)
 
     def _open_link(self, contexts: Sequence[tuple[str, Sequence[str]]], roles: Sequence[str] = ()) -> DimseLink:
         """A lean association for a retrieve (see :class:`DimseLink`), errors translated."""
@@ -620,12 +553,18 @@ class DimseConnector(Connector):
         try:
             link.associate(contexts, roles)
         except AssociationRejected as exc:
+            fields = f"result/source/reason {exc.result}/{exc.source}/{exc.reason}"
+            if exc.transient:
+                raise TransientConnectorError(f"the archive turned the association away for now ({fields})",
+                                              item=where) from exc
             raise AccessDenied(
-                f"the archive rejected the association (result/source/reason {exc.args}); it must know calling "
+                f"the archive rejected the association ({fields}); it must know calling "
                 f"AE title {self.cfg.calling_ae!r} (and our host) and answer to {self.cfg.called_ae!r}",
                 item=where) from exc
         except AssociationAborted as exc:
-            raise TransientConnectorError(f"association failed: {exc}", item=where) from exc
+            raise TransientConnectorError(f"association failed: {exc.message}", item=where) from exc
+        except PeerProtocolError as exc:
+            raise ProtocolError(f"association failed: {exc.message}", item=where) from exc
         except ValueError as exc:
             raise ConfigError(f"cannot build the association request: {exc}", item=where) from exc
         return link
@@ -665,7 +604,12 @@ class DimseConnector(Connector):
             try:
                 final, data, rsp_ts = link.retrieve(op, model, identifier, retrieval.on_instance, dest)
             except AssociationAborted as exc:
-                raise TransientConnectorError(f"{op} interrupted: {exc}", item=study_uid) from exc
+                raise TransientConnectorError(f"{op} interrupted: {exc.message}", item=study_uid) from exc
+            except PeerProtocolError as exc:
+                raise ProtocolError(f"{op} interrupted: {exc.message}", item=study_uid) from exc
+            if final == CANCEL_STATUS and self._cancel.is_set():
+                ok = True  # the association itself is fine: release it
+                raise TransientConnectorError(f"{op} was cancelled", item=study_uid, status="0xFE00")
             failed_ds = None
             if data:
                 try:
@@ -713,32 +657,34 @@ class DimseConnector(Connector):
 # --- helpers ----------------------------------------------------------------------------------
 
 
-def _release(assoc: Any) -> None:
-    try:
-        if assoc.is_established:
-            assoc.release()
-    except Exception:  # releasing must never mask the real error
-        log.debug("association release failed", exc_info=True)
+class _Prober:
+    """One association for the capability probe, reopened when a probe ends it (abort, timeout)."""
+
+    def __init__(self, connector: DimseConnector, contexts: Sequence[tuple[str, Sequence[str]]]) -> None:
+        self.connector, self.contexts = connector, contexts
+        self.link = connector._open_link(contexts)
+
+    def run(self, probe: Callable[[DimseLink, str], bool], level: str) -> bool:
+        if self.link.sock is None:
+            self.link = self.connector._open_link(self.contexts)
         try:
-            assoc.abort()
-        except Exception:
-            log.debug("association abort failed", exc_info=True)
+            return probe(self.link, level)
+        except (AssociationAborted, PeerProtocolError, ValueError) as exc:
+            log.info("probe at %s level failed: %s", level, exc)
+            self.link.abort()
+            return False
+
+
+def _refuse_store(sop_class: str, sop_uid: str, ts: str, source_ae: str, data: SpoolBuffer) -> int:
+    """A probe retrieves nothing: a C-STORE arriving anyway is refused (out of resources)."""
+    data.close()
+    return 0xA700
 
 
 def _query(level: str, **keys: Any) -> Keys:
     """An identifier's attributes; ``None`` values are left out (empty ones are return keys)."""
     ds: Keys = {"QueryRetrieveLevel": level}
     ds.update((k, v) for k, v in keys.items() if v is not None)
-    return ds
-
-
-def _dataset(keys: Keys) -> Any:
-    """The identifier as a pydicom Dataset, for pynetdicom's AE (``endpoint check`` only)."""
-    from pydicom.dataset import Dataset
-
-    ds = Dataset()
-    for k, v in keys.items():
-        setattr(ds, k, v)
     return ds
 
 
@@ -763,11 +709,15 @@ def _find(link: DimseLink, ds: Keys, model: str) -> Iterator[Keys]:
                     except ValueError as exc:
                         raise ProtocolError("a C-FIND response could not be decoded", item=level) from exc
                 continue
+            if st.category == "Cancel":
+                raise TransientConnectorError(f"C-FIND at {level} level was cancelled", item=level, status=st.hex)
             if not st.ok:
                 cls = AccessDenied if st.code in REFUSED_STATUSES else ConnectorError
                 raise cls(f"C-FIND at {level} level failed (status {st.hex})", item=level, status=st.hex)
     except AssociationAborted as exc:
-        raise TransientConnectorError(f"C-FIND interrupted: {exc}", item=level) from exc
+        raise TransientConnectorError(f"C-FIND interrupted: {exc.message}", item=level) from exc
+    except PeerProtocolError as exc:
+        raise ProtocolError(f"C-FIND interrupted: {exc.message}", item=level) from exc
 
 
 def _study_match(ds: Keys) -> StudyMatch:

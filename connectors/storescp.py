@@ -9,29 +9,34 @@ any syntax is fine and the archive need not transcode), and hands each dataset o
 It uses the same single-threaded PDU loop as the C-GET client (:class:`DimseLink`) rather than
 pynetdicom's server, whose per-message thread hand-offs made C-MOVE several times slower;
 the negotiation PDUs are :mod:`connectors.acse`'s.
+
+One thread serves each association, and at most ``max_associations`` run at once: an archive
+(or anyone else on the network) opening more is answered with A-ASSOCIATE-RJ "local limit
+exceeded" (transient), which a C-MOVE SCP retries or reports as a failed sub-operation.
+Finished threads are pruned on every accept, so a long C-MOVE session does not accumulate them.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
-import struct
 import threading
 from collections.abc import Callable
 
 from aggregator.errors import ConfigError
 from connectors import acse
-from connectors.dicom_stream import (
-    IMPLEMENTATION_CLASS_UID,
-    IMPLEMENTATION_VERSION_NAME,
-    NO_DATASET,
+from connectors.dicom_stream import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, SpoolBuffer, tune_socket
+from connectors.dimse_link import (
+    C_ECHO_RQ,
+    C_STORE_RQ,
+    COMMAND_FIELD,
+    DEFAULT_PEER_MAX_PDU,
+    VERIFICATION,
     AssociationAborted,
     AssociationReleased,
     DimseLink,
-    SpoolBuffer,
-    _us,
-    encode_command,
-    tune_socket,
+    PeerProtocolError,
+    _cmd_us,
 )
 
 log = logging.getLogger(__name__)
@@ -40,9 +45,8 @@ log = logging.getLogger(__name__)
 #: source AE title, raw dataset) -> DIMSE status to answer with; the handler closes the dataset.
 InstanceHandler = Callable[[str, str, str, str, SpoolBuffer], int]
 
-VERIFICATION = "1.2.840.10008.1.1"
-C_ECHO_RQ, C_ECHO_RSP = 0x0030, 0x8030
-
+#: Associations served at once by default; Orthanc and most archives send a C-MOVE over one.
+MAX_ASSOCIATIONS = 8
 
 #: Every Storage SOP Class of the standard lives under this root (PS3.4 B.5), retired and
 #: future ones included ...
@@ -71,15 +75,21 @@ class StorageSCP:
 
     def __init__(self, *, ae_title: str, host: str, port: int, handler: InstanceHandler,
                  allowed_calling_ae: str | None = None, acse_timeout: float = 30,
-                 dimse_timeout: float = 120, network_timeout: float = 60) -> None:
+                 dimse_timeout: float = 120, network_timeout: float = 60,
+                 max_associations: int = MAX_ASSOCIATIONS) -> None:
         self.ae_title = ae_title
         self.host = host
         self.port = port
         self.handler = handler
         self.allowed_calling_ae = allowed_calling_ae
         self.acse_timeout, self.dimse_timeout, self.network_timeout = acse_timeout, dimse_timeout, network_timeout
+        self.max_associations = max(1, max_associations)
         self._listener: socket.socket | None = None
+        self._acceptor: threading.Thread | None = None
+        #: threads serving associations; finished ones are pruned on each accept
         self._threads: list[threading.Thread] = []
+        #: associations refused because ``max_associations`` were already being served
+        self.refused = 0
         self._stop = threading.Event()
         self._lock = threading.Lock()
 
@@ -106,13 +116,14 @@ class StorageSCP:
             ) from exc
         sock.settimeout(0.2)
         self._listener = sock
-        thread = threading.Thread(target=self._accept_loop, name="storescp-accept", daemon=True)
-        thread.start()
-        self._threads.append(thread)
+        self._acceptor = threading.Thread(target=self._accept_loop, name="storescp-accept", daemon=True)
+        self._acceptor.start()
         log.debug("storage SCP %s listening on %s:%s", self.ae_title, self.host, self.port)
 
     def stop(self) -> None:
         self._stop.set()
+        if self._acceptor is not None:
+            self._acceptor.join(timeout=self.network_timeout)
         for t in list(self._threads):
             t.join(timeout=self.network_timeout)
         if self._listener is not None:
@@ -130,15 +141,48 @@ class StorageSCP:
                 continue
             except OSError:
                 return
+            self._threads = [t for t in self._threads if t.is_alive()]
+            if len(self._threads) >= self.max_associations:
+                self._refuse(conn)
+                continue
             t = threading.Thread(target=self._serve, args=(conn,), name="storescp-assoc", daemon=True)
             t.start()
             self._threads.append(t)
 
+    def active(self) -> int:
+        """Associations being served now."""
+        return sum(1 for t in self._threads if t.is_alive())
+
+    def _refuse(self, conn: socket.socket) -> None:
+        """A-ASSOCIATE-RJ (transient, local limit exceeded) without a thread of its own.
+
+        The request is read (briefly) first, so that closing does not reset the connection
+        before the peer has read our answer.
+        """
+        self.refused += 1
+        log.warning("storage SCP: %d associations already open; one refused", self.max_associations)
+        try:
+            conn.settimeout(0.5)
+            conn.sendall(acse.encode_rj(acse.RJ_TRANSIENT, acse.RJ_SOURCE_PRESENTATION, acse.RJ_LOCAL_LIMIT_EXCEEDED))
+            conn.shutdown(socket.SHUT_WR)
+            while conn.recv(65536):
+                pass
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
     def _serve(self, conn: socket.socket) -> None:
         tune_socket(conn)
         conn.settimeout(self.acse_timeout)
-        link = DimseLink("", 0, calling_ae=self.ae_title, called_ae="", connect_timeout=self.network_timeout,
-                         acse_timeout=self.acse_timeout, dimse_timeout=self.dimse_timeout)
+        try:
+            peer = conn.getpeername()
+        except OSError:
+            conn.close()
+            return
+        link = DimseLink(str(peer[0]), int(peer[1]), calling_ae=self.ae_title, called_ae="",
+                         connect_timeout=self.network_timeout, acse_timeout=self.acse_timeout,
+                         dimse_timeout=self.dimse_timeout, requestor=False)
         link.sock = conn
         try:
             if not self._negotiate(link):
@@ -146,22 +190,22 @@ class StorageSCP:
             conn.settimeout(self.dimse_timeout)
             while True:
                 msg = link.next_message()
-                field = struct.unpack("<H", msg.command.get(0x0100, b"\0\0")[:2])[0]
-                if field == 0x0001:  # C-STORE-RQ
+                field = _cmd_us(msg.command, COMMAND_FIELD)
+                if field == C_STORE_RQ:
                     link._serve_store(msg, self._locked_handler)
                 elif field == C_ECHO_RQ:
-                    rsp = encode_command([(0x0002, msg.command.get(0x0002, b"")), (0x0100, _us(C_ECHO_RSP)),
-                                          (0x0120, msg.command.get(0x0110, _us(0))), (0x0800, _us(NO_DATASET)),
-                                          (0x0900, _us(0))])
-                    link.send_message(msg.context_id, rsp)
+                    link.answer_echo(msg)
                 else:
                     log.warning("storage SCP: unexpected DIMSE command 0x%04X; aborting", field)
                     link.abort()
                     return
         except AssociationReleased:
             pass
-        except AssociationAborted as exc:
+        except (AssociationAborted, PeerProtocolError) as exc:
             log.info("storage SCP association ended: %s", exc)
+        except Exception:  # a thread's error would otherwise vanish; the archive sees an abort
+            log.exception("storage SCP association failed")
+            link.abort()
         finally:
             link.close()
 
@@ -173,26 +217,26 @@ class StorageSCP:
         """Answer the A-ASSOCIATE-RQ: accept storage contexts, reject strangers."""
         pdu_type, body = link._read_pdu()
         if pdu_type != acse.A_ASSOCIATE_RQ:
-            link.abort()
+            link.abort(acse.ABORT_SOURCE_PROVIDER, acse.ABORT_UNEXPECTED_PDU)
             return False
         try:
             rq = acse.decode_rq(body)
         except acse.PduError:
             log.info("storage SCP aborted an association: malformed A-ASSOCIATE-RQ")
-            link.abort()
+            link.abort(acse.ABORT_SOURCE_PROVIDER, acse.ABORT_INVALID_PARAMETER)
             return False
         reason = None
         if rq.called_ae != self.ae_title.strip():
-            reason = 7  # called AE title not recognised
+            reason = acse.RJ_CALLED_AE_NOT_RECOGNIZED
         elif self.allowed_calling_ae and rq.calling_ae != self.allowed_calling_ae.strip():
-            reason = 3  # calling AE title not recognised
+            reason = acse.RJ_CALLING_AE_NOT_RECOGNIZED
         if reason is not None:
-            link._send(acse.encode_rj(0x01, 0x01, reason))
+            link._send(acse.encode_rj(acse.RJ_PERMANENT, acse.RJ_SOURCE_USER, reason))
             log.info("storage SCP rejected an association (reason %d)", reason)
             link.close()
             return False
         link.peer_ae = rq.calling_ae
-        link.peer_max_pdu = rq.max_pdu if rq.max_pdu is not None else 16384
+        link.peer_max_pdu = rq.max_pdu if rq.max_pdu is not None else DEFAULT_PEER_MAX_PDU
         results = []
         for cx in rq.contexts:
             if _accepts(cx.abstract_syntax) and cx.transfer_syntaxes:
