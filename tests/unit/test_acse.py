@@ -5,9 +5,11 @@ from __future__ import annotations
 import struct
 
 import pytest
-from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
+from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ, A_RELEASE_RP, A_RELEASE_RQ
 from pynetdicom.pdu_primitives import (
+    A_ABORT,
     A_ASSOCIATE,
+    A_P_ABORT,
     ImplementationClassUIDNotification,
     MaximumLengthNotification,
     SCP_SCU_RoleSelectionNegotiation,
@@ -110,3 +112,43 @@ def test_status_classes_agree_with_pynetdicom() -> None:
     codes = [0x0000, 0x0001, 0x0107, 0x0116, 0x0105, 0x0122, 0x0124, 0x0210, 0xA700, 0xA801, 0xA900,
              0xB000, 0xB007, 0xC000, 0xC123, 0xFE00, 0xFF00, 0xFF01]
     assert {c: status_category(c) for c in codes} == {c: code_to_category(c) for c in codes}
+
+
+def test_the_pdu_type_constants_are_pynetdicoms() -> None:
+    from pynetdicom.pdu import PDU_TYPES
+
+    theirs = {code: cls.__name__ for cls, code in PDU_TYPES.items()}
+    assert {code: name.replace("-", "_") for code, name in acse.PDU_NAMES.items()} == {
+        code: name.replace("A_ABORT_RQ", "A_ABORT") for code, name in theirs.items()}
+
+
+@pytest.mark.parametrize(("source", "reason"), [(0, 0), (2, 0), (2, 1), (2, 2), (2, 4), (2, 5), (2, 6)])
+def test_abort_both_ways_with_pynetdicom(source: int, reason: int) -> None:
+    ours = acse.encode_abort(source, reason)
+    theirs = A_ABORT_RQ()
+    theirs.decode(ours)
+    assert (theirs.source, theirs.reason_diagnostic) == (source, reason)
+    if source == 2:
+        prim: A_ABORT | A_P_ABORT = A_P_ABORT()
+        prim.provider_reason = reason
+    else:
+        prim = A_ABORT()
+        prim.abort_source = source
+    made = A_ABORT_RQ()
+    made.from_primitive(prim)
+    assert acse.decode_abort(made.encode()[6:]) == (source, reason)
+    assert acse.describe_abort(source, reason).startswith("source: service-")
+
+
+def test_release_pdus_are_what_pynetdicom_reads() -> None:
+    A_RELEASE_RQ().decode(acse.encode_release_rq())
+    A_RELEASE_RP().decode(acse.encode_release_rp())
+    assert acse.encode_release_rq() == A_RELEASE_RQ().encode()
+    assert acse.encode_release_rp() == A_RELEASE_RP().encode()
+
+
+def test_the_ac_echoes_are_read() -> None:
+    raw = acse.encode_ac("ORTHANC", "AGGREGATOR", [acse.ContextResult(1, acse.ACCEPTANCE, EXPLICIT)], max_pdu=0,
+                         impl_uid="2.25.1", impl_version="")
+    ac = acse.decode_ac(raw[6:])
+    assert (ac.called_ae, ac.calling_ae, ac.application_context) == ("ORTHANC", "AGGREGATOR", acse.APPLICATION_CONTEXT)
