@@ -1,22 +1,30 @@
 """The human entry points of a package: ``summary.html``, ``INDEX.HTM`` and ``README.TXT``.
 
 The consultant opens these first, possibly on a hospital workstation with no network and no
-JavaScript, so every page is one self-contained HTML file: inline CSS, no scripts, no external
-assets, links only to files inside the package. Every value from the record is HTML-escaped;
-links are made only to package paths we wrote ourselves, never to URLs found in the data.
+JavaScript, so every page is one self-contained HTML file: inline CSS, inline SVG charts and PNG
+thumbnails, no scripts, no external assets, links only to files inside the package. The pages
+come from Jinja2 templates with autoescaping (``pages/templates``): a value from the record is
+always text, never markup; links are made only to package paths we wrote ourselves.
 
-The summary shows the underlying record, not a digest of it: pathology reports with their full
-text, radiology reports next to the studies they describe, the latest value of every lab test,
-and the gap report saying what is still missing and why.
+The summary reads in a physician's order: the case and the checklist status, a one-screen
+overview (active problems, current medications, allergies, key dates), then every section in
+full - pathology and radiology reports with their whole text, each study with a thumbnail per
+series, every lab value grouped by panel with its trend. "Not received" is never worded as a
+clinical finding. Only the identifiers a consultant needs (MRNs with their issuer) are shown.
+The page is a pure function of its inputs: byte-identical for the same record.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Iterable, Mapping, Sequence
-from html import escape
-from typing import Any, NamedTuple
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+from markupsafe import Markup
 
 from aggregator import __version__
 from aggregator.blobs import BlobStore
@@ -27,26 +35,14 @@ from aggregator.normalize.identity import representation
 from aggregator.package.dicomdir import PlacedImage
 from aggregator.package.document import SECTION_TYPES, patient_entry, section_of
 from aggregator.package.manifest import TOOL_NAME
+from aggregator.package.pages.charts import trend_svg
+from aggregator.package.pages.fmt import fmt_date, parse_when
+from aggregator.package.pages.labs import SOCIAL, VITALS, Series, SeriesBook, Value, value_of
+from aggregator.package.pages.thumbnails import Thumbnail, render_series
 
 MAX_INLINE_TEXT = 2 << 20
-CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Arial,sans-serif;margin:0 auto;max-width:72rem;
-padding:1rem 1.5rem;color:#1b1b1b;line-height:1.45}
-h1{font-size:1.6rem;margin-bottom:.2rem}h2{border-bottom:2px solid #2b5797;padding-bottom:.2rem;margin-top:2rem}
-h3{margin-bottom:.3rem}table{border-collapse:collapse;width:100%;margin:.5rem 0}
-th,td{border:1px solid #ccc;padding:.25rem .5rem;text-align:left;vertical-align:top}th{background:#eef2f8}
-pre{white-space:pre-wrap;background:#f7f7f7;border:1px solid #ddd;padding:.6rem;font-size:.9rem}
-.muted{color:#666}.status-complete{color:#1a7f37}.status-partial{color:#9a6700}.status-missing{color:#cf222e}
-nav a{margin-right:.8rem}.card{border:1px solid #ddd;border-radius:4px;padding:.6rem .9rem;margin:.6rem 0}
-@media print{nav{display:none}}
-"""
-
 
 # --- small readers over FHIR JSON -----------------------------------------------------------
-
-
-def _e(value: Any) -> str:
-    return escape("" if value is None else str(value))
 
 
 def cc_text(concept: Any) -> str:
@@ -62,6 +58,12 @@ def cc_text(concept: Any) -> str:
         if isinstance(c, Mapping) and c.get("code"):
             return str(c["code"])
     return ""
+
+
+def _codes(concept: Any) -> set[str]:
+    if not isinstance(concept, Mapping):
+        return set()
+    return {str(c.get("code")) for c in concept.get("coding") or [] if isinstance(c, Mapping) and c.get("code")}
 
 
 def _first(res: Mapping[str, Any], *paths: str) -> Any:
@@ -84,176 +86,201 @@ def res_date(res: Mapping[str, Any]) -> str:
 
 
 def quantity_text(res: Mapping[str, Any]) -> tuple[str, str]:
-    """(value, unit) of an Observation's value[x]."""
-    q = res.get("valueQuantity")
-    if isinstance(q, Mapping):
-        comparator = q.get("comparator") or ""
-        return f"{comparator}{q.get('value', '')}", str(q.get("unit") or q.get("code") or "")
-    for key in ("valueString", "valueBoolean", "valueInteger", "valueDateTime", "valueTime"):
-        if key in res:
-            return str(res[key]), ""
-    if "valueCodeableConcept" in res:
-        return cc_text(res["valueCodeableConcept"]), ""
-    if isinstance(res.get("valueRange"), Mapping):
-        r = res["valueRange"]
-        return f"{(r.get('low') or {}).get('value', '')}-{(r.get('high') or {}).get('value', '')}", str(
-            (r.get("low") or r.get("high") or {}).get("unit", ""))
-    if res.get("component"):
+    """(value, readable unit) of an Observation's value[x]; components joined."""
+    text, _, unit = value_of(res)
+    if not text and res.get("component"):
         parts = []
         for comp in res["component"]:
             if isinstance(comp, Mapping):
-                v, u = quantity_text(comp)
+                v, _, u = value_of(comp)
                 parts.append(f"{cc_text(comp.get('code'))}: {v} {u}".strip())
         return "; ".join(parts), ""
-    if res.get("dataAbsentReason"):
-        return f"(absent: {cc_text(res['dataAbsentReason'])})", ""
-    return "", ""
+    return text, unit
 
 
 #: resource types the summary looks up by reference besides the ones its sections show
 _LOOKED_UP = frozenset({"Medication", "Observation", "ImagingStudy"})
-#: resource types a reference from a card or a medication can resolve to (as in a by-reference map
-#: of everything a section shows or links to: not claims, encounters...)
 _BY_REF_TYPES = SECTION_TYPES | _LOOKED_UP
+#: identifier types a consultant does not need (minimum necessary): SSN, driver's licence, passport...
+_HIDDEN_ID_TYPES = frozenset({"SS", "SB", "DL", "PPN", "TAX", "PEN", "MC", "MA", "BA", "DR", "CZ", "NI"})
+_HIDDEN_ID_WORDS = ("ssn", "social", "driver", "licen", "passport", "us-ssn", "2.16.840.1.113883.4.1")
+#: SNOMED CT codes of a recorded "no known allergy" (a finding, unlike an empty section)
+_NO_KNOWN_ALLERGY = frozenset({"716186003", "409137002", "428607008", "429625007", "428197003"})
+#: gap reasons as the status a navigator reads
+REASON_TEXT = {
+    "not-found": "missing", "not-found-at-source": "not available at the source", "access-denied":
+    "not available (access denied)", "retrieval-failed": "not available (retrieval failed)",
+    "pending": "requested, not yet received", "summary-only": "summary only; the full report is missing",
+    "images-not-retrieved": "images not retrieved", "identity-conflict": "identity conflict",
+    "outdated": "outdated", "several-patients": "records of several patients",
+    "identity-unverified": "identity not verified",
+}
 
 
 def _ref_key(ref: Any) -> str | None:
-    """The key a Reference (or a plain reference string) is looked up by."""
     if isinstance(ref, Mapping):
         ref = ref.get("reference")
     return str(ref) if ref else None
 
 
-class _Lab:
-    """One lab test (per code) while the record streams: its latest value and how many values."""
-
-    __slots__ = ("count", "date", "latest", "title")
-
-    def __init__(self, res: dict[str, Any]) -> None:
-        self.title = cc_text(res.get("code")).lower()
-        """Sort key: the code text of the test's first value in the record."""
-        self.count = 1
-        self.date = res_date(res)
-        self.latest = res
-
-    def add(self, res: dict[str, Any]) -> None:
-        self.count += 1
-        when = res_date(res)
-        if when >= self.date:  # a stable sort by date would put the last of equal dates last
-            self.date = when
-            self.latest = res
+def _day(value: Any) -> str:
+    return parse_when(value)[0]
 
 
-class _MedRow(NamedTuple):
-    """A medication row before its Medication is looked up (the cells are already escaped)."""
+@dataclass
+class Row:
+    """One dated row of a section (values already as text; the template escapes them)."""
 
-    med: str
-    """The medicationCodeableConcept's text; empty: look ``ref`` up."""
-    ref: str | None
-    fallback: str
-    """The medicationReference's display, for a Medication that is not in the record."""
-    status: str
-    date: str
-    dosage: str
-    kind: str
+    when: str
+    cells: dict[str, Any]
+    order: int = 0
+
+
+@dataclass
+class SeriesView:
+    uid: str
+    number: str
+    description: str
+    modality: str
+    instances: int
+    folder: str
+    thumbnail: Thumbnail | None
+
+
+@dataclass
+class StudyView:
+    uid: str
+    anchor: str
+    when: str
+    description: str
+    modalities: str
+    declared_series: str
+    declared_instances: str
+    folder: str
+    series: list[SeriesView] = field(default_factory=list)
+    described: bool = True
+    no_pixels: str = ""
+    """A warning when files of the study carry no Pixel Data (see :func:`_no_pixels`)."""
 
 
 class _Index:
-    """What the summary shows, gathered while the record streams past, and documents by path.
+    """What the summary shows, gathered while the record streams past.
 
     Why not the resources themselves: a large record holds tens of thousands of Observations,
-    medications and conditions. Each section keeps only what it prints: the rows of its table
-    (already escaped), one latest Observation per lab test, the few report cards in full (their
-    text is printed whole); references from cards and medications are looked up in one more pass
-    that keeps only the resources they name.
+    medications and conditions. Each section keeps only what it prints; lab values are kept as
+    small series; the few report cards are kept whole (their text is printed in full); references
+    from cards and medications are looked up in one more pass keeping only what they name.
     """
 
-    def __init__(self, record: NormalizedRecord, blobs: BlobStore,
-                 images_by_study: Mapping[str, list[PlacedImage]]) -> None:
+    def __init__(self, record: NormalizedRecord, blobs: BlobStore) -> None:
         self.record = record
         self.blobs = blobs
-        self.images_by_study = images_by_study
         self.docs = {d.path: d for d in record.documents}
         self.docs_by_ref: dict[str, list[DocumentFile]] = {}
         for d in record.documents:
             self.docs_by_ref.setdefault(d.resource_ref, []).append(d)
-        self.problems: list[tuple[str, tuple[str, ...]]] = []
+        self.problems: list[Row] = []
+        self.procedures: list[Row] = []
         self.pathology: list[dict[str, Any]] = []
         self.radiology: list[dict[str, Any]] = []
-        self.studies: list[tuple[str, str, tuple[str, ...]]] = []
-        self.labs: dict[str, _Lab] = {}
-        self.medications: list[tuple[str, _MedRow]] = []
-        self.allergies: list[tuple[str, ...]] = []
-        self.notes: list[tuple[str, tuple[str, ...]]] = []
+        self.studies: list[dict[str, Any]] = []
+        self.book = SeriesBook()
+        self.medications: list[Row] = []
+        self.med_refs: list[tuple[Row, str | None]] = []
+        self.allergies: list[Row] = []
+        self.no_known_allergy: list[Row] = []
+        self.notes: list[Row] = []
         self.lookups: dict[str, dict[str, Any] | None] = {}
-        """Resources that cards and medication rows reference, by reference key (None: not found)."""
+        n = 0
         for entry, _ in stream.entries(record):
             res = entry.get("resource") or {}
             key = section_of(res)
             if key:
-                self._add(key, res)
+                n += 1
+                self._add(key, res, entry, n)
+        self.book.finish()
         if self.lookups:
             self._look_up()
+        for row, ref in self.med_refs:
+            if not row.cells["medication"] and (m := self.get(ref)):
+                row.cells["medication"] = cc_text(m.get("code"))
+            row.cells["medication"] = row.cells["medication"] or row.cells.pop("fallback", "") or "(not named)"
 
     def _want(self, ref: Any) -> None:
         key = _ref_key(ref)
         if key:
             self.lookups[key] = None
 
-    def _add(self, key: str, res: dict[str, Any]) -> None:
+    def _add(self, key: str, res: dict[str, Any], entry: Mapping[str, Any], n: int) -> None:
         rtype = res.get("resourceType")
+        when = res_date(res)
         if key == "problems":
-            self.problems.append((res_date(res), _problem_row(res)))
+            onset = _first(res, "onsetDateTime", "onsetPeriod.start", "onsetString")
+            self.problems.append(Row(when, {
+                "name": cc_text(res.get("code")), "status": cc_text(res.get("clinicalStatus")),
+                "active": bool(_codes(res.get("clinicalStatus")) & {"active", "recurrence", "relapse"})
+                or not res.get("clinicalStatus"),
+                "verification": cc_text(res.get("verificationStatus")),
+                "onset": fmt_date(onset) if onset else "", "onset_raw": str(onset or ""),
+                "recorded": fmt_date(res.get("recordedDate"))}, n))
+        elif key == "procedures":
+            self.procedures.append(Row(when, {"name": cc_text(res.get("code")), "status": res.get("status") or "",
+                                              "date": fmt_date(when), "body_site": "; ".join(
+                                                  cc_text(b) for b in res.get("bodySite") or [])}, n))
         elif key == "pathology" or (key == "imaging" and rtype != "ImagingStudy"):
             (self.pathology if key == "pathology" else self.radiology).append(res)
-            for ref in [*(res.get("result") or []), *(res.get("imagingStudy") or [])]:
+            for ref in [*(res.get("result") or []), *(res.get("imagingStudy") or []), *(res.get("specimen") or [])]:
                 self._want(ref)
         elif key == "imaging":
-            self.studies.append((res_date(res), _study_uid(res), self._study_row(res)))
+            self.studies.append(res)
         elif key == "results" and rtype == "Observation":
-            code = res.get("code") or {}
-            codings = code.get("coding") or [{}]
-            first = codings[0] if isinstance(codings[0], dict) else {}
-            lab = f"{first.get('system', '')}|{first.get('code', '')}" if first.get("code") else cc_text(code)
-            if lab in self.labs:
-                self.labs[lab].add(res)
-            else:
-                self.labs[lab] = _Lab(res)
+            refs = [str(entry["fullUrl"])] if entry.get("fullUrl") else []
+            if res.get("id"):
+                refs.append(f"Observation/{res['id']}")
+            self.book.add(res, refs)
+        elif key == "results" and rtype == "DiagnosticReport":
+            refs = [k for r in res.get("result") or [] if (k := _ref_key(r))]
+            self.book.add_panel(res, refs)
         elif key == "medications":
             med = cc_text(res.get("medicationCodeableConcept"))
             if not med:
                 self._want(res.get("medicationReference"))
             dosage = "; ".join(str(d.get("text")) for d in (res.get("dosageInstruction") or res.get("dosage") or [])
                                if isinstance(d, Mapping) and d.get("text"))
-            fallback = str((res.get("medicationReference") or {}).get("display") or "")
-            self.medications.append((res_date(res), _MedRow(
-                med, _ref_key(res.get("medicationReference")), fallback, _e(res.get("status") or ""),
-                _e(res_date(res)), _e(dosage), _e(rtype))))
+            status = str(res.get("status") or "")
+            row = Row(when, {"medication": med, "fallback": str((res.get("medicationReference") or {}).get(
+                "display") or ""), "status": status, "date": fmt_date(when), "dosage": dosage,
+                "kind": {"MedicationRequest": "prescribed", "MedicationStatement": "reported",
+                         "MedicationAdministration": "administered", "MedicationDispense": "dispensed"}.get(
+                    str(rtype), str(rtype)),
+                "current": status in ("active", "intended", "on-hold", "in-progress")}, n)
+            self.medications.append(row)
+            self.med_refs.append((row, _ref_key(res.get("medicationReference"))))
         elif key == "allergies":
             reactions = "; ".join(cc_text(m) for r in res.get("reaction") or [] if isinstance(r, Mapping)
                                   for m in r.get("manifestation") or [])
-            self.allergies.append((_e(cc_text(res.get("code"))), _e(cc_text(res.get("clinicalStatus"))),
-                                   _e(res.get("criticality") or ""), _e(reactions), _e(res_date(res))))
+            row = Row(when, {"substance": cc_text(res.get("code")), "status": cc_text(res.get("clinicalStatus")),
+                             "verification": cc_text(res.get("verificationStatus")),
+                             "criticality": res.get("criticality") or "", "reactions": reactions,
+                             "recorded": fmt_date(when)}, n)
+            if _codes(res.get("code")) & _NO_KNOWN_ALLERGY:
+                self.no_known_allergy.append(row)
+            else:
+                self.allergies.append(row)
         elif key == "notes":
             title = cc_text(res.get("type")) or cc_text(res.get("code")) or res.get("description") or ""
-            links = "<br>".join(_link(d) for d in self.doc_links(res)) or '<span class="muted">no document file</span>'
-            self.notes.append((res_date(res), (_e(res_date(res)), _e(title), _e(rtype), links)))
-
-    def _study_row(self, s: dict[str, Any]) -> tuple[str, ...]:
-        uid = _study_uid(s)
-        placed = self.images_by_study.get(uid, [])
-        n_series = len({p.image.series_instance_uid for p in placed})
-        return (_e(res_date(s)), _e(s.get("description") or ""), _e(s.get("numberOfSeries", "")),
-                _e(s.get("numberOfInstances", "")), f"{n_series} / {len(placed)}{_no_pixels(placed)}",
-                _e(placed_folder(placed)))
+            texts = [t for att in _attachments(res) if (t := self.attachment_text(att)) is not None]
+            self.notes.append(Row(when, {"date": fmt_date(when), "title": title, "kind": rtype,
+                                         "author": "; ".join(str(a.get("display")) for a in res.get("author") or []
+                                                             if isinstance(a, Mapping) and a.get("display")),
+                                         "links": self.doc_links(res), "texts": texts}, n))
 
     def _look_up(self) -> None:
-        """Fill :attr:`lookups` in one more pass, keeping only the resources referenced (the last
-        resource under a key wins, as in a map built in bundle order)."""
+        """Fill :attr:`lookups` in one more pass, keeping only the resources referenced."""
         for entry, _ in stream.entries(self.record):
             res = entry.get("resource") or {}
             rtype = res.get("resourceType")
-            if rtype not in _BY_REF_TYPES:
+            if rtype not in _BY_REF_TYPES and rtype != "Specimen":
                 continue
             keys = [str(entry["fullUrl"])] if entry.get("fullUrl") else []
             if rtype and res.get("id"):
@@ -285,184 +312,37 @@ class _Index:
         return raw.decode("utf-8", "replace")
 
     def doc_links(self, res: Mapping[str, Any]) -> list[DocumentFile]:
-        atts = list(res.get("presentedForm") or [])
-        atts += [c.get("attachment") for c in res.get("content") or [] if isinstance(c, Mapping)]
         out = []
-        for att in atts:
-            if isinstance(att, Mapping) and (doc := self.docs.get(str(att.get("url") or ""))):
+        for att in _attachments(res):
+            if (doc := self.docs.get(str(att.get("url") or ""))) and doc not in out:
                 out.append(doc)
         ref = f"{res.get('resourceType')}/{res.get('id')}"
         out += [d for d in self.docs_by_ref.get(ref, ()) if d not in out]
         return out
 
 
-def _link(doc: DocumentFile, prefix: str = "") -> str:
-    label = doc.title or doc.path.rsplit("/", 1)[-1]
-    href = escape(prefix + doc.path, quote=True)
-    return f'<a href="{href}">{_e(label)}</a> <span class="muted">({_e(doc.content_type)}, {doc.size} bytes)</span>'
-
-
-def _table(headers: Sequence[str], rows: Iterable[Sequence[str]], empty: str) -> str:
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    if not body:
-        return f'<p class="muted">{_e(empty)}</p>'
-    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-# --- sections of summary.html ---------------------------------------------------------------
-
-
-#: how the Patient row labels a name's EN-representation (the alphabetic one needs no label)
-_SPELLING = {"IDE": "ideographic", "SYL": "phonetic"}
-
-
-def _patient(record: NormalizedRecord, case: CaseInfo) -> str:
-    entry = patient_entry(record)
-    res = (entry or {}).get("resource") or {}
-    names = []
-    for n in res.get("name") or []:
-        if isinstance(n, Mapping):
-            text = n.get("text") or " ".join([*(n.get("given") or []), str(n.get("family") or "")]).strip()
-            spelled = _SPELLING.get(representation(n))  # a DICOM name's ideographic/phonetic group
-            names.append(f"{text} ({spelled})" if text and spelled else text)
-    ids = [f"{_e(i.get('value'))} <span class=\"muted\">{_e(cc_text(i.get('type')) or i.get('system') or '')}</span>"
-           for i in res.get("identifier") or [] if isinstance(i, Mapping)]
-    rows = [
-        ("Name", _e("; ".join(x for x in names if x) or case.patient_name or "(not recorded)")),
-        ("Birth date", _e(res.get("birthDate") or case.birth_date or "")),
-        ("Sex", _e(res.get("gender") or "")),
-        ("Identifiers", "<br>".join(ids)),
-        ("Case", _e(case.id) + (f" (case date {_e(case.case_date)})" if case.case_date else "")),
-    ]
-    return "<h2 id=\"patient\">Patient</h2>" + _table(("", ""), rows, "")
-
-
-def _problem_row(res: Mapping[str, Any]) -> tuple[str, ...]:
-    return (_e(cc_text(res.get("code"))), _e(cc_text(res.get("clinicalStatus"))),
-            _e(cc_text(res.get("verificationStatus"))),
-            _e(_first(res, "onsetDateTime", "onsetPeriod.start", "onsetString") or ""),
-            _e(res.get("recordedDate") or ""))
-
-
-def _newest_first(rows: list[tuple[str, Any]]) -> list[Any]:
-    """Rows by date, newest first; rows of equal dates keep their bundle order (a stable sort)."""
-    return [row for _, row in sorted(rows, key=lambda r: r[0], reverse=True)]
-
-
-def _problems(idx: _Index) -> str:
-    rows = _newest_first(idx.problems)
-    return "<h2 id=\"problems\">Problem list</h2>" + _table(
-        ("Condition", "Clinical status", "Verification", "Onset", "Recorded"), rows, "No conditions in the record.")
-
-
-def _report_card(idx: _Index, res: Mapping[str, Any], images_by_study: Mapping[str, list[PlacedImage]]) -> str:
-    title = cc_text(res.get("code")) or cc_text(res.get("type")) or res.get("description") or res.get("resourceType")
-    parts = [f'<div class="card"><h3>{_e(title)}</h3><p class="muted">{_e(res_date(res))} '
-             f'· {_e(res.get("status") or "")} · {_e(res.get("resourceType"))}/{_e(res.get("id"))}</p>']
-    if res.get("conclusion"):
-        parts.append(f"<p><strong>Conclusion:</strong> {_e(res['conclusion'])}</p>")
-    for result in res.get("result") or []:
-        obs = idx.get(result)
-        if obs:
-            v, u = quantity_text(obs)
-            parts.append(f"<p>{_e(cc_text(obs.get('code')))}: {_e(v)} {_e(u)}</p>")
+def _attachments(res: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     atts = list(res.get("presentedForm") or [])
     atts += [c.get("attachment") for c in res.get("content") or [] if isinstance(c, Mapping)]
-    for att in atts:
-        if isinstance(att, Mapping) and (text := idx.attachment_text(att)) is not None:
-            parts.append(f"<pre>{_e(text)}</pre>")
-    for study_ref in res.get("imagingStudy") or []:
-        study = idx.get(study_ref)
-        if study:
-            parts.append(f"<p>Study: {_study_line(study, images_by_study)}</p>")
-    links = idx.doc_links(res)
-    if links:
-        parts.append("<p>Original: " + "; ".join(_link(d) for d in links) + "</p>")
-    parts.append("</div>")
-    return "".join(parts)
+    return [a for a in atts if isinstance(a, Mapping)]
+
+
+def _newest_first(rows: list[Row]) -> list[Row]:
+    """Rows by date, newest first; rows of equal dates keep their bundle order."""
+    return sorted(rows, key=lambda r: (_neg(parse_when(r.when)), r.order))
+
+
+def _neg(key: tuple[str, str]) -> tuple[int, ...]:
+    """A sort key that orders (day, time) newest first while staying a plain ascending sort."""
+    text = (key[0] + "T" + key[1]) if key[0] else ""
+    return tuple(-ord(c) for c in text.ljust(16, "\0"))
+
+
+# --- views ----------------------------------------------------------------------------------
 
 
 def _study_uid(study: Mapping[str, Any]) -> str:
     return uids.study_uid(study)
-
-
-def _study_line(study: Mapping[str, Any], images_by_study: Mapping[str, list[PlacedImage]]) -> str:
-    uid = _study_uid(study)
-    placed = images_by_study.get(uid, [])
-    modalities = sorted({cc_text(m) or str(m.get("code", "")) for s in study.get("series") or []
-                         if isinstance(s, Mapping) and isinstance((m := s.get("modality")), Mapping)})
-    desc = study.get("description") or ""
-    folder = placed[0].relpath.rsplit("/", 2)[0] if placed else ""
-    where = (f"images in <code>{_e(folder)}</code> ({len(placed)} file(s){_no_pixels(placed)})" if placed
-             else "no images in this package")
-    return (f"{_e(res_date(study))} {_e(desc)} [{_e(', '.join(modalities))}] - "
-            f"{_e(study.get('numberOfSeries', len(study.get('series') or [])))} series, "
-            f"{_e(study.get('numberOfInstances', ''))} instance(s); {where}")
-
-
-def _labs(idx: _Index) -> str:
-    rows = []
-    for key in sorted(idx.labs, key=lambda k: idx.labs[k].title):
-        lab = idx.labs[key]
-        last = lab.latest
-        v, u = quantity_text(last)
-        ref = _first(last, "referenceRange.text")
-        if not ref and isinstance(rr := _first(last, "referenceRange"), Mapping):
-            ref = f"{(rr.get('low') or {}).get('value', '')}-{(rr.get('high') or {}).get('value', '')}"
-        rows.append((_e(cc_text(last.get("code"))), _e(v), _e(u), _e(res_date(last)), _e(ref or ""),
-                     _e(cc_text(_first(last, "interpretation"))), str(lab.count)))
-    return "<h2 id=\"labs\">Laboratory and other results (latest value per test)</h2>" + _table(
-        ("Test", "Value", "Unit", "Date", "Reference range", "Interpretation", "Values in record"), rows,
-        "No results in the record.")
-
-
-def _medications(idx: _Index) -> str:
-    rows = []
-    for row in _newest_first(idx.medications):
-        med = row.med
-        if not med and (m := idx.get(row.ref)):
-            med = cc_text(m.get("code"))
-        med = med or row.fallback
-        rows.append((_e(med), row.status, row.date, row.dosage, row.kind))
-    return "<h2 id=\"medications\">Medications</h2>" + _table(
-        ("Medication", "Status", "Date", "Dosage", "Kind"), rows, "No medications in the record.")
-
-
-def _allergies(idx: _Index) -> str:
-    rows = idx.allergies
-    return "<h2 id=\"allergies\">Allergies and intolerances</h2>" + _table(
-        ("Substance", "Status", "Criticality", "Reactions", "Recorded"), rows, "No allergies in the record.")
-
-
-def _notes(idx: _Index) -> str:
-    rows = _newest_first(idx.notes)
-    return "<h2 id=\"notes\">Clinical notes and documents</h2>" + _table(
-        ("Date", "Title", "Kind", "Document"), rows, "No clinical notes in the record.")
-
-
-def _imaging(idx: _Index, placed: Sequence[PlacedImage], images_by_study: Mapping[str, list[PlacedImage]]) -> str:
-    reports = idx.radiology
-    out = ["<h2 id=\"radiology\">Radiology reports</h2>"]
-    out += [_report_card(idx, r, images_by_study) for r in sorted(reports, key=res_date, reverse=True)]
-    if not reports:
-        out.append('<p class="muted">No radiology reports in the record.</p>')
-    rows = []
-    described = set()
-    for uid, row in _newest_first([(when, (uid, row)) for when, uid, row in idx.studies]):
-        described.add(uid)
-        rows.append(row)
-    for uid, items in sorted(images_by_study.items()):
-        if uid not in described:
-            n_series = len({p.image.series_instance_uid for p in items})
-            rows.append(("", "(images without an ImagingStudy)", "", "",
-                         f"{n_series} / {len(items)}{_no_pixels(items)}", _e(placed_folder(items))))
-    out.append("<h2 id=\"imaging\">Imaging studies</h2>")
-    out.append(_table(("Date", "Description", "Series", "Instances", "Series / files in package", "Folder"), rows,
-                      "No imaging studies in the record."))
-    if placed:
-        out.append('<p>Open <code>DICOMDIR</code> at the root of this package with any DICOM viewer.</p>')
-    return "".join(out)
 
 
 def _no_pixels(items: Sequence[PlacedImage]) -> str:
@@ -472,115 +352,287 @@ def _no_pixels(items: Sequence[PlacedImage]) -> str:
     if not n:
         return ""
     what = "none is an image" if n == len(items) else f"{n} of them not images"
-    return f' <strong class="warn">({n} without pixel data: {what})</strong>'
+    return f"{n} without pixel data: {what}"
 
 
 def placed_folder(items: Sequence[PlacedImage]) -> str:
     return items[0].relpath.rsplit("/", 2)[0] if items else ""
 
 
-def _gaps(gap_report: Mapping[str, Any]) -> str:
-    out = ["<h2 id=\"gaps\">What is missing, and why</h2>"]
-    score = gap_report.get("score")
-    if isinstance(score, (int, float)):
-        out.append(f"<p>Checklist <strong>{_e(gap_report.get('checklist_title') or gap_report.get('checklist') or '')}"
-                   f"</strong>: completeness {round(100 * float(score))}%.</p>")
-    rows = []
+def _series_views(items: Sequence[PlacedImage], blobs: BlobStore) -> list[SeriesView]:
+    by_series: dict[str, list[PlacedImage]] = {}
+    for p in items:
+        by_series.setdefault(p.image.series_instance_uid, []).append(p)
+    out = []
+    for uid, group in by_series.items():
+        head = group[0].header
+        paths = []
+        for p in group:
+            try:
+                number = int(p.header.get("InstanceNumber", 0) or 0)
+            except (TypeError, ValueError):
+                number = 0
+            paths.append((number, p.image.sop_instance_uid, blobs.path(p.image.sha256)))
+        out.append(SeriesView(uid, str(head.get("SeriesNumber", "") or ""),
+                              str(head.get("SeriesDescription", "") or ""),
+                              group[0].image.modality or str(head.get("Modality", "") or ""), len(group),
+                              group[0].relpath.rsplit("/", 1)[0], render_series(paths)))
+    return sorted(out, key=lambda s: (_int(s.number), s.uid))
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        return 1 << 30
+
+
+def _studies(idx: _Index, placed: Sequence[PlacedImage], blobs: BlobStore) -> list[StudyView]:
+    images_by_study: dict[str, list[PlacedImage]] = {}
+    for p in placed:
+        images_by_study.setdefault(p.image.study_instance_uid, []).append(p)
+    views: list[StudyView] = []
+    seen: set[str] = set()
+    for s in idx.studies:
+        uid = _study_uid(s)
+        items = images_by_study.get(uid, [])
+        modalities = sorted({cc_text(m) or str(m.get("code", "")) for se in s.get("series") or []
+                             if isinstance(se, Mapping) and isinstance((m := se.get("modality")), Mapping)})
+        modalities = modalities or sorted({p.image.modality for p in items if p.image.modality})
+        views.append(StudyView(uid, f"study-{len(views) + 1}", res_date(s), str(s.get("description") or ""),
+                               ", ".join(modalities), str(s.get("numberOfSeries", len(s.get("series") or []))),
+                               str(s.get("numberOfInstances", "")), placed_folder(items),
+                               _series_views(items, blobs) if uid not in seen else []))
+        seen.add(uid)
+    for uid, items in sorted(images_by_study.items()):
+        if uid not in seen:
+            head = items[0].header
+            views.append(StudyView(uid, f"study-{len(views) + 1}", str(head.get("StudyDate", "") or ""),
+                                   str(head.get("StudyDescription", "") or ""),
+                                   ", ".join(sorted({p.image.modality for p in items if p.image.modality})), "", "",
+                                   placed_folder(items), _series_views(items, blobs), described=False))
+    for v in views:
+        v.no_pixels = _no_pixels(images_by_study.get(v.uid, []))
+        if not v.described and len(v.when) == 8 and v.when.isdigit():
+            v.when = f"{v.when[:4]}-{v.when[4:6]}-{v.when[6:]}"
+    return sorted(views, key=lambda v: (_neg(parse_when(v.when)), v.anchor))
+
+
+def _report(idx: _Index, res: Mapping[str, Any], studies_by_uid: Mapping[str, StudyView]) -> dict[str, Any]:
+    title = cc_text(res.get("code")) or cc_text(res.get("type")) or res.get("description") or res.get("resourceType")
+    results = []
+    for result in res.get("result") or []:
+        obs = idx.get(result)
+        if obs:
+            v, u = quantity_text(obs)
+            results.append(f"{cc_text(obs.get('code'))}: {v} {u}".strip())
+    texts = [t for att in _attachments(res) if (t := idx.attachment_text(att)) is not None]
+    specimens = []
+    for ref in res.get("specimen") or []:
+        sp = idx.get(ref)
+        label = (cc_text(sp.get("type")) if sp else "") or (ref.get("display") if isinstance(ref, Mapping) else "")
+        if sp:
+            site = cc_text(_first(sp, "collection.bodySite"))
+            method = cc_text(_first(sp, "collection.method"))
+            collected = _first(sp, "collection.collectedDateTime", "collection.collectedPeriod.start")
+            extra = ", ".join(x for x in (site, method, f"collected {fmt_date(collected)}" if collected else "") if x)
+            label = f"{label} ({extra})" if extra else label
+        if label:
+            specimens.append(label)
+    studies = []
+    for ref in res.get("imagingStudy") or []:
+        study = idx.get(ref)
+        if study and (view := studies_by_uid.get(_study_uid(study))):
+            studies.append(view)
+    return {"title": title, "date": fmt_date(res_date(res)), "status": res.get("status") or "",
+            "conclusion": res.get("conclusion") or "", "results": results, "texts": texts,
+            "specimens": specimens, "studies": studies, "links": idx.doc_links(res),
+            "performer": "; ".join(str(p.get("display")) for p in res.get("performer") or []
+                                   if isinstance(p, Mapping) and p.get("display")),
+            "ref": f"{res.get('resourceType')}/{res.get('id')}"}
+
+
+def _identifiers(res: Mapping[str, Any]) -> list[dict[str, str]]:
+    """The MRNs (and other record numbers a consultant may quote), each with its issuer.
+
+    Minimum necessary: Social Security, driver's licence, passport and insurance numbers are
+    never shown (they stay in the FHIR bundle, which is the full record)."""
+    out = []
+    for ident in res.get("identifier") or []:
+        if not isinstance(ident, Mapping) or not ident.get("value"):
+            continue
+        codes = {c.upper() for c in _codes(ident.get("type"))}
+        words = f"{ident.get('system') or ''} {cc_text(ident.get('type'))}".lower()
+        if codes & _HIDDEN_ID_TYPES or any(w in words for w in _HIDDEN_ID_WORDS):
+            continue
+        if codes and "MR" not in codes:
+            continue
+        issuer = str(_first(ident, "assigner.display") or ident.get("system") or "issuer not stated")
+        out.append({"value": str(ident["value"]), "issuer": issuer,
+                    "kind": "MRN" if "MR" in codes else (cc_text(ident.get("type")) or "Record number")})
+    return out
+
+
+#: how the Patient row labels a name's EN-representation (the alphabetic one needs no label)
+_SPELLING = {"IDE": "ideographic", "SYL": "phonetic"}
+
+
+def _patient(record: NormalizedRecord, case: CaseInfo) -> dict[str, Any]:
+    res = (patient_entry(record) or {}).get("resource") or {}
+    names = []
+    for n in res.get("name") or []:
+        if isinstance(n, Mapping):
+            text = n.get("text") or " ".join([*(n.get("given") or []), str(n.get("family") or "")]).strip()
+            spelled = _SPELLING.get(representation(n))  # a DICOM name's ideographic/phonetic group
+            text = f"{text} ({spelled})" if text and spelled else text
+            if text and text not in names:
+                names.append(str(text))
+    birth = res.get("birthDate") or case.birth_date or ""
+    return {"name": "; ".join(names) or case.patient_name or "", "birth": fmt_date(birth) if birth else "",
+            "sex": res.get("gender") or "", "identifiers": _identifiers(res),
+            "deceased": fmt_date(res["deceasedDateTime"]) if res.get("deceasedDateTime") else ""}
+
+
+def _gaps(gap_report: Mapping[str, Any]) -> dict[str, Any]:
+    items = []
     for item in gap_report.get("items") or []:
         if not isinstance(item, Mapping):
             continue
-        status = str(item.get("status") or "")
-        gaps = [g for g in item.get("gaps") or [] if isinstance(g, Mapping)]
-        gap_html = "".join(
-            f"<li><strong>{_e(g.get('reason') or '')}</strong> {_e(g.get('detail') or '')}"
-            + (f"<br><em>Next:</em> {_e(g.get('next_action'))}" if g.get("next_action") else "") + "</li>"
-            for g in gaps)
-        rows.append((_e(item.get("title") or item.get("id") or ""),
-                     f'<span class="status-{escape(status, quote=True)}">{_e(status)}</span>',
-                     _e(item.get("detail") or ""), f"<ul>{gap_html}</ul>" if gap_html else ""))
-    out.append(_table(("Item", "Status", "Detail", "Gaps"), rows, "No checklist result."))
+        gaps = [{"reason": str(g.get("reason") or ""),
+                 "status": REASON_TEXT.get(str(g.get("reason") or ""), str(g.get("reason") or "")),
+                 "detail": g.get("detail") or "", "next": g.get("next_action") or "", "source": g.get("source") or ""}
+                for g in item.get("gaps") or [] if isinstance(g, Mapping)]
+        items.append({"title": item.get("title") or item.get("id") or "", "status": str(item.get("status") or ""),
+                      "detail": item.get("detail") or "", "gaps": gaps})
+    score = gap_report.get("score")
+    return {"title": gap_report.get("checklist_title") or gap_report.get("checklist") or "",
+            "score": round(100 * float(score)) if isinstance(score, (int, float)) else None,
+            "complete": gap_report.get("complete"), "rows": items,
+            "open": [i for i in items if i["status"] in ("missing", "partial")],
+            "counts": gap_report.get("counts") or {}}
+
+
+def _key_dates(idx: _Index, pathology: list[dict[str, Any]], studies: list[StudyView]) -> list[dict[str, str]]:
+    """Diagnosis, biopsy, imaging and treatment dates, oldest first: the case's timeline at a glance."""
+    rows: list[tuple[str, str, str]] = []
+    for p in idx.problems:
+        if p.cells["active"] and p.cells["onset_raw"]:
+            rows.append((p.cells["onset_raw"], "Diagnosis", p.cells["name"]))
+    for r in idx.pathology:
+        rows.append((res_date(r), "Pathology", cc_text(r.get("code")) or cc_text(r.get("type")) or "report"))
+    for proc in idx.procedures:
+        name = proc.cells["name"]
+        rows.append((proc.when, "Biopsy" if "biops" in name.lower() else "Procedure", name))
+    for s in studies:
+        desc = s.description if s.description.upper().startswith(s.modalities.upper()) else " ".join(
+            x for x in (s.modalities, s.description) if x)
+        rows.append((s.when, "Imaging", desc or "study"))
+    for m in idx.medications:
+        if m.cells["current"]:
+            rows.append((m.when, "Treatment started", m.cells["medication"]))
+    rows = [r for r in rows if _day(r[0])]
+    rows.sort(key=lambda r: (parse_when(r[0]), r[1], r[2]))
+    return [{"date": fmt_date(w), "kind": k, "what": t} for w, k, t in rows]
+
+
+@dataclass
+class LabGroup:
+    title: str
+    series: list[SeriesRow]
+
+
+def _lab_groups(book: SeriesBook, category: str) -> list[LabGroup]:
+    out = []
+    for title, group in book.groups(category):
+        out.append(LabGroup(title, [_series_view(s) for s in group]))
+    return out
+
+
+@dataclass
+class SeriesRow:
+    """One test as its table row shows it: latest value, range, chart, and every value newest first."""
+
+    title: str
+    unit: str
+    range: str
+    latest: Value
+    history: list[Value]
+    chart: Markup | None
+
+    @property
+    def count(self) -> int:
+        return len(self.history)
+
+
+def _series_view(s: Series) -> SeriesRow:
+    ordered = s.ordered()
+    chart = trend_svg(s)
+    # the chart is built from numbers, and the record's text in it is escaped (charts.py)
+    return SeriesRow(s.title, s.unit, s.range_text, ordered[-1], list(reversed(ordered)),
+                     Markup(chart) if chart else None)  # noqa: S704
+
+
+def _css_string(text: str) -> str:
+    """A CSS string literal's content (for the print header): quotes, backslashes and '<' escaped."""
+    out = []
+    for ch in text:
+        if ch in '"\\<>' or ord(ch) < 32:
+            out.append(f"\\{ord(ch):x} ")
+        else:
+            out.append(ch)
     return "".join(out)
 
 
-def _sources(record: NormalizedRecord, sources: Sequence[SourceInfo]) -> str:
-    rows = []
-    quarantined: dict[int, int] = {}
-    for q in record.quarantine:
-        quarantined[q.source_id] = quarantined.get(q.source_id, 0) + 1
-    for s in sorted(sources, key=lambda s: s.id):
-        rows.append((str(s.id), _e(s.kind), _e(s.label), _e(s.organization or ""), _e(s.method),
-                     _e(s.pulled_at or ""), str(quarantined.get(s.id, 0))))
-    provenance = record.count("Provenance")
-    out = ["<h2 id=\"sources\">Sources and provenance</h2>",
-           _table(("#", "Kind", "Source", "Organization", "Method", "Data as of", "Items left out"), rows,
-                  "No sources recorded."),
-           f"<p>{provenance} Provenance resource(s) in <a href=\"fhir/bundle.json\">fhir/bundle.json</a> say which "
-           "source each resource came from.</p>"]
-    if record.quarantine:
-        out.append("<details><summary>Items left out of the record, and why</summary>")
-        out.append(_table(("Source", "Kind", "Item", "Reason"),
-                          ((str(q.source_id), _e(q.kind), _e(q.key), _e(q.reason)) for q in record.quarantine), ""))
-        out.append("</details>")
-    if record.unresolved:
-        out.append(f"<p>{len(record.unresolved)} reference(s) point to resources that were not received.</p>")
-    return "".join(out)
-
-
-def _page(title: str, body: str) -> str:
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{_e(title)}</title><style>{CSS}</style></head><body>{body}</body></html>\n")
+@cache
+def _env() -> Environment:
+    env = Environment(loader=PackageLoader("aggregator.package.pages", "templates"),
+                      autoescape=select_autoescape(enabled_extensions=("html", "j2", "htm"), default=True),
+                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    env.filters["date"] = fmt_date
+    return env
 
 
 def render_summary(case: CaseInfo, record: NormalizedRecord, gap_report: Mapping[str, Any],
                    sources: Sequence[SourceInfo], placed: Sequence[PlacedImage], blobs: BlobStore,
                    timestamp: str) -> str:
     """summary.html: the consultant's clinical summary, one self-contained page."""
-    images_by_study: dict[str, list[PlacedImage]] = {}
-    for p in placed:
-        images_by_study.setdefault(p.image.study_instance_uid, []).append(p)
-    idx = _Index(record, blobs, images_by_study)
-    pathology = sorted(idx.pathology, key=res_date, reverse=True)
-    nav = "".join(f'<a href="#{a}">{t}</a>' for a, t in (
-        ("patient", "Patient"), ("gaps", "Gaps"), ("problems", "Problems"), ("pathology", "Pathology"),
-        ("radiology", "Radiology"), ("imaging", "Imaging"), ("labs", "Labs"), ("medications", "Medications"),
-        ("allergies", "Allergies"), ("notes", "Notes"), ("sources", "Sources")))
-    body = [
-        f"<h1>Second-opinion record</h1><p class=\"muted\">Case {_e(case.id)} · assembled {_e(timestamp)} by "
-        f"{_e(TOOL_NAME)} {_e(__version__)}</p><nav>{nav}</nav>",
-        _patient(record, case),
-        _gaps(gap_report),
-        _problems(idx),
-        "<h2 id=\"pathology\">Pathology reports</h2>",
-        "".join(_report_card(idx, r, images_by_study) for r in pathology)
-        or '<p class="muted">No pathology reports in the record.</p>',
-        _imaging(idx, placed, images_by_study),
-        _labs(idx),
-        _medications(idx),
-        _allergies(idx),
-        _notes(idx),
-        _sources(record, sources),
-    ]
-    return _page(f"Second-opinion record - case {case.id}", "\n".join(body))
+    idx = _Index(record, blobs)
+    studies = _studies(idx, placed, blobs)
+    by_uid = {s.uid: s for s in studies if s.uid}
+    by_date = lambda r: (_neg(parse_when(res_date(r))), str(r.get("id") or ""))  # noqa: E731
+    pathology = [_report(idx, r, by_uid) for r in sorted(idx.pathology, key=by_date)]
+    radiology = [_report(idx, r, by_uid) for r in sorted(idx.radiology, key=by_date)]
+    patient = _patient(record, case)
+    quarantined: dict[int, int] = {}
+    for q in record.quarantine:
+        quarantined[q.source_id] = quarantined.get(q.source_id, 0) + 1
+    problems = _newest_first(idx.problems)
+    meds = _newest_first(idx.medications)
+    header = " · ".join(x for x in (patient["name"], f"born {patient['birth']}" if patient["birth"] else "",
+                                    f"case {case.id}") if x)
+    context = {
+        "case": case, "tool": TOOL_NAME, "version": __version__, "assembled": fmt_date(timestamp),
+        "patient": patient, "gaps": _gaps(gap_report),
+        "print_header": Markup(_css_string(header)),  # noqa: S704 - CSS-escaped above
+        "active_problems": [p for p in problems if p.cells["active"]], "problems": problems,
+        "current_meds": [m for m in meds if m.cells["current"]], "medications": meds,
+        "allergies": idx.allergies, "no_known_allergy": idx.no_known_allergy,
+        "key_dates": _key_dates(idx, pathology, studies),
+        "pathology": pathology, "radiology": radiology, "studies": studies, "n_images": len(placed),
+        "labs": _lab_groups(idx.book, "laboratory"), "vitals": _lab_groups(idx.book, VITALS),
+        "social": _lab_groups(idx.book, SOCIAL), "procedures": _newest_first(idx.procedures),
+        "notes": _newest_first(idx.notes),
+        "sources": [{"s": s, "left_out": quarantined.get(s.id, 0), "pulled": fmt_date(s.pulled_at or "")}
+                    for s in sorted(sources, key=lambda s: s.id)],
+        "quarantine": record.quarantine, "unresolved": len(record.unresolved),
+        "provenance": record.count("Provenance"),
+    }
+    return _env().get_template("summary.html.j2").render(context)
 
 
 def render_index(case: CaseInfo, documents: Sequence[DocumentFile], n_images: int) -> str:
     """INDEX.HTM: the IHE PDI entry page, pointing at everything in the package."""
-    docs = "".join(f"<li>{_link(d)}</li>" for d in documents) or "<li class=\"muted\">none</li>"
-    body = (
-        f"<h1>Second-opinion package</h1><p class=\"muted\">Case {_e(case.id)}</p>"
-        "<ul>"
-        '<li><a href="summary.html">Clinical summary</a> - start here</li>'
-        '<li><a href="README.TXT">README.TXT</a> - what is in this package and how to check it</li>'
-        '<li><a href="fhir/bundle.json">fhir/bundle.json</a> - the full record as a FHIR R4 document Bundle</li>'
-        '<li><a href="fhir/gap-report.json">fhir/gap-report.json</a> - what is missing and why</li>'
-        f'<li><a href="DICOMDIR">DICOMDIR</a> - {n_images} DICOM image file(s) under DICOM/; '
-        "open with a DICOM viewer</li>"
-        '<li><a href="IHE_XDM/SUBSET01/METADATA.XML">IHE_XDM/SUBSET01/METADATA.XML</a> - '
-        "document metadata (IHE XDM)</li>"
-        '<li><a href="manifest.json">manifest.json</a> - size and SHA-256 of every file</li>'
-        f"</ul><h2>Original documents</h2><ul>{docs}</ul>"
-    )
-    return _page("Second-opinion package", body)
+    return _env().get_template("index.html.j2").render(case=case, documents=documents, n_images=n_images)
 
 
 def render_readme(case: CaseInfo, n_documents: int, n_images: int, timestamp: str) -> str:

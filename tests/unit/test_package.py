@@ -294,7 +294,9 @@ def test_summary_is_self_contained_and_complete(package: Path) -> None:
     assert "<script" not in html.lower() and "<link" not in html.lower()
     assert "invasive ductal carcinoma, grade 2." in html  # pathology full text inlined
     assert "Doe" in html and "MRN123" in html
-    assert "12.7" in html and "11.1" not in html  # latest hemoglobin only
+    # the latest hemoglobin in the table, every value in its history and its trend chart
+    assert re.search(r'<td class="num">12\.7</td>', html) and not re.search(r'<td class="num">11\.1</td>', html)
+    assert "<strong>11.1</strong>" in html and 'data-value="11.1"' in html
     assert "Tamoxifen 20 mg" in html and "Penicillin" in html
     assert "Ask the PACS for the study" in html and "an item with missing keys" in html
     assert "invalid: missing status" in html
@@ -417,8 +419,9 @@ def test_summary_and_document_read_references_both_ways(tmp_path: Path, blobs: B
     html = (pkg / "summary.html").read_text()
     assert "Letrozole 2.5 mg" in html  # a medication defined after the request
     assert "<p>Nodule size: 8 mm</p>" in html and "<p>Glucose: 5.5 mmol/L</p>" in html  # forward and back
-    labs = html[html.index('id="labs"'):html.index('id="medications"')]
-    assert "6.25" in labs and "5.5" not in labs and "<td>2</td>" in labs
+    labs = html[html.index('id="labs"'):html.index('id="vitals"')]
+    # a tie in dates goes to the later value; both are listed, with their times unknown
+    assert '<td class="num">6.25</td>' in labs and "<strong>5.5</strong>" in labs and "2 values" in labs
     doc = json.loads((pkg / "fhir/bundle.json").read_text())
     Bundle.model_validate(doc)
     sections = {s["title"]: [e["reference"] for e in s.get("entry", [])]
