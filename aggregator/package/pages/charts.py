@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from html import escape
 
-from aggregator.package.pages.fmt import fmt_date, fmt_number, to_datetime
+from aggregator.package.pages.fmt import fmt_date, to_datetime
 from aggregator.package.pages.labs import Series
 
 WIDTH, HEIGHT = 320, 120
-LEFT, RIGHT, TOP, BOTTOM = 44, 10, 8, 22
+LEFT, RIGHT, TOP, BOTTOM = 52, 10, 8, 22
 
 
 @dataclass(frozen=True)
@@ -61,8 +61,10 @@ def trend_svg(series: Series) -> str | None:
         return _scale(lo, hi, ybot, ytop, v)
 
     points = [Point(px(t), py(float(v.number or 0)), v.when, v.text, v.flag) for t, v in pts]
-    out = [f'<svg class="trend" role="img" viewBox="0 0 {WIDTH} {HEIGHT}" width="{WIDTH}" height="{HEIGHT}" '
-           f'xmlns="http://www.w3.org/2000/svg">']
+    name = escape(f"Trend of {series.title}: {len(points)} values from {fmt_date(pts[0][1].when)} "
+                  f"to {fmt_date(pts[-1][1].when)}", quote=True)
+    out = [f'<svg class="trend" role="img" aria-label="{name}" viewBox="0 0 {WIDTH} {HEIGHT}" width="{WIDTH}" '
+           f'height="{HEIGHT}" xmlns="http://www.w3.org/2000/svg"><title>{name}</title>']
     if series.low is not None or series.high is not None:
         band_hi = py(series.high) if series.high is not None else ytop
         band_lo = py(series.low) if series.low is not None else ybot
@@ -72,7 +74,7 @@ def trend_svg(series: Series) -> str | None:
                f'<line class="axis" x1="{x0}" y1="{ytop}" x2="{x0}" y2="{ybot}"/>')
     for v in (lo + pad, hi - pad):
         out.append(f'<text class="tick" x="{x0 - 4}" y="{_f(py(v) + 3)}" text-anchor="end">'
-                   f'{fmt_number(round(v, 6))}</text>')
+                   f'{v:.4g}</text>')
     first, last = escape(fmt_date(pts[0][1].when)), escape(fmt_date(pts[-1][1].when))
     out.append(f'<text class="tick" x="{x0}" y="{HEIGHT - 6}" text-anchor="start">{first}</text>')
     out.append(f'<text class="tick" x="{x1}" y="{HEIGHT - 6}" text-anchor="end">{last}</text>')
