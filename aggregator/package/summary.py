@@ -270,7 +270,7 @@ class _Index:
         elif key == "notes":
             title = cc_text(res.get("type")) or cc_text(res.get("code")) or res.get("description") or ""
             texts = [t for att in _attachments(res) if (t := self.attachment_text(att)) is not None]
-            self.notes.append(Row(when, {"date": fmt_date(when), "title": title, "kind": rtype,
+            self.notes.append(Row(when, {"date": fmt_date(when), "title": title, "kind": str(rtype),
                                          "author": "; ".join(str(a.get("display")) for a in res.get("author") or []
                                                              if isinstance(a, Mapping) and a.get("display")),
                                          "links": self.doc_links(res), "texts": texts}, n))
@@ -572,6 +572,27 @@ def _series_view(s: Series) -> SeriesRow:
                      Markup(chart) if chart else None)  # noqa: S704
 
 
+def _merge_copies(notes: list[Row]) -> list[Row]:
+    """One card per document: a note recorded twice (Synthea writes each note as a DocumentReference
+    and as a DiagnosticReport with the same text) is printed once, its card naming both records.
+
+    Only identical texts and document files merge, so nothing that differs is hidden."""
+    out: list[Row] = []
+    seen: dict[tuple[Any, ...], Row] = {}
+    for row in notes:
+        texts = tuple(row.cells["texts"])
+        key = (texts, tuple(d.path for d in row.cells["links"]), row.cells["title"], _day(row.when))
+        if texts and key in seen:
+            first = seen[key]
+            if row.cells["kind"] not in first.cells["kind"].split(" and "):
+                first.cells["kind"] += f" and {row.cells['kind']}"
+            first.cells["author"] = first.cells["author"] or row.cells["author"]
+            continue
+        seen[key] = row
+        out.append(row)
+    return out
+
+
 def _css_string(text: str) -> str:
     """A CSS string literal's content (for the print header): quotes, backslashes and '<' escaped."""
     out = []
@@ -621,7 +642,7 @@ def render_summary(case: CaseInfo, record: NormalizedRecord, gap_report: Mapping
         "pathology": pathology, "radiology": radiology, "studies": studies, "n_images": len(placed),
         "labs": _lab_groups(idx.book, "laboratory"), "vitals": _lab_groups(idx.book, VITALS),
         "social": _lab_groups(idx.book, SOCIAL), "procedures": _newest_first(idx.procedures),
-        "notes": _newest_first(idx.notes),
+        "notes": _merge_copies(_newest_first(idx.notes)),
         "sources": [{"s": s, "left_out": quarantined.get(s.id, 0), "pulled": fmt_date(s.pulled_at or "")}
                     for s in sorted(sources, key=lambda s: s.id)],
         "quarantine": record.quarantine, "unresolved": len(record.unresolved),

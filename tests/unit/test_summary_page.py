@@ -248,3 +248,35 @@ def test_every_series_on_the_page_has_a_thumbnail_or_a_reason(tmp_path: Path) ->
     imaging = _section(html, "imaging", "labs")
     assert imaging.count('<img src="data:image/png;base64,') == 2
     assert "images without an ImagingStudy" in imaging or "without an ImagingStudy" in imaging
+
+
+def _note(rtype: str, rid: str, text: str) -> dict[str, Any]:
+    import base64
+
+    att = {"contentType": "text/plain", "data": base64.b64encode(text.encode()).decode()}
+    res: dict[str, Any] = {"resourceType": rtype, "id": rid, "status": "final" if rtype == "DiagnosticReport"
+                           else "current", "type": {"text": "History and physical note"},
+                           "code": {"text": "History and physical note"}}
+    if rtype == "DiagnosticReport":
+        res.update(effectiveDateTime="2020-12-09T10:00:00Z", presentedForm=[att],
+                   category=[{"coding": [{"system": "http://loinc.org", "code": "34117-2"}]}])
+    else:
+        res.update(date="2020-12-09T10:00:00Z", content=[{"attachment": att}])
+    return res
+
+
+def test_a_note_recorded_twice_is_printed_once_naming_both(tmp_path: Path) -> None:
+    text = "# Chief Complaint\nNo complaints.\n"
+    other = "# Chief Complaint\nCough for three weeks.\n"
+    html = _render(tmp_path, _record([_note("DocumentReference", "n1", text), _note("DiagnosticReport", "n2", text),
+                                      _note("DocumentReference", "n3", other)]))
+    notes = html[html.index('id="notes"'):html.index('id="sources"')]
+    assert notes.count("No complaints.") == 1 and notes.count("Cough for three weeks.") == 1
+    assert "DocumentReference and DiagnosticReport" in notes or "DiagnosticReport and DocumentReference" in notes
+
+
+def test_print_header_names_patient_birth_date_and_page(tmp_path: Path) -> None:
+    html = _render(tmp_path, _record())
+    page_rule = html[html.index("@page"):html.index("</style>")]
+    assert "Jane Doe · born 1 Jan 1970" in page_rule and 'counter(page)' in page_rule
+    assert "@media print" in html and "break-before:page" in html

@@ -32,6 +32,11 @@ def _scale(lo: float, hi: float, a: float, b: float, v: float) -> float:
     return a if hi == lo else a + (v - lo) * (b - a) / (hi - lo)
 
 
+def _tick(v: float) -> str:
+    """An axis label short enough for the margin: whole numbers from 1000 up, else 4 significant digits."""
+    return f"{v:.0f}" if abs(v) >= 1000 else f"{v:.4g}"
+
+
 def _f(v: float) -> str:
     return f"{v:.1f}"
 
@@ -74,7 +79,7 @@ def trend_svg(series: Series) -> str | None:
                f'<line class="axis" x1="{x0}" y1="{ytop}" x2="{x0}" y2="{ybot}"/>')
     for v in (lo + pad, hi - pad):
         out.append(f'<text class="tick" x="{x0 - 4}" y="{_f(py(v) + 3)}" text-anchor="end">'
-                   f'{v:.4g}</text>')
+                   f'{_tick(v)}</text>')
     first, last = escape(fmt_date(pts[0][1].when)), escape(fmt_date(pts[-1][1].when))
     out.append(f'<text class="tick" x="{x0}" y="{HEIGHT - 6}" text-anchor="start">{first}</text>')
     out.append(f'<text class="tick" x="{x1}" y="{HEIGHT - 6}" text-anchor="end">{last}</text>')
