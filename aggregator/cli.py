@@ -611,6 +611,130 @@ def demo(app: Any, out: str | None, as_json: bool) -> None:
     ]))
 
 
+# --- records requests -----------------------------------------------------------------------
+
+@cli.group("request")
+def request_group() -> None:
+    """Right-of-access letters for what the gap report says is missing, tracked until it arrives."""
+
+
+def _request_text(r: dict[str, Any]) -> str:
+    sent = f"sent {r['sent_on']} ({r['channel']}), {r['days_since_sent']} days ago" if r["sent_on"] else "not sent"
+    flag = "  OVERDUE" if r["overdue"] else ""
+    head = (f"{r['id']}  {r['state']:<8}  {r['institution']}: {r['outstanding']} of {len(r['items'])} "
+            f"outstanding; {sent}{flag}")
+    lines = [f"    [{'x' if it['status'] == 'received' else ' '}] {it['text']}" for it in r["items"]]
+    return "\n".join([head, *lines])
+
+
+def _audit_request(app: Any, request_id: str, action: str) -> None:
+    """Viewing or changing one letter is a read/change of its case's patient data."""
+    from aggregator import audit
+    from aggregator.records_requests.store import case_of
+
+    audit.record(app.db, audit.os_actor(), action, "records-request", case_id=case_of(app, request_id))
+
+
+@request_group.command("draft")
+@click.argument("case_id", metavar="CASE")
+@click.option("--institution", default=None, help="Only the letter to this institution (as the gap report names it).")
+@click.option("--send-to", default=None,
+              help="Where the records should be sent (the navigator's address); default $AGGREGATOR_REQUEST_SEND_TO.")
+@json_option
+@with_app
+@audited("R", "records-request")
+def request_draft(app: Any, case_id: str, institution: str | None, send_to: str | None, as_json: bool) -> None:
+    """Check CASE and draft one records request per institution for the open gaps not yet requested."""
+    from aggregator.pipeline import check_case
+    from aggregator.records_requests import draft_requests
+
+    report, cr = check_case(app, case_id)
+    out = draft_requests(app, case_id, report, cr, institution=institution, send_to=send_to)
+
+    def text() -> str:
+        parts = [_request_text(r) + f"\n    letter: {r['text_file']}  pdf: {r['pdf_file']}" for r in out["drafted"]]
+        if not parts:
+            parts.append("no new request: every open gap is already requested" if out["already_requested"]
+                         else "no open gap a records request can ask for")
+        if out["not_requestable"]:
+            parts.append(f"{len(out['not_requestable'])} identity gap(s) are not for a records request: "
+                         "settle the patient's identity (see `aggregator check`)")
+        return "\n".join(parts)
+
+    _emit(as_json, out, text)
+
+
+@request_group.command("list")
+@click.argument("case_id", metavar="CASE")
+@click.option("--overdue-days", type=int, default=None,
+              help="Days after sending before a request is overdue (default $AGGREGATOR_REQUEST_OVERDUE_DAYS or 30).")
+@json_option
+@with_app
+@audited("R", "records-request")
+def request_list(app: Any, case_id: str, overdue_days: int | None, as_json: bool) -> None:
+    """The records requests of CASE: state, what is outstanding, days since sent, overdue."""
+    from aggregator.records_requests import list_requests
+
+    rows = list_requests(app, case_id, overdue_after=overdue_days)
+    _emit(as_json, rows, lambda: "\n".join(_request_text(r) for r in rows) or "no records requests")
+
+
+@request_group.command("show")
+@click.argument("request_id", metavar="ID")
+@click.option("--pdf", "pdf_out", type=click.Path(dir_okay=False), default=None,
+              help="Also write the letter as PDF to this file (owner-only).")
+@json_option
+@with_app
+def request_show(app: Any, request_id: str, pdf_out: str | None, as_json: bool) -> None:
+    """Print the letter of request ID (and its tracking state with --json)."""
+    from aggregator.privacy import make_private
+    from aggregator.records_requests import get_request
+
+    _audit_request(app, request_id, "R")
+    r = get_request(app, request_id)
+    if pdf_out:
+        import shutil
+
+        shutil.copyfile(r["pdf_file"], pdf_out)
+        make_private(Path(pdf_out))
+        r["pdf_written"] = pdf_out
+    _emit(as_json, r, lambda: Path(r["text_file"]).read_text(encoding="utf-8"))
+
+
+@request_group.command("sent")
+@click.argument("request_id", metavar="ID")
+@click.option("--on", "on", default=None, metavar="YYYY-MM-DD", help="The day it was sent (default today).")
+@click.option("--channel", default="mail", show_default=True, help="How it was sent (mail, fax, e-mail, portal...).")
+@json_option
+@with_app
+def request_sent(app: Any, request_id: str, on: str | None, channel: str, as_json: bool) -> None:
+    """Record that request ID was sent: the overdue clock starts."""
+    from datetime import date
+
+    from aggregator.records_requests import mark_sent
+
+    try:
+        day = date.fromisoformat(on) if on else date.today()
+    except ValueError as exc:
+        raise UsageError("--on takes a date as YYYY-MM-DD") from exc
+    _audit_request(app, request_id, "U")
+    r = mark_sent(app, request_id, day, channel)
+    _emit(as_json, r, lambda: _request_text(r))
+
+
+@request_group.command("close")
+@click.argument("request_id", metavar="ID")
+@json_option
+@with_app
+def request_close(app: Any, request_id: str, as_json: bool) -> None:
+    """Close request ID by hand (answered otherwise, withdrawn); its gaps can be requested again."""
+    from aggregator.records_requests.store import close
+
+    _audit_request(app, request_id, "U")
+    r = close(app, request_id)
+    _emit(as_json, r, lambda: _request_text(r))
+
+
 # --- entry point ----------------------------------------------------------------------------
 
 

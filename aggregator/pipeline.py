@@ -99,6 +99,9 @@ def check_case(app: App, case_id: str) -> tuple[dict[str, Any], CaseRecord]:
     folder = app.case_dir(case_id)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "gap-report.json").write_text(json.dumps(report, indent=2, sort_keys=True), encoding="utf-8")
+    from aggregator.records_requests import track
+
+    track(app, case_id, report)  # lines of records requests whose gaps are now filled are received
     return report, cr
 
 

@@ -826,10 +826,12 @@ class Gap:
     resource: str | None = None
     source: str | None = None
     component: str | None = None
+    holder: str | None = None
+    """The institution the next action names: records requests are grouped by it."""
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"reason": self.reason, "detail": self.detail, "next_action": self.next_action}
-        for k in ("subject", "resource", "source", "component"):
+        for k in ("subject", "resource", "source", "component", "holder"):
             v = getattr(self, k)
             if v is not None:
                 d[k] = v
@@ -1022,7 +1024,8 @@ class Evaluator:
                                reason.detail, source_label=src.label if src is not None else "",
                                report_status=resource.status if unsigned and resource is not None else "")
         return Gap(reason.code, reason.detail, action, subject.ref if subject else None,
-                   resource.ref if resource else None, src.label if src is not None else None, component)
+                   resource.ref if resource else None, src.label if src is not None else None, component,
+                   holder=where or None)
 
     def applies(self, item: Item) -> bool:
         if item.applies_if is None:

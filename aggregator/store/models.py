@@ -156,3 +156,36 @@ class AuditEventRow(Base):
     body: Mapped[str] = mapped_column(Text)
     prev_hash: Mapped[str] = mapped_column(String(64), unique=True)
     hash: Mapped[str] = mapped_column(String(64), unique=True)
+
+
+class RecordsRequest(Base):
+    """A right-of-access letter to one institution for one case, and where it stands."""
+
+    __tablename__ = "records_requests"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    case_id: Mapped[str] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), index=True)
+    institution: Mapped[str] = mapped_column(String(300))
+    state: Mapped[str] = mapped_column(String(20), default="draft")
+    """draft, sent, received (every line filled), closed (by the navigator)."""
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    sent_on: Mapped[str | None] = mapped_column(String(10), nullable=True)
+    channel: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    closed_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    items: Mapped[list[RecordsRequestItem]] = relationship(order_by="RecordsRequestItem.id",
+                                                          cascade="all, delete-orphan")
+
+
+class RecordsRequestItem(Base):
+    """One line of a request: the gap it asks for, and whether a later check found it filled."""
+
+    __tablename__ = "records_request_items"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    request_id: Mapped[str] = mapped_column(ForeignKey("records_requests.id", ondelete="CASCADE"), index=True)
+    gap_keys: Mapped[str] = mapped_column(Text)
+    """The gap keys this line asks for, one per line (see :func:`aggregator.records_requests.draft.gap_key`)."""
+    item_id: Mapped[str] = mapped_column(String(100))
+    reason: Mapped[str] = mapped_column(String(40))
+    text: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(20), default="requested")
+    """requested or received."""
+    received_at: Mapped[datetime | None] = mapped_column(nullable=True)
