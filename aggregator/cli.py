@@ -632,7 +632,8 @@ def _audit_request(app: Any, request_id: str, action: str) -> None:
     from aggregator import audit
     from aggregator.records_requests.store import case_of
 
-    audit.record(app.db, audit.os_actor(), action, "records-request", case_id=case_of(app, request_id))
+    audit.record(app.db, audit.os_actor(), action, "records-request", case_id=case_of(app, request_id),
+                 entity={"records-request": request_id})
 
 
 @request_group.command("draft")

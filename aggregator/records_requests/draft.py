@@ -23,6 +23,7 @@ UNKNOWN_HOLDER = "the institution that holds these records"
 
 _ACCESSION = re.compile(r"accession ([^\s,;)]+)")
 _WINDOW_START = re.compile(r"window (\d{4}-\d{2}-\d{2}) to")
+_IMAGING_ABOUT = re.compile(r"^the (?:imaging|radiology) report of (\d{4}-\d{2}-\d{2}) \((.+)\)$")
 _LAST_DAYS = re.compile(r"\s+of the last \d+ days$")
 _OPEN = ("missing", "partial")
 
@@ -130,8 +131,10 @@ def word(gap: Mapping[str, Any], what: str, about: str, acc: Mapping[str, str]) 
     tail = (f", accession {accession}" if about.endswith(")") else f" (accession {accession})") if accession else ""
     of = f" for {about}" if about else ""
     if reason == R.IMAGES_NOT_RETRIEVED:
-        study = about.removeprefix("the ") if about else "the imaging study"
-        return f"the images (DICOM) of the {study}{tail}, not only the radiology report"
+        m = _IMAGING_ABOUT.match(about)
+        study = f"the {m.group(2)} study of {m.group(1)}" if m else (about or "the imaging study")
+        tail = f", accession {accession}" if accession else ""
+        return f"the images (DICOM) of {study}{tail}, not only the radiology report"
     if reason == R.OUTDATED:
         m = _WINDOW_START.search(str(gap.get("detail") or ""))
         base = _LAST_DAYS.sub("", what)
