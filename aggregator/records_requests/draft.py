@@ -24,7 +24,7 @@ UNKNOWN_HOLDER = "the institution that holds these records"
 _ACCESSION = re.compile(r"accession ([^\s,;)]+)")
 _WINDOW_START = re.compile(r"window (\d{4}-\d{2}-\d{2}) to")
 _IMAGING_ABOUT = re.compile(r"^the (?:imaging|radiology) report of (\d{4}-\d{2}-\d{2}) \((.+)\)$")
-_LAST_DAYS = re.compile(r"\s+of the last \d+ days$")
+_LAST_PERIOD = re.compile(r"\s+(?:of|from|in) the last \d+ (?:days?|weeks?|months?|years?)$")
 _OPEN = ("missing", "partial")
 
 
@@ -137,7 +137,8 @@ def word(gap: Mapping[str, Any], what: str, about: str, acc: Mapping[str, str]) 
         return f"the images (DICOM) of {study}{tail}, not only the radiology report"
     if reason == R.OUTDATED:
         m = _WINDOW_START.search(str(gap.get("detail") or ""))
-        base = _LAST_DAYS.sub("", what)
+        base = _LAST_PERIOD.sub("", what)
+        base = base if base.endswith("s") else f"{base} results"
         return f"all {base} since {m.group(1)}" if m else f"the most recent {base}"
     if reason == R.SUMMARY_ONLY:
         return f"the {what}{of}{tail}, not only the summary"

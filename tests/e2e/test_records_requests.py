@@ -50,8 +50,19 @@ EXPECTED: dict[tuple[str, str], list[str]] = {
         "images as DICOM files"],
     ("oncology", "no-recent-labs"): ["all laboratory results since 2026-07-03"],
     ("oncology", "no-visit-note"): ["the visit note for the visit of 2026-09-22 (Encounter for check up)"],
-    ("cardiology", "no-echo-images"): ["the images (DICOM) of the", "not only the radiology report"],
-    ("surgery", "no-pathology-text"): ["pathology report", "not only the summary"],
+    ("cardiology", "no-echo-images"): [
+        "the images (DICOM) of the Transthoracic echocardiogram study of 2026-08-05, accession SYNUS260805, "
+        "not only the radiology report"],
+    ("cardiology", "no-recent-cardiac-labs"): ["all lipid panel results since 2025-10-01"],
+    ("cardiology", "summary-only-echo"): [
+        "the full echocardiogram report (accession SYNUS260805), not only the summary"],
+    ("surgery", "no-pathology-text"): [
+        "the full surgical pathology report for the specimen collected on 2026-09-10 (Gallbladder), "
+        "accession SP-26-04410, not only the summary"],
+    ("surgery", "no-operative-note"): [
+        "the operative note for the operation of 2026-09-10 (Laparoscopic cholecystectomy), not only the summary"],
+    ("surgery", "no-preop-images"): [
+        "the images (DICOM) of the CT abdomen and pelvis with contrast study of 2026-08-21, accession SYNCT260821"],
 }
 
 
