@@ -12,6 +12,11 @@ anchor elsewhere (a ticket, a log shipper).
 Concurrent writers (the API's threads, workers, a CLI next to them) cannot fork the chain: the
 ``prev_hash`` column is unique, so of two writers that read the same head only one can append
 after it; the other retries on the new head.
+
+An entry is appended through SQLAlchemy, or with ``sqlite3`` by a command on the quick path
+(:mod:`aggregator.store.lite`, e.g. ``case list``); both go through :func:`record`, which
+makes the event, its canonical JSON and the row's values (the hashes included) once for both.
+SQLAlchemy and the table models are imported only by the functions that use them.
 """
 
 from __future__ import annotations
@@ -21,17 +26,16 @@ import hashlib
 import logging
 import os
 import socket
-from collections.abc import Iterator
+import sqlite3
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 
 from aggregator.errors import StoreError
-from aggregator.store.models import AuditEventRow
+from aggregator.store.lite import LiteDatabase
 
 log = logging.getLogger(__name__)
 
@@ -141,29 +145,85 @@ def _is_ip(address: str) -> bool:
         return False
 
 
+#: the columns of ``audit_events`` an entry writes (``id`` is the database's)
+COLUMNS = ("recorded", "actor", "action", "what", "case_id", "outcome", "body", "prev_hash", "hash")
+_INSERT = ("INSERT INTO audit_events (recorded, actor, action, what, case_id, outcome, body, prev_hash, hash) "
+           "VALUES (:recorded, :actor, :action, :what, :case_id, :outcome, :body, :prev_hash, :hash)")
+_HEAD = "SELECT hash FROM audit_events ORDER BY id DESC LIMIT 1"
+
+
+class _Conflict(Exception):
+    """Another writer appended after the head this one read."""
+
+
 def record(db: Any, actor: Actor, action: str, what: str, *, case_id: str | None = None,
            outcome: str = SUCCESS, detail: str = "", entity: dict[str, str] | None = None,
            access_change: bool = False) -> str:
-    """Append one entry to the chain; returns its hash. ``detail`` must be PHI-free."""
+    """Append one entry to the chain; returns its hash. ``detail`` must be PHI-free.
+
+    ``db`` is a :class:`~aggregator.store.db.Database` or a quick-path
+    :class:`~aggregator.store.lite.LiteDatabase`; the entry is the same on either.
+    """
     event = audit_event(actor, action, what, case_id=case_id, outcome=outcome, detail=detail, entity=entity,
                         access_change=access_change)
     body = _canonical(event)
+
+    def row_after(head: str) -> dict[str, Any]:
+        return {"recorded": event["recorded"], "actor": actor.label[:200], "action": action, "what": what[:100],
+                "case_id": case_id, "outcome": outcome, "body": body.decode(), "prev_hash": head,
+                "hash": chain_hash(head, body)}
+
+    append = _append_sqlite if isinstance(db, LiteDatabase) else _append_orm
     for _ in range(APPEND_ATTEMPTS):
         try:
-            with db.session() as s:
-                head = s.scalar(select(AuditEventRow.hash).order_by(AuditEventRow.id.desc()).limit(1)) or GENESIS
-                digest = chain_hash(head, body)
-                s.add(AuditEventRow(recorded=event["recorded"], actor=actor.label[:200], action=action,
-                                    what=what[:100], case_id=case_id, outcome=outcome, body=body.decode(),
-                                    prev_hash=head, hash=digest))
-            return digest
-        except IntegrityError:
+            return append(db, row_after)
+        except _Conflict:
             continue  # another writer appended after the same head: link to the new one
     raise StoreError("the audit log is too busy to append to; the action was not recorded")
 
 
+def _append_orm(db: Any, row_after: Callable[[str], dict[str, Any]]) -> str:
+    from sqlalchemy import select
+    from sqlalchemy.exc import IntegrityError
+
+    from aggregator.store.models import AuditEventRow
+
+    try:
+        with db.session() as s:
+            head = s.scalar(select(AuditEventRow.hash).order_by(AuditEventRow.id.desc()).limit(1)) or GENESIS
+            row = row_after(head)
+            s.add(AuditEventRow(**row))
+    except IntegrityError:
+        raise _Conflict() from None
+    return str(row["hash"])
+
+
+def _append_sqlite(db: LiteDatabase, row_after: Callable[[str], dict[str, Any]]) -> str:
+    # BEGIN IMMEDIATE takes the write lock before the head is read, so on SQLite no other
+    # writer can append in between; UNIQUE(prev_hash) still guards against one that does.
+    conn = db.conn
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        found = conn.execute(_HEAD).fetchone()
+        row = row_after(found[0] if found else GENESIS)
+        conn.execute(_INSERT, row)
+        conn.execute("COMMIT")
+    except sqlite3.IntegrityError:
+        conn.execute("ROLLBACK")
+        raise _Conflict() from None
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return str(row["hash"])
+
+
 def events(db: Any, *, case_id: str | None = None) -> Iterator[dict[str, Any]]:
     """The entries in order, as ``{"seq", "hash", "event"}``; optionally for one case."""
+    from sqlalchemy import select
+
+    from aggregator.store.models import AuditEventRow
+
     with db.session() as s:
         q = select(AuditEventRow.id, AuditEventRow.hash, AuditEventRow.body).order_by(AuditEventRow.id)
         if case_id is not None:
@@ -188,6 +248,10 @@ class Verification:
 
 def verify(db: Any) -> Verification:
     """Walk the whole chain; the first entry whose link or hash does not hold is named."""
+    from sqlalchemy import select
+
+    from aggregator.store.models import AuditEventRow
+
     prev = GENESIS
     n = 0
     with db.session() as s:

@@ -45,6 +45,19 @@ class State:
                 click.echo(warning, err=True)
         return self._app
 
+    def reader(self) -> Any:
+        """The home on the quick path (``store.lite``: no SQLAlchemy) when it can be, else :attr:`app`."""
+        if self._app is None:
+            from aggregator.app import LiteApp
+
+            lite = LiteApp.open(self.home)
+            if lite is None:
+                return self.app
+            self._app = lite
+            for warning in lite.warnings:
+                click.echo(warning, err=True)
+        return self._app
+
 
 def _emit(as_json: bool, data: Any, text: str | Callable[[], str]) -> None:
     if as_json:
@@ -62,6 +75,17 @@ def with_app(f: F) -> F:
     @click.pass_obj
     def wrapper(state: State, *args: Any, **kwargs: Any) -> Any:
         return f(state.app, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def with_reader(f: F) -> F:
+    """Like :func:`with_app`, for a command that runs on either path: it gets what ``State.reader`` gives."""
+
+    @functools.wraps(f)
+    @click.pass_obj
+    def wrapper(state: State, *args: Any, **kwargs: Any) -> Any:
+        return f(state.reader(), *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
 
@@ -241,13 +265,18 @@ def case_create(app: Any, case_id: str, checklist: str, patient_name: str | None
 
 @case.command("list")
 @json_option
-@with_app
+@with_reader
 @audited("R", "case-list")
 def case_list(app: Any, as_json: bool) -> None:
     """List cases."""
-    from aggregator.cases import list_cases
+    from aggregator.store import lite
 
-    rows = list_cases(app)
+    if isinstance(app.db, lite.LiteDatabase):
+        rows = lite.list_cases(app.db)
+    else:
+        from aggregator.cases import list_cases
+
+        rows = list_cases(app)
     _emit(as_json, rows, lambda: "\n".join(
         f"{r['case']:<24} {r['status']:<8} {r['checklist']:<12} sources: {r['sources']}" for r in rows
     ) or "no cases")

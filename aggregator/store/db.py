@@ -3,6 +3,10 @@
 SQLite (a file in the home directory) is the default; PostgreSQL works with the same code for
 multi-worker deployments. The schema is always brought to the latest Alembic revision when a
 database is opened, so a fresh home and an old one behave the same.
+
+SQLAlchemy is imported when a :class:`Database` is made, not with this module: the quick
+read path of :mod:`aggregator.store.lite` shares this module's revision and pragmas, and a
+command such as ``case list`` must not pay a quarter of a second for an engine it never builds.
 """
 
 from __future__ import annotations
@@ -10,14 +14,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-
-import orjson
-from sqlalchemy import create_engine, event, inspect, text
-from sqlalchemy.engine import Engine
-from sqlalchemy.orm import Session, sessionmaker
+from typing import TYPE_CHECKING, Any
 
 from aggregator.errors import StoreError
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+    from sqlalchemy.orm import Session
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 #: The newest migration. Checked first so that opening an up-to-date database does not import
@@ -35,6 +38,9 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 
 def make_engine(url: str) -> Engine:
+    import orjson
+    from sqlalchemy import create_engine, event
+
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
@@ -51,6 +57,8 @@ def make_engine(url: str) -> Engine:
 
 
 def current_revision(engine: Engine) -> str | None:
+    from sqlalchemy import inspect, text
+
     with engine.connect() as conn:
         if not inspect(conn).has_table("alembic_version"):
             return None
@@ -75,6 +83,8 @@ class Database:
     """An engine plus a session factory; one per process."""
 
     def __init__(self, url: str) -> None:
+        from sqlalchemy.orm import sessionmaker
+
         self.url = url
         try:
             self.engine = make_engine(url)
