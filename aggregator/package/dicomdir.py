@@ -321,7 +321,7 @@ def write_images(root: Path, placed: Sequence[PlacedImage], blobs: BlobStore, *,
     """Copy the instance files byte for byte and write DICOMDIR; returns the relative paths written."""
     written: list[str] = []
     for p in placed:
-        blobs.copy_to(p.image.sha256, root / p.relpath)
+        blobs.copy_to(p.image.sha256, root / p.relpath, atomic=False)  # staged, renamed as a whole
         written.append(p.relpath)
     # written even with no images: an empty file set is valid, and the layout stays the same
     (root / "DICOMDIR").write_bytes(dicomdir_bytes(placed, seed=seed))

@@ -31,7 +31,7 @@ from aggregator.package.document import document_timestamp, record_digest, write
 from aggregator.package.manifest import MANIFEST, MANIFEST_SCHEMA, build_manifest, dump_manifest, unsafe_relpath
 from aggregator.package.summary import render_index, render_readme, render_summary
 from aggregator.package.xdm import PATH as XDM_PATH
-from aggregator.package.xdm import metadata_xml
+from aggregator.package.xdm import write_metadata_xml
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def _build(root: Path, case: CaseInfo, record: NormalizedRecord, gap_report: dic
     documents = _documents(record)
     for doc in documents:
         try:
-            blobs.copy_to(doc.sha256, root / doc.path)
+            blobs.copy_to(doc.sha256, root / doc.path, atomic=False)  # staged, renamed as a whole
         except (StoreError, FileNotFoundError):
             raise PackageError("document bytes are missing from the blob store", item=doc.path)
         written.append(doc.path)
@@ -184,7 +184,8 @@ def _build(root: Path, case: CaseInfo, record: NormalizedRecord, gap_report: dic
     _write(root, "summary.html", summary.encode("utf-8"), written)
     _write(root, "INDEX.HTM", render_index(case, documents, len(placed)).encode("utf-8"), written)
     _write(root, "README.TXT", render_readme(case, len(documents), len(placed), timestamp).encode("ascii"), written)
-    _write(root, XDM_PATH, metadata_xml(documents, blobs, case_id=case.id, timestamp=timestamp, seed=seed), written)
+    write_metadata_xml(root / XDM_PATH, documents, blobs, case_id=case.id, timestamp=timestamp, seed=seed)
+    written.append(XDM_PATH)
 
     counts = {
         "resources": record.count(),

@@ -326,6 +326,32 @@ def test_xdm_metadata_describes_each_document(package: Path, record: NormalizedR
     assert len(root.findall(f".//{rim}Association")) == len(record.documents)
 
 
+def test_xdm_metadata_is_written_exactly_as_elementtree_serialises_it(tmp_path: Path, blobs: BlobStore) -> None:
+    """METADATA.XML is written as text, one entry at a time (flat memory at 100k documents); it
+    must stay byte for byte what ElementTree makes of the same tree, escapes included."""
+    from aggregator.package.xdm import metadata_xml, write_metadata_xml
+
+    ref = blobs.put_bytes(b"note")
+    docs = [DocumentFile("documents/DOC0001.TXT", ref.sha256, ref.size, "text/plain", 'a & <b> "q"\n\tx\r'),
+            DocumentFile("documents/DOC0002.TXT", ref.sha256, ref.size, None, None),
+            DocumentFile("documents/DOC0003.TXT", ref.sha256, ref.size, "", "\u00e9\u6f22")]
+    for documents in (docs, []):
+        data = metadata_xml(documents, blobs, case_id='c&<"1', timestamp="2026-01-02T03:04:05Z", seed="s")
+        ET.register_namespace("lcm", "urn:oasis:names:tc:ebxml-regrep:xsd:lcm:3.0")
+        ET.register_namespace("rim", "urn:oasis:names:tc:ebxml-regrep:xsd:rim:3.0")
+        root = ET.fromstring(data)
+        for el in root.iter():  # drop the indentation, then let ElementTree indent it again
+            if len(el):
+                el.text = None
+            el.tail = None
+        ET.indent(root)
+        assert ET.tostring(root, encoding="utf-8", xml_declaration=True) + b"\n" == data
+        assert len(root.findall(".//{urn:oasis:names:tc:ebxml-regrep:xsd:rim:3.0}ExtrinsicObject")) == len(documents)
+    out = tmp_path / "M.XML"
+    write_metadata_xml(out, docs, blobs, case_id="c", timestamp="2026-01-02T03:04:05Z", seed="s")
+    assert out.read_bytes() == metadata_xml(docs, blobs, case_id="c", timestamp="2026-01-02T03:04:05Z", seed="s")
+
+
 def test_replaces_a_previous_package_but_not_other_folders(tmp_path: Path, record: NormalizedRecord,
                                                            blobs: BlobStore, package: Path) -> None:
     (package / "stale.txt").write_text("left over")
