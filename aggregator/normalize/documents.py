@@ -158,6 +158,12 @@ class Documents:
             blob = self.blob_for(item, i, att)
             if blob is None:
                 continue
+            # A small document already in the store is read once for its SHA-1 and its text
+            # profile, not opened twice and looked up a third time (100k small documents).
+            stored = (blob.data is None and not blob.inline and blob.size <= load_rules().max_bytes
+                      and (blob.sha1_b64 is None or blob.sha256 not in self.files))
+            if stored:
+                blob.data = self.blobs.read_bytes(blob.sha256)
             if blob.sha1_b64 is None:
                 blob.sha1_b64 = self._sha1(blob, att)
             ref = f"{item.rtype}/{item.new_id}"
@@ -168,7 +174,10 @@ class Documents:
             else:
                 self.files[blob.sha256] = (blob, ref, str(att.get("title") or ""))
                 self._profile(blob, att)
-                self._store(blob, att)
+                if not stored:
+                    self._store(blob, att)
+            if stored:
+                blob.data = None
             plan.append((i, blob.sha256, blob.size, blob.sha1_b64, blob.content_type))
         if plan:
             self.scratch.put(item.lid, plan=orjson.dumps(plan))
