@@ -50,6 +50,7 @@ class BlobStore:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        self._root_str = str(self.root)
         self._tmp = self.root / ".tmp"
         # Fan-out folders already known to exist: creating them on every write cost two
         # syscalls per blob, a measurable share of a fast DICOM retrieve.
@@ -59,7 +60,8 @@ class BlobStore:
     def path(self, sha256: str) -> Path:
         if not _SHA256.fullmatch(sha256):
             raise StoreError("not a SHA-256 hex digest", item=sha256[:80])
-        return self.root / sha256[:2] / sha256[2:]
+        # one Path built from a string, not two joins (a lookup per document in normalize and package)
+        return Path(f"{self._root_str}/{sha256[:2]}/{sha256[2:]}")
 
     def exists(self, sha256: str) -> bool:
         return self.path(sha256).is_file()
