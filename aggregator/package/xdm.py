@@ -91,7 +91,8 @@ def _slot(level: int, name: str, *values: str) -> str:
 
 
 def _name(level: int, text: str) -> str:
-    return _open(level, "Name") + _open(level + 1, "LocalizedString", {"value": text}, empty=True) + _close(level, "Name")
+    return (_open(level, "Name") + _open(level + 1, "LocalizedString", {"value": text}, empty=True)
+            + _close(level, "Name"))
 
 
 def _external_id(level: int, owner: str, scheme: str, value: str, label: str) -> str:
