@@ -329,6 +329,103 @@ def case_delete(app: Any, case_id: str, yes: bool, as_json: bool) -> None:
     _emit(as_json, {"case": case_id, "deleted": True}, f"case {case_id} deleted")
 
 
+@case.command("assign")
+@click.argument("case_id", metavar="CASE")
+@click.argument("user_name", metavar="USER")
+@json_option
+@with_app
+@audited("U", "assignment", access_change=True)
+def case_assign(app: Any, case_id: str, user_name: str, as_json: bool) -> None:
+    """Let USER (a consultant) see CASE: its gap report, summary and package."""
+    from aggregator.accounts import assign_case
+
+    data = assign_case(app.db, case_id, user_name)
+    _emit(as_json, data, f"case {case_id} assigned to {data['user']} ({data['role']})")
+
+
+# --- users and tokens -----------------------------------------------------------------------
+
+
+@cli.group()
+def user() -> None:
+    """People who use the HTTP API: admin, navigator or consultant."""
+
+
+def _read_password(password_file: str | None) -> str:
+    if password_file is not None:
+        try:
+            return Path(password_file).read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError:
+            raise UsageError("cannot read the password file", item=password_file) from None
+    if not sys.stdin.isatty():
+        raise UsageError("no terminal to ask for the password on: give --password-file")
+    return str(click.prompt("Password", hide_input=True, confirmation_prompt=True))
+
+
+@user.command("add")
+@click.argument("name")
+@click.option("--role", required=True, type=click.Choice(["admin", "navigator", "consultant"]))
+@click.option("--password-file", type=click.Path(dir_okay=False),
+              help="File holding the password (asked for on the terminal when absent).")
+@json_option
+@with_app
+@audited("C", "user", access_change=True)
+def user_add(app: Any, name: str, role: str, password_file: str | None, as_json: bool) -> None:
+    """Add a user NAME with a role."""
+    from aggregator.accounts import add_user
+
+    data = add_user(app.db, name, role, _read_password(password_file))
+    _emit(as_json, data, f"user {name} added ({role})")
+
+
+@user.command("list")
+@json_option
+@with_app
+def user_list(app: Any, as_json: bool) -> None:
+    """List users."""
+    from aggregator.accounts import list_users
+
+    rows = list_users(app.db)
+    _emit(as_json, rows, lambda: "\n".join(f"{r['name']:<24} {r['role']:<11} {'active' if r['active'] else 'inactive'}"
+                                           for r in rows) or "no users")
+
+
+@cli.group()
+def token() -> None:
+    """API tokens: shown once when created, stored only as a hash."""
+
+
+@token.command("create")
+@click.argument("user_name", metavar="USER")
+@click.option("--expires", default="90d", show_default=True, metavar="DURATION",
+              help="Lifetime: 90m, 12h, 30d, 2w, or 'never'.")
+@json_option
+@with_app
+@audited("C", "token", access_change=True)
+def token_create(app: Any, user_name: str, expires: str, as_json: bool) -> None:
+    """Create an API token for USER and print it (the only time it is shown)."""
+    from aggregator.accounts import create_token, parse_duration
+
+    data = create_token(app.db, user_name, parse_duration(expires))
+    _emit(as_json, data, lambda: "\n".join([
+        f"token {data['id']} for {data['user']} ({data['role']}), expires {data['expires_at'] or 'never'}",
+        data["token"],
+        "keep it safe: it is not shown again (send it as 'Authorization: Bearer TOKEN')"]))
+
+
+@token.command("revoke")
+@click.argument("token_id", metavar="TOKEN_ID")
+@json_option
+@with_app
+@audited("U", "token", access_change=True)
+def token_revoke(app: Any, token_id: str, as_json: bool) -> None:
+    """Revoke the API token TOKEN_ID at once."""
+    from aggregator.accounts import revoke_token
+
+    data = revoke_token(app.db, token_id)
+    _emit(as_json, data, f"token {token_id} revoked")
+
+
 # --- sources --------------------------------------------------------------------------------
 
 

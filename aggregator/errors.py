@@ -61,6 +61,24 @@ class AlreadyExists(AggregatorError, Fatal):
     exit_code = 2
 
 
+class AuthenticationRequired(AggregatorError, Fatal):
+    """No credentials, or credentials that are unknown, wrong, revoked or expired (HTTP 401)."""
+
+    exit_code = 2
+
+
+class PermissionDenied(AggregatorError, Fatal):
+    """The caller's role may not do this, on any resource (HTTP 403)."""
+
+    exit_code = 2
+
+
+class RequestTooLarge(AggregatorError, Fatal):
+    """A request body (an upload) is over the size limit (HTTP 413)."""
+
+    exit_code = 2
+
+
 class NotImplementedYet(AggregatorError, Fatal):
     """A documented capability that this version does not provide yet; says so plainly."""
 
