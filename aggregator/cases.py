@@ -24,6 +24,8 @@ from connectors.dicom_identifier import matching_key_problem
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+#: where the API writes uploaded media, inside the case folder
+UPLOADS = "uploads"
 
 
 def _check_name(what: str, name: str) -> str:
@@ -340,3 +342,28 @@ def delete_case(app: App, case_id: str) -> None:
     folder = app.case_dir(case_id)
     if folder.is_dir() and folder.resolve().parent == app.settings.cases_dir.resolve():
         shutil.rmtree(folder)
+
+
+def remove_source(app: App, case_id: str, source_id: int) -> dict[str, Any]:
+    """Remove one source of a case, with its pulls, ledger and cursors; an upload of it too.
+
+    Raw blobs stay in the case's store (they are content-addressed and may be shared with
+    another source); without ledger rows nothing reads them, and deleting the case removes them.
+    """
+    from sqlalchemy import delete
+
+    from aggregator.store.models import Cursor
+
+    get_case(app, case_id)
+    with app.db.session() as s:
+        src = s.get(Source, source_id)
+        if src is None or src.case_id != case_id:
+            raise NotFound(f"case {case_id!r} has no source with id {source_id}")
+        upload = Path(src.config["path"]) if src.kind == "media" and src.config.get("path") else None
+        for table in (LedgerItem, Cursor, Pull):
+            s.execute(delete(table).where(table.source_id == source_id))
+        s.execute(delete(Source).where(Source.id == source_id))
+    uploads = (app.case_dir(case_id) / UPLOADS).resolve()
+    if upload is not None and upload.resolve().parent == uploads:  # only what the API received
+        upload.unlink(missing_ok=True)
+    return {"case": case_id, "source": source_id, "removed": True}

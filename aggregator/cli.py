@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import click
 
 from aggregator import __version__
-from aggregator.errors import AggregatorError, NotFound, NotImplementedYet, UsageError
+from aggregator.errors import AggregatorError, NotFound, UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger("aggregator")
@@ -708,14 +708,22 @@ def sync(app: Any, case_ids: tuple[str, ...], as_json: bool) -> None:
 
 
 @cli.command()
-@click.option("--host", default="127.0.0.1")
-@click.option("--port", default=8080, type=int)
-def serve(host: str, port: int) -> None:
-    """Run the HTTP API (not available in this version)."""
-    raise NotImplementedYet(
-        "the HTTP API and web page (`aggregator serve`) are not implemented in this version; "
-        "use the CLI commands"
-    )
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (loopback unless told otherwise).")
+@click.option("--port", default=8080, type=int, show_default=True)
+@with_app
+def serve(app: Any, host: str, port: int) -> None:
+    """Run the HTTP API (OpenAPI at /openapi.json, docs at /docs); pulls run in this process."""
+    import uvicorn
+
+    from aggregator.api import create_app
+
+    if host not in ("127.0.0.1", "::1", "localhost"):
+        click.echo(f"warning: listening on {host}, not loopback: put TLS in front of it", err=True)
+    logging.getLogger("aggregator.api.access").setLevel(logging.INFO)
+    # uvicorn's own access log prints query strings: ours masks them (aggregator.api.middleware)
+    uvicorn.run(create_app(app), host=host, port=port, access_log=False, server_header=False,
+                log_level=os.environ.get("AGGREGATOR_LOG_LEVEL", "info").lower())
 
 
 @cli.command()

@@ -79,6 +79,14 @@ class RequestTooLarge(AggregatorError, Fatal):
     exit_code = 2
 
 
+class RateLimited(AggregatorError, Retriable):
+    """Too many requests from one API token or address (HTTP 429); ``retry_after`` in seconds."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__("too many requests; slow down")
+        self.retry_after = retry_after
+
+
 class NotImplementedYet(AggregatorError, Fatal):
     """A documented capability that this version does not provide yet; says so plainly."""
 

@@ -1,0 +1,167 @@
+"""Pulls (``POST /cases/{case}/pulls`` -> 202 + job) and jobs: state, progress, cancel.
+
+A job's view adds, per source, the items done, failed and expected (live numbers from the
+connector's progress and the pull's ledger rows) and a ledger summary of the case (counts by
+state, refreshed at most every couple of seconds so that polling stays cheap).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from sqlalchemy import func, select
+
+from aggregator import audit
+from aggregator.accounts import Principal
+from aggregator.api.auth import Caller, actor, audited, guard, require
+from aggregator.api.jobs import DONE, FAILED, PARTIAL, Job
+from aggregator.api.problems import documented
+from aggregator.app import App
+from aggregator.errors import NotFound
+from aggregator.jobs import lock as case_lock
+from aggregator.jobs.lock import CaseBusy
+from aggregator.store.models import LedgerItem, Pull, Source
+
+router = APIRouter(tags=["jobs"], responses=documented(400, 403, 404, 409, 422))
+LEDGER_EVERY = 2.0
+_ledger_cache: dict[tuple[str, str], tuple[float, dict[str, Any]]] = {}
+_ledger_lock = threading.Lock()
+
+
+class PullIn(BaseModel):
+    sources: list[int] = Field(default_factory=list, max_length=1000,
+                               description="Only these source ids (default: all of the case's sources)")
+
+
+def _pull_job(core: App, case: str, source_ids: list[int], who: audit.Actor) -> Any:
+    from aggregator.jobs.pull import pull_case
+
+    def run(job: Job) -> tuple[str, dict[str, Any]]:
+        outcome, detail = audit.SERIOUS_FAILURE, "not finished"
+        try:
+            summaries = pull_case(core, case, source_ids=source_ids or None, progress_for=job.progress_for,
+                                  wait=0.0, actor=who)
+            states = {s.state for s in summaries}
+            state = FAILED if states == {"failed"} else PARTIAL if "failed" in states or "partial" in states else DONE
+            outcome, detail = (audit.SUCCESS, "") if state != FAILED else (audit.MINOR_FAILURE, "every source failed")
+            return state, {"pulls": [s.to_dict() for s in summaries]}
+        except BaseException as exc:
+            detail = type(exc).__name__
+            raise
+        finally:
+            audit.record(core.db, who, audit.EXECUTE, "pull", case_id=case, outcome=outcome, detail=detail,
+                         entity={"job": job.id})
+
+    return run
+
+
+@router.post("/cases/{case}/pulls", status_code=202, summary="Pull the case's sources (or some) as a job")
+def pull(request: Request, case: str, principal: Caller, body: PullIn | None = None) -> JSONResponse:
+    core = guard(request, principal, case, "pulls", audit.EXECUTE, "pull")
+    wanted = list(dict.fromkeys((body or PullIn()).sources))
+    if wanted:
+        with core.db.session() as s:
+            have = set(s.scalars(select(Source.id).where(Source.case_id == case)))
+        missing = [sid for sid in wanted if sid not in have]
+        if missing:
+            raise NotFound(f"case {case!r} has no source with id {missing[0]}")
+    runner = request.app.state.runner
+    if any(j.case_id == case and j.kind == "pull" and j.state in ("queued", "running") for j in runner.list(case)) \
+            or case_lock.is_held(core, case):
+        raise CaseBusy(f"case {case!r} is already being pulled; follow or cancel that job")
+    job = runner.submit("pull", case, _pull_job(core, case, wanted, actor(request, principal)),
+                        owner=principal.name, params={"sources": wanted})
+    return JSONResponse(job_view(core, job), status_code=202, headers={"Location": f"/jobs/{job.id}"})
+
+
+def _ledger_summary(core: App, job: Job) -> dict[str, Any]:
+    """Counts by state of the case's ledger: once for a finished job, every few seconds before."""
+    now = time.monotonic()
+    final = job.finished_at is not None
+    key = (job.id, "final" if final else "live")
+    case = job.case_id
+    with _ledger_lock:
+        hit = _ledger_cache.get(key)
+    if hit and (final or now - hit[0] < LEDGER_EVERY):
+        return hit[1]
+    counts: dict[str, int] = {}
+    with core.db.session() as s:
+        q = (select(LedgerItem.kind, LedgerItem.state, func.count()).join(Source, Source.id == LedgerItem.source_id)
+             .where(Source.case_id == case).group_by(LedgerItem.kind, LedgerItem.state))
+        for kind, state, n in s.execute(q):
+            key = "quarantined" if kind == "quarantine" else str(state)
+            counts[key] = counts.get(key, 0) + int(n)
+    with _ledger_lock:
+        _ledger_cache.pop((job.id, "live"), None)
+        _ledger_cache[key] = (now, counts)
+    return counts
+
+
+def _per_source(core: App, job: Job) -> list[dict[str, Any]]:
+    if job.kind != "pull" or job.started_at is None:
+        return []
+    started = job.started_at
+    if core.db.engine.dialect.name == "sqlite":
+        started = started.replace(tzinfo=None)
+    with core.db.session() as s:
+        q = (select(Pull.id, Pull.source_id, Pull.state, Source.label).join(Source, Source.id == Pull.source_id)
+             .where(Source.case_id == job.case_id, Pull.started_at >= started).order_by(Pull.id))
+        pulls = list(s.execute(q))
+        ledger: dict[int, dict[str, int]] = {}
+        if pulls:
+            rows = s.execute(select(LedgerItem.pull_id, LedgerItem.state, func.count())
+                             .where(LedgerItem.pull_id.in_([p[0] for p in pulls]))
+                             .group_by(LedgerItem.pull_id, LedgerItem.state))
+            for pid, state, n in rows:
+                if pid is not None:
+                    ledger.setdefault(int(pid), {})[str(state)] = int(n)
+    live = {p.label: p for p in job.progress}
+    out = []
+    for pid, sid, state, label in pulls:
+        counts = ledger.get(int(pid), {})
+        prog = live.get(label)
+        out.append({"source": int(sid), "label": label, "pull": int(pid), "state": state,
+                    "done": max(counts.get("done", 0), prog.done if prog else 0),
+                    "failed": counts.get("failed", 0), "skipped": counts.get("skipped", 0),
+                    "expected": prog.total if prog else None, "note": prog.note if prog else ""})
+    return out
+
+
+def job_view(core: App, job: Job) -> dict[str, Any]:
+    data = job.to_dict()
+    data["sources"] = _per_source(core, job)
+    data["ledger"] = _ledger_summary(core, job)
+    data["links"] = {"self": f"/jobs/{job.id}", "case": f"/cases/{job.case_id}"}
+    return data
+
+
+def _job_for(request: Request, principal: Principal, job_id: str) -> tuple[App, Job]:
+    core = require(request, principal, "jobs", audit.READ, "job")
+    job = request.app.state.runner.status(job_id)
+    guard(request, principal, job.case_id, "jobs", audit.READ, "job")
+    return core, job
+
+
+@router.get("/jobs/{job_id}", summary="A job's state, per-source progress, ledger summary and errors")
+def status(request: Request, job_id: str, principal: Caller) -> dict[str, Any]:
+    core, job = _job_for(request, principal, job_id)
+    return job_view(core, job)
+
+
+@router.post("/jobs/{job_id}/cancel", status_code=202, summary="Ask a job to stop at its next step")
+def cancel(request: Request, job_id: str, principal: Caller) -> dict[str, Any]:
+    core, job = _job_for(request, principal, job_id)
+    job = request.app.state.runner.cancel(job_id)
+    audited(request, principal, audit.EXECUTE, "job-cancel", case_id=job.case_id, entity={"job": job.id})
+    return job_view(core, job)
+
+
+@router.get("/cases/{case}/jobs", summary="The case's jobs since the service started")
+def case_jobs(request: Request, case: str, principal: Caller) -> list[dict[str, Any]]:
+    guard(request, principal, case, "jobs", audit.READ, "job-list")
+    return [j.to_dict() for j in request.app.state.runner.list(case)]
