@@ -94,8 +94,8 @@ def _ledger_summary(core: App, job: Job) -> dict[str, Any]:
         q = (select(LedgerItem.kind, LedgerItem.state, func.count()).join(Source, Source.id == LedgerItem.source_id)
              .where(Source.case_id == case).group_by(LedgerItem.kind, LedgerItem.state))
         for kind, state, n in s.execute(q):
-            key = "quarantined" if kind == "quarantine" else str(state)
-            counts[key] = counts.get(key, 0) + int(n)
+            name = "quarantined" if kind == "quarantine" else str(state)
+            counts[name] = counts.get(name, 0) + int(n)
     with _ledger_lock:
         _ledger_cache.pop((job.id, "live"), None)
         _ledger_cache[key] = (now, counts)
