@@ -1,0 +1,182 @@
+"""The authorization matrix, generated from the OpenAPI document (issue 13).
+
+Every route of ``/openapi.json`` x {anonymous, admin, navigator, consultant assigned, consultant
+not assigned, revoked token, expired token} gets the status it must. A route without a row in
+:data:`ROWS` (or a row without a route) fails the test, so a new route cannot ship unchecked.
+
+Rows name the roles allowed and the status of success; the rest follows from the rules:
+no valid token -> 401; a role without the permission -> 403 (whatever the case); a consultant
+on a case not assigned to them -> 404, exactly as for a case that does not exist.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.api.conftest import Api
+
+IDENTITIES = ("anonymous", "admin", "navigator", "consultant", "outsider", "revoked", "expired")
+ALL_ROLES = frozenset({"admin", "navigator", "consultant"})
+_n = itertools.count()
+
+
+@dataclass
+class World:
+    api: Api
+    zip_bytes: bytes
+    source: int = 0
+    job: str = ""
+    package: str = ""
+
+    def throwaway_case(self) -> str:
+        case = f"tmp-{next(_n)}"
+        nav = self.api.h("navigator")
+        assert self.api.client.post("/cases", headers=nav, json={"case": case, "checklist": "oncology"}
+                                    ).status_code == 201
+        assert self.api.client.post(f"/cases/{case}/assignments", headers=nav, json={"user": "consultant"}
+                                    ).status_code == 201
+        return case
+
+    def throwaway_source(self) -> int:
+        r = self.api.client.post("/cases/c1/sources", headers=self.api.h("navigator"),
+                                 json={"endpoint": "ep1", "patient_id": "p1"})
+        assert r.status_code == 201, r.text
+        return int(r.json()["id"])
+
+
+@dataclass(frozen=True)
+class Row:
+    allowed: frozenset[str]
+    ok: int
+    #: path parameters (and a body) for one call; may create what the call will consume
+    params: Callable[[World], dict[str, Any]] = field(default=lambda w: {})
+    body: Callable[[World], dict[str, Any]] | None = None
+    raw: bool = False  # the body is the media zip
+    case_scoped: bool = True
+    public: bool = False
+
+
+def _case(w: World) -> dict[str, Any]:
+    return {"case": "c1"}
+
+
+def _pkg(w: World) -> dict[str, Any]:
+    return {"case": "c1", "package_id": w.package}
+
+
+NAV, CON = frozenset({"navigator"}), frozenset({"navigator", "consultant"})
+ROWS: dict[str, Row] = {
+    "GET /health": Row(ALL_ROLES, 200, case_scoped=False, public=True),
+    "GET /me": Row(ALL_ROLES, 200, case_scoped=False),
+    "GET /endpoint-kinds": Row(frozenset({"admin", "navigator"}), 200, case_scoped=False),
+    "GET /endpoints": Row(frozenset({"admin", "navigator"}), 200, case_scoped=False),
+    "POST /endpoints": Row(frozenset({"admin"}), 201, case_scoped=False, body=lambda w: {
+        "name": f"ep-{next(_n)}", "kind": "fhir", "config": {"url": "http://127.0.0.1:9/fhir"}}),
+    "POST /endpoints/{name}/check": Row(frozenset({"admin", "navigator"}), 200, lambda w: {"name": "ep1"},
+                                        case_scoped=False),
+    "GET /cases": Row(frozenset({"navigator", "consultant"}), 200, case_scoped=False),
+    "POST /cases": Row(NAV, 201, case_scoped=False,
+                       body=lambda w: {"case": f"new-{next(_n)}", "checklist": "oncology"}),
+    "GET /cases/{case}": Row(NAV, 200, _case),
+    "DELETE /cases/{case}": Row(NAV, 200, lambda w: {"case": w.throwaway_case()}),
+    "POST /cases/{case}/assignments": Row(frozenset({"admin", "navigator"}), 201, _case,
+                                          body=lambda w: {"user": "consultant"}),
+    "GET /cases/{case}/sources": Row(NAV, 200, _case),
+    "POST /cases/{case}/sources": Row(NAV, 201, _case, body=lambda w: {"endpoint": "ep1", "patient_id": "p1"}),
+    "POST /cases/{case}/sources/media": Row(NAV, 201, _case, raw=True),
+    "DELETE /cases/{case}/sources/{source_id}": Row(NAV, 200, lambda w: {"case": "c1",
+                                                                         "source_id": w.throwaway_source()}),
+    "POST /cases/{case}/pulls": Row(NAV, 202, _case, body=lambda w: {"sources": [w.source]}),
+    "GET /cases/{case}/jobs": Row(NAV, 200, _case),
+    "GET /jobs/{job_id}": Row(NAV, 200, lambda w: {"job_id": w.job}),
+    "POST /jobs/{job_id}/cancel": Row(NAV, 202, lambda w: {"job_id": w.job}),
+    "GET /cases/{case}/gap-report": Row(CON, 200, _case),
+    "GET /cases/{case}/packages": Row(CON, 200, _case),
+    "POST /cases/{case}/packages": Row(NAV, 202, _case),
+    "GET /cases/{case}/packages/{package_id}": Row(CON, 200, _pkg),
+    "POST /cases/{case}/packages/{package_id}/verify": Row(CON, 200, _pkg),
+    "GET /cases/{case}/packages/{package_id}/summary": Row(CON, 200, _pkg),
+}
+
+
+def expected(row: Row, who: str) -> int:
+    if row.public:
+        return row.ok
+    if who in ("anonymous", "revoked", "expired"):
+        return 401
+    role = "consultant" if who == "outsider" else who
+    if role not in row.allowed:
+        return 403
+    if who == "outsider" and row.case_scoped:
+        return 404
+    return row.ok
+
+
+def _routes(api: Api) -> set[str]:
+    doc = api.client.get("/openapi.json").json()
+    return {f"{m.upper()} {p}" for p, ops in doc["paths"].items() for m in ops if m in ("get", "post", "put",
+                                                                                          "patch", "delete")}
+
+
+def _world(api: Api, media_zip: tuple[Path, Any]) -> World:
+    zpath, _ = media_zip
+    w = World(api, zpath.read_bytes())
+    c, nav, adm = api.client, api.h("navigator"), api.h("admin")
+    assert c.post("/endpoints", headers=adm, json={"name": "ep1", "kind": "fhir",
+                                                   "config": {"url": "http://127.0.0.1:9/fhir"}}).status_code == 201
+    assert c.post("/cases", headers=nav, json={"case": "c1", "checklist": "oncology"}).status_code == 201
+    assert c.post("/cases/c1/assignments", headers=nav, json={"user": "consultant"}).status_code == 201
+    r = c.post("/cases/c1/sources/media", headers={**nav, "Content-Type": "application/zip"}, content=w.zip_bytes)
+    w.source = r.json()["id"]
+    r = c.post("/cases/c1/pulls", headers=nav, json={"sources": [w.source]})
+    w.job = r.json()["id"]
+    assert api.wait(w.job)["state"] in ("done", "partial")
+    r = c.post("/cases/c1/packages", headers=nav)
+    pj = api.wait(r.json()["id"])
+    assert pj["state"] == "done", pj
+    w.package = pj["result"]["package"]["id"]
+    return w
+
+
+def _settle(api: Api) -> None:
+    runner = api.client.app.state.runner  # type: ignore[attr-defined]
+    for job in runner.list():
+        runner.wait(job.id, 120)
+
+
+def test_every_route_has_a_row(api: Api) -> None:
+    routes = _routes(api)
+    assert routes - set(ROWS) == set(), "routes without a row in the authorization matrix"
+    assert set(ROWS) - routes == set(), "rows for routes that no longer exist"
+
+
+def test_authorization_matrix(api: Api, media_zip: tuple[Path, Any]) -> None:
+    routes = _routes(api)
+    assert routes == set(ROWS)
+    w = _world(api, media_zip)
+    wrong = []
+    for key in sorted(routes):
+        method, template = key.split(" ", 1)
+        row = ROWS[key]
+        # denied identities first, then the allowed ones (whose calls may change the world)
+        for who in sorted(IDENTITIES, key=lambda i: expected(row, i) == row.ok):
+            params = row.params(w)
+            path = template.format(**params)
+            kwargs: dict[str, Any] = {"headers": api.h(who)}
+            if row.raw:
+                kwargs["headers"] = {**kwargs["headers"], "Content-Type": "application/zip"}
+                kwargs["content"] = w.zip_bytes
+            elif row.body is not None:
+                kwargs["json"] = row.body(w)
+            r = api.client.request(method, path, **kwargs)
+            want = expected(row, who)
+            if r.status_code != want:
+                wrong.append(f"{key} as {who}: got {r.status_code}, want {want}: {r.text[:200]}")
+            if r.status_code >= 400:
+                assert r.headers["content-type"] == "application/problem+json", key
+            _settle(api)
+    assert not wrong, "\n".join(wrong)
