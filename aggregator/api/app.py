@@ -51,7 +51,7 @@ class ApiConfig:
 
 def create_app(core: App, config: ApiConfig | None = None, runner: JobRunner | None = None) -> FastAPI:
     """The API for one open home. ``runner`` defaults to in-process threads."""
-    from aggregator.api.routes import cases, endpoints, jobs, meta, packages, reports, sources
+    from aggregator.api.routes import cases, endpoints, jobs, meta, packages, reports, sources, users
 
     config = config or ApiConfig.from_env()
     job_runner = runner or ThreadJobRunner(config.job_workers)
@@ -74,7 +74,7 @@ def create_app(core: App, config: ApiConfig | None = None, runner: JobRunner | N
     api.state.limiter = RateLimiter(config.rate_per_second, config.burst)
     api.state.runner = job_runner
     problems.install(api)
-    for module in (meta, endpoints, cases, sources, jobs, reports, packages):
+    for module in (meta, users, endpoints, cases, sources, jobs, reports, packages):
         api.include_router(module.router)
     if config.cors_origins:  # none unless configured
         from fastapi.middleware.cors import CORSMiddleware

@@ -41,6 +41,11 @@ class World:
                                     ).status_code == 201
         return case
 
+    def spare_token(self) -> str:
+        from aggregator import accounts
+
+        return str(accounts.create_token(self.api.core.db, "consultant")["id"])
+
     def throwaway_source(self) -> int:
         r = self.api.client.post("/cases/c1/sources", headers=self.api.h("navigator"),
                                  json={"endpoint": "ep1", "patient_id": "p1"})
@@ -72,6 +77,13 @@ NAV, CON = frozenset({"navigator"}), frozenset({"navigator", "consultant"})
 ROWS: dict[str, Row] = {
     "GET /health": Row(ALL_ROLES, 200, case_scoped=False, public=True),
     "GET /me": Row(ALL_ROLES, 200, case_scoped=False),
+    "GET /users": Row(frozenset({"admin"}), 200, case_scoped=False),
+    "POST /users": Row(frozenset({"admin"}), 201, case_scoped=False,
+                       body=lambda w: {"name": f"user-{next(_n)}", "role": "consultant"}),
+    "POST /users/{name}/tokens": Row(frozenset({"admin"}), 201, lambda w: {"name": "consultant"},
+                                     case_scoped=False, body=lambda w: {"expires": "1h"}),
+    "POST /tokens/{token_id}/revoke": Row(frozenset({"admin"}), 200, lambda w: {"token_id": w.spare_token()},
+                                          case_scoped=False),
     "GET /endpoint-kinds": Row(frozenset({"admin", "navigator"}), 200, case_scoped=False),
     "GET /endpoints": Row(frozenset({"admin", "navigator"}), 200, case_scoped=False),
     "POST /endpoints": Row(frozenset({"admin"}), 201, case_scoped=False, body=lambda w: {
