@@ -143,3 +143,23 @@ def test_no_cors_unless_configured(tmp_path: Path) -> None:
     with api.client as c:
         assert c.get("/health", headers=origin).headers["access-control-allow-origin"] == "https://pages.example"
     api.core.close()
+
+
+def test_gap_report_is_recomputed_only_when_its_inputs_change(api: Api, media_zip: tuple[Path, Any]) -> None:
+    from fixtures.generate import generate_zip
+
+    c, nav = api.client, api.h("navigator")
+    assert c.post("/cases", headers=nav, json={"case": "c1", "checklist": "oncology"}).status_code == 201
+    up = {**nav, "Content-Type": "application/zip"}
+    assert c.post("/cases/c1/sources/media", headers=up, content=media_zip[0].read_bytes()).status_code == 201
+    assert api.wait(c.post("/cases/c1/pulls", headers=nav).json()["id"])["state"] in ("done", "partial")
+    computed = [c.get("/cases/c1/gap-report", headers=nav).headers["x-report-computed"] for _ in range(3)]
+    assert computed == ["true", "false", "false"]
+    # a new source and its pull change the ledger: the next read computes again, once
+    other = generate_zip(media_zip[0].with_name("other.zip"), variant="no-recent-labs", seed="other")
+    assert c.post("/cases/c1/sources/media", headers=up, content=other.root.read_bytes()).status_code == 201
+    assert [c.get("/cases/c1/gap-report", headers=nav).headers["x-report-computed"] for _ in range(2)] == [
+        "true", "false"]
+    assert api.wait(c.post("/cases/c1/pulls", headers=nav).json()["id"])["state"] in ("done", "partial")
+    assert [c.get("/cases/c1/gap-report", headers=nav).headers["x-report-computed"] for _ in range(2)] == [
+        "true", "false"]
