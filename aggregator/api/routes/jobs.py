@@ -29,6 +29,7 @@ from aggregator.store.models import LedgerItem, Pull, Source
 
 router = APIRouter(tags=["jobs"], responses=documented(400, 403, 404, 409, 422))
 LEDGER_EVERY = 2.0
+SOURCES_EVERY = 0.5
 _ledger_cache: dict[tuple[str, str], tuple[float, dict[str, Any]]] = {}
 _ledger_lock = threading.Lock()
 
@@ -102,9 +103,39 @@ def _ledger_summary(core: App, job: Job) -> dict[str, Any]:
     return counts
 
 
+_source_cache: dict[tuple[str, str], tuple[float, list[dict[str, Any]]]] = {}
+
+
 def _per_source(core: App, job: Job) -> list[dict[str, Any]]:
+    """Per-source numbers: read from the database at most every ``SOURCES_EVERY`` s per job.
+
+    Browsers poll every second and many may watch one job; the live counts of the connector's
+    progress are added on every call, so the answer still moves between two reads.
+    """
     if job.kind != "pull" or job.started_at is None:
         return []
+    now = time.monotonic()
+    key = (job.id, "final" if job.finished_at is not None else "live")
+    with _ledger_lock:
+        hit = _source_cache.get(key)
+    if hit is not None and (key[1] == "final" or now - hit[0] < SOURCES_EVERY):
+        rows = hit[1]
+    else:
+        rows = _read_sources(core, job)
+        with _ledger_lock:
+            _source_cache.pop((job.id, "live"), None)
+            _source_cache[key] = (now, rows)
+    live = {p.label: p for p in job.progress}
+    out = []
+    for row in rows:
+        prog = live.get(row["label"])
+        out.append({**row, "done": max(row["done"], prog.done if prog else 0),
+                    "expected": prog.total if prog else None, "note": prog.note if prog else ""})
+    return out
+
+
+def _read_sources(core: App, job: Job) -> list[dict[str, Any]]:
+    assert job.started_at is not None
     started = job.started_at
     if core.db.engine.dialect.name == "sqlite":
         started = started.replace(tzinfo=None)
@@ -120,15 +151,12 @@ def _per_source(core: App, job: Job) -> list[dict[str, Any]]:
             for pid, state, n in rows:
                 if pid is not None:
                     ledger.setdefault(int(pid), {})[str(state)] = int(n)
-    live = {p.label: p for p in job.progress}
     out = []
     for pid, sid, state, label in pulls:
         counts = ledger.get(int(pid), {})
-        prog = live.get(label)
         out.append({"source": int(sid), "label": label, "pull": int(pid), "state": state,
-                    "done": max(counts.get("done", 0), prog.done if prog else 0),
-                    "failed": counts.get("failed", 0), "skipped": counts.get("skipped", 0),
-                    "expected": prog.total if prog else None, "note": prog.note if prog else ""})
+                    "done": counts.get("done", 0), "failed": counts.get("failed", 0),
+                    "skipped": counts.get("skipped", 0)})
     return out
 
 
