@@ -15,6 +15,7 @@ from aggregator.api import problems
 from aggregator.api.auth import RateLimiter
 from aggregator.api.jobs import JobRunner, ThreadJobRunner
 from aggregator.api.middleware import AccessLog, BodyLimit, SecurityHeaders
+from aggregator.api.sessions import SessionStore
 from aggregator.app import App
 
 MiB = 1024 * 1024
@@ -51,7 +52,7 @@ class ApiConfig:
 
 def create_app(core: App, config: ApiConfig | None = None, runner: JobRunner | None = None) -> FastAPI:
     """The API for one open home. ``runner`` defaults to in-process threads."""
-    from aggregator.api.routes import cases, endpoints, jobs, meta, packages, reports, sources, users
+    from aggregator.api.routes import cases, endpoints, jobs, meta, packages, reports, session, sources, users
 
     config = config or ApiConfig.from_env()
     job_runner = runner or ThreadJobRunner(config.job_workers)
@@ -73,8 +74,9 @@ def create_app(core: App, config: ApiConfig | None = None, runner: JobRunner | N
     api.state.config = config
     api.state.limiter = RateLimiter(config.rate_per_second, config.burst)
     api.state.runner = job_runner
+    api.state.sessions = SessionStore()
     problems.install(api)
-    for module in (meta, users, endpoints, cases, sources, jobs, reports, packages):
+    for module in (meta, session, users, endpoints, cases, sources, jobs, reports, packages):
         api.include_router(module.router)
     if config.cors_origins:  # none unless configured
         from fastapi.middleware.cors import CORSMiddleware

@@ -18,6 +18,7 @@ from fastapi import Depends, Request
 
 from aggregator import accounts, audit
 from aggregator.accounts import Principal
+from aggregator.api import sessions
 from aggregator.errors import AuthenticationRequired, NotFound, PermissionDenied, RateLimited
 
 
@@ -58,11 +59,19 @@ def client_address(request: Request) -> str:
 
 
 def caller(request: Request) -> Principal:
-    """The authenticated caller (FastAPI dependency); 401 without a valid token, 429 when too fast."""
+    """The authenticated caller (FastAPI dependency); 401 without a valid token, 429 when too fast.
+
+    A bearer token comes first; without one, a browser session cookie, with the session's CSRF
+    token required on every state-changing method.
+    """
     state = request.app.state
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     address = client_address(request)
+    if not header:
+        session_id = request.cookies.get(sessions.COOKIE)
+        if session_id:
+            return _from_session(request, session_id, address)
     if scheme.lower() != "bearer" or not token.strip():
         state.limiter.take("addr:" + address)
         raise AuthenticationRequired("a valid API token is required")
@@ -76,6 +85,22 @@ def caller(request: Request) -> Principal:
     state.limiter.take("token:" + (principal.token_id or principal.name))
     request.state.principal = principal
     return principal
+
+
+def _from_session(request: Request, session_id: str, address: str) -> Principal:
+    state = request.app.state
+    session = state.sessions.get(session_id)
+    if session is None:
+        state.limiter.take("addr:" + address)
+        raise AuthenticationRequired("the session has ended; sign in again")
+    state.limiter.take("session:" + session.csrf[:16])
+    if request.method not in sessions.SAFE_METHODS and not sessions.csrf_ok(
+            session, request.headers.get(sessions.CSRF_HEADER)):
+        audit.record(state.core.db, audit.Actor(session.principal.name, address=address, role=session.principal.role),
+                     audit.EXECUTE, "csrf", outcome=audit.DENIED, detail="missing or wrong CSRF token")
+        raise PermissionDenied("a state-changing request from a browser session needs its X-CSRF-Token")
+    request.state.principal = session.principal
+    return session.principal
 
 
 #: the parameter type of every authenticated route

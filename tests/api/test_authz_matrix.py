@@ -77,6 +77,10 @@ NAV, CON = frozenset({"navigator"}), frozenset({"navigator", "consultant"})
 ROWS: dict[str, Row] = {
     "GET /health": Row(ALL_ROLES, 200, case_scoped=False, public=True),
     "GET /me": Row(ALL_ROLES, 200, case_scoped=False),
+    # signing in needs no token: wrong credentials are 401 for everybody; signing out is idempotent
+    "POST /session": Row(ALL_ROLES, 401, case_scoped=False, public=True,
+                         body=lambda w: {"user": "navigator", "password": "not the password"}),
+    "DELETE /session": Row(ALL_ROLES, 204, case_scoped=False, public=True),
     "GET /users": Row(frozenset({"admin"}), 200, case_scoped=False),
     "POST /users": Row(frozenset({"admin"}), 201, case_scoped=False,
                        body=lambda w: {"name": f"user-{next(_n)}", "role": "consultant"}),
