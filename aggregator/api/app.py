@@ -68,7 +68,7 @@ def create_app(core: App, config: ApiConfig | None = None, runner: JobRunner | N
         version=__version__,
         description="Gather a patient's records, check them against a second-opinion checklist, package them. "
                     "Authenticate with `Authorization: Bearer TOKEN` (`aggregator token create USER`).",
-        responses=problems.documented(401, 429, 500),
+        responses=problems.documented(400, 401, 413, 422, 429, 500),
     )
     api.state.core = core
     api.state.config = config

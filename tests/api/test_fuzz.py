@@ -35,7 +35,8 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 _TMP = tempfile.TemporaryDirectory(prefix="aggregator-fuzz-")
 _API = make_api(Path(_TMP.name) / "home", None,
                 ApiConfig(rate_per_second=100000, burst=100000, max_upload=1 << 20))
-schema = schemathesis.openapi.from_asgi("/openapi.json", _API.client.app)
+# checking an endpoint connects to the URL it was given: never fuzzed (no traffic off this machine)
+schema = schemathesis.openapi.from_asgi("/openapi.json", _API.client.app).exclude(path="/endpoints/{name}/check")
 
 
 @pytest.fixture(scope="module")

@@ -75,8 +75,11 @@ def pull(request: Request, case: str, principal: Caller, body: PullIn | None = N
     if any(j.case_id == case and j.kind == "pull" and j.state in ("queued", "running") for j in runner.list(case)) \
             or case_lock.is_held(core, case):
         raise CaseBusy(f"case {case!r} is already being pulled; follow or cancel that job")
-    job = runner.submit("pull", case, _pull_job(core, case, wanted, actor(request, principal)),
-                        owner=principal.name, params={"sources": wanted})
+    who = actor(request, principal)
+    job = runner.submit("pull", case, _pull_job(core, case, wanted, who), owner=principal.name,
+                        params={"sources": wanted})
+    # the request now; the pull's own entry (and one per DICOM study) when it ends
+    audit.record(core.db, who, audit.EXECUTE, "pull-request", case_id=case, entity={"job": job.id})
     return JSONResponse(job_view(core, job), status_code=202, headers={"Location": f"/jobs/{job.id}"})
 
 

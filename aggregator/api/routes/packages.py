@@ -83,8 +83,10 @@ def _build_job(core: App, case: str, who: audit.Actor) -> Any:
 @router.post("/cases/{case}/packages", status_code=202, summary="Build the consultant package (a job)")
 def build(request: Request, case: str, principal: Caller) -> JSONResponse:
     core = guard(request, principal, case, "package:build", audit.CREATE, "package")
-    job = request.app.state.runner.submit("package", case, _build_job(core, case, actor(request, principal)),
-                                          owner=principal.name, params={})
+    who = actor(request, principal)
+    job = request.app.state.runner.submit("package", case, _build_job(core, case, who), owner=principal.name,
+                                          params={})
+    audit.record(core.db, who, audit.CREATE, "package-request", case_id=case, entity={"job": job.id})
     return JSONResponse(job_view(core, job), status_code=202, headers={"Location": f"/jobs/{job.id}"})
 
 
