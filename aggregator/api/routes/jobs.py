@@ -149,7 +149,9 @@ def _read_sources(core: App, job: Job) -> list[dict[str, Any]]:
         ledger: dict[int, dict[str, int]] = {}
         if pulls:
             rows = s.execute(select(LedgerItem.pull_id, LedgerItem.state, func.count())
-                             .where(LedgerItem.pull_id.in_([p[0] for p in pulls]))
+                             # source_id is indexed (pull_id is not): without it, a scan of every case's rows
+                             .where(LedgerItem.source_id.in_({p[1] for p in pulls}),
+                                    LedgerItem.pull_id.in_([p[0] for p in pulls]))
                              .group_by(LedgerItem.pull_id, LedgerItem.state))
             for pid, state, n in rows:
                 if pid is not None:
