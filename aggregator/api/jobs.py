@@ -232,4 +232,4 @@ class ThreadJobRunner:
         if not wait:
             for job in jobs:
                 job.cancel_requested.set()
-        self._pool.shutdown(wait=True, cancel_futures=not wait)
+        self._pool.shutdown(wait=wait, cancel_futures=not wait)
