@@ -169,6 +169,11 @@ def test_bulk_since_moves_to_each_previous_transaction_time(tmp_path: Path, slep
             clock.now = T0 + timedelta(hours=hour)
             cursor, sent = run_pull(srv, make, cursor, h)
             assert kickoff(sent)["_since"] == stamp(T0 + timedelta(hours=hour - 2))
-            assert len(sent) == 6  # no hydration read: the Practitioner is in the ledger
+            # no hydration read: the Practitioner is in the ledger. A file download that the local
+            # server's connection handling broke is resumed (the client's FILE_ATTEMPTS): that asks
+            # for the same file again, not for more data, so repeats of a file are not counted.
+            files = [path for _, path in sent if "/bulkfiles/" in path]
+            assert len(sent) - (len(files) - len(set(files))) == 6, sent
+            assert not any("Practitioner" in path for _, path in sent)
             assert h.sink.counts["done"] == 1
             assert cursor["Observation"] == cursor["Condition"] == {"since": stamp(clock.now)}
