@@ -40,7 +40,7 @@ from aggregator.store.lite import LiteDatabase
 log = logging.getLogger(__name__)
 
 GENESIS = "0" * 64
-APPEND_ATTEMPTS = 20
+APPEND_ATTEMPTS = 500
 
 #: FHIR AuditEvent.action codes
 CREATE, READ, UPDATE, DELETE, EXECUTE = "C", "R", "U", "D", "E"
