@@ -140,6 +140,14 @@ class BundleWriter:
         self._pos = len(BUNDLE_HEAD)
         self.index: dict[str, tuple[array[int], array[int]]] = {}
 
+    @classmethod
+    def written(cls, path: Path, index: dict[str, tuple[array[int], array[int]]]) -> BundleWriter:
+        """A closed writer over a bundle file written earlier, with its index (no file is opened)."""
+        self = cls.__new__(cls)
+        self.path, self.index = path, index
+        self._pos = path.stat().st_size
+        return self
+
     def add(self, resource: dict[str, Any]) -> None:
         """Append a resource as an entry whose fullUrl is ``urn:uuid:<id>``."""
         self.add_raw(str(resource["resourceType"]),
@@ -229,6 +237,14 @@ class NormalizedRecord:
         self.bundle_path: Path = writer.path
         self._index = writer.index
         self._finalizer = weakref.finalize(self, shutil.rmtree, str(writer.path.parent), True)
+
+    @classmethod
+    def adopt(cls, bundle_path: Path, index: dict[str, tuple[array[int], array[int]]],
+              **lists: Any) -> NormalizedRecord:
+        """A record over a bundle file kept from an earlier computation (see
+        :mod:`aggregator.record_state`). The record owns the file's folder from now on and removes
+        it when closed, like one it wrote itself."""
+        return cls(writer=BundleWriter.written(bundle_path, index), **lists)
 
     def close(self) -> None:
         """Remove the bundle file now (the record is unusable afterwards)."""

@@ -64,9 +64,13 @@ def build_record(app: App, case_id: str) -> CaseRecord:
     # the gap report and the package say when each source's data is from, not when the pull's
     # clock ran: two homes pulling the same data must write the same bytes (``case show`` and
     # the ledger keep the real pull times)
-    sources = [replace(s, pulled_at=record.source_times.get(s.id, s.pulled_at)) if s.pulled_at else s
-               for s in sources]
-    return CaseRecord(case, sources, record, app.db)
+    return CaseRecord(case, _data_times(sources, record), record, app.db)
+
+
+def _data_times(sources: list[SourceInfo], record: NormalizedRecord) -> list[SourceInfo]:
+    """The sources with ``pulled_at`` as the time their data speaks for (see build_record)."""
+    return [replace(s, pulled_at=record.source_times.get(s.id, s.pulled_at)) if s.pulled_at else s
+            for s in sources]
 
 
 def _write_quarantine(app: App, case_id: str, record: NormalizedRecord) -> None:
@@ -91,8 +95,12 @@ def _write_quarantine(app: App, case_id: str, record: NormalizedRecord) -> None:
 
 
 def check_case(app: App, case_id: str) -> tuple[dict[str, Any], CaseRecord]:
+    """Normalize the case's record and run its checklist; keep both for reuse (see
+    :mod:`aggregator.record_state`)."""
+    from aggregator import record_state
     from aggregator.checklist import evaluate, load_checklist
 
+    record_state.forget(app, case_id)
     cr = build_record(app, case_id)
     checklist = load_checklist(cr.case.checklist)
     report = evaluate(checklist, cr.record, cr.ledger(), cr.case, cr.sources)
@@ -102,12 +110,27 @@ def check_case(app: App, case_id: str) -> tuple[dict[str, Any], CaseRecord]:
     from aggregator.records_requests import track
 
     track(app, case_id, report)  # lines of records requests whose gaps are now filled are received
+    # the key is taken after the quarantine rows and the requests' updates, which it covers
+    record_state.save(app, case_id, cr.record, report, record_state.state_key(app, case_id))
     return report, cr
+
+
+def checked_case(app: App, case_id: str) -> tuple[dict[str, Any], CaseRecord]:
+    """The case's record and gap report: as ``check`` kept them if nothing changed since, else
+    computed now. What ``package`` and the API read."""
+    from aggregator import record_state
+
+    kept = record_state.load(app, case_id)
+    if kept is None:
+        return check_case(app, case_id)
+    record, report = kept
+    return report, CaseRecord(case_info(app, case_id), _data_times(source_infos(app, case_id), record),
+                              record, app.db)
 
 
 def package_case(app: App, case_id: str, out: Path, *, as_zip: bool = False) -> tuple[Path, dict[str, Any]]:
     from aggregator.package import write_package
 
-    report, cr = check_case(app, case_id)
+    report, cr = checked_case(app, case_id)
     path = write_package(out, cr.case, cr.record, report, app.blobs(case_id), cr.sources, as_zip=as_zip)
     return path, report
