@@ -94,16 +94,23 @@ def _walk(obj: Any, pointer: str, bundle: str | None, full_url: str | None, bund
         yield Problem(pointer, "Bundle.entry is not an array")
         return
     for i, entry in enumerate(entries):
-        ep = f"{pointer}/entry/{i}"
-        if not isinstance(entry, dict):
-            yield Problem(ep, f"Bundle entry is {_describe(entry)}, not an object")
-            continue
-        res = entry.get("resource")
-        if res is None:
-            yield Problem(ep, _no_resource_reason(entry))
-            continue
-        fu = entry.get("fullUrl") if isinstance(entry.get("fullUrl"), str) else None
-        yield from _walk(res, f"{ep}/resource", pointer, fu, btype, depth + 1)
+        yield from _entry(entry, f"{pointer}/entry/{i}", pointer, btype, depth + 1)
+
+
+def _entry(entry: Any, ep: str, bundle: str, btype: str | None, depth: int) -> Iterator[Found | Problem]:
+    """One Bundle entry at pointer ``ep``: its resource walked, or why it has none.
+
+    Shared by :func:`_walk` and :func:`stream_json` so that a Bundle parsed whole and one streamed
+    entry by entry give the same findings, problems and pointers."""
+    if not isinstance(entry, dict):
+        yield Problem(ep, f"Bundle entry is {_describe(entry)}, not an object")
+        return
+    res = entry.get("resource")
+    if res is None:
+        yield Problem(ep, _no_resource_reason(entry))
+        return
+    fu = entry.get("fullUrl") if isinstance(entry.get("fullUrl"), str) else None
+    yield from _walk(res, f"{ep}/resource", bundle, fu, btype, depth)
 
 
 def _no_resource_reason(entry: dict[str, Any]) -> str:
@@ -219,17 +226,7 @@ def stream_json(fp: BinaryIO) -> Iterator[Found | Problem]:
         fp.seek(0)
         n = 0
         for n, entry in enumerate(ijson.items(fp, "entry.item", use_float=True), start=1):
-            i = n - 1
-            ep = f"/entry/{i}"
-            if not isinstance(entry, dict):
-                yield Problem(ep, f"Bundle entry is {_describe(entry)}, not an object")
-                continue
-            res = entry.get("resource")
-            if res is None:
-                yield Problem(ep, _no_resource_reason(entry))
-                continue
-            fu = entry.get("fullUrl") if isinstance(entry.get("fullUrl"), str) else None
-            yield from _walk(res, f"{ep}/resource", "", fu, btype, 1)
+            yield from _entry(entry, f"/entry/{n - 1}", "", btype, 1)
         if n == 0:
             yield Problem("", f"empty Bundle (type {btype or 'unknown'})")
     except ijson.JSONError as exc:
