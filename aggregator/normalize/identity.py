@@ -279,16 +279,25 @@ def persons(candidates: list[Candidate]) -> list[list[Candidate]]:
     rest = sorted(candidates, key=lambda c: (c.source_id, c.label))
     while rest:
         group = [rest.pop(0)]
-        grew = True
-        while grew:
-            grew = False
-            for c in list(rest):
-                if any(_linked(c, m) for m in group):
-                    group.append(c)
-                    rest.remove(c)
-                    grew = True
+        _grow(group, rest)
         groups.append(sorted(group, key=lambda c: (c.item is None, c.source_id, c.label)))
     return groups
+
+
+def _grow(group: list[Candidate], rest: list[Candidate]) -> None:
+    """Move into ``group`` every candidate of ``rest`` linked to it, directly or through one moved
+    before, until none is left to move (both lists change in place, order kept).
+
+    One function for the persons found and the case patient's cluster, so that the two can never
+    disagree on who is linked to whom."""
+    grew = True
+    while grew:
+        grew = False
+        for c in list(rest):
+            if any(_linked(c, m) for m in group):
+                group.append(c)
+                rest.remove(c)
+                grew = True
 
 
 def reconcile(case: CaseInfo, candidates: list[Candidate], pins: dict[int, str] | None = None) -> Identity:
@@ -327,14 +336,7 @@ def reconcile(case: CaseInfo, candidates: list[Candidate], pins: dict[int, str] 
                               "sources": [anchor.source_id], "resources": [anchor.label], "case": True})
     members = list(seeds)
     rest = [c for c in candidates if c not in members]
-    grew = True
-    while grew:
-        grew = False
-        for c in list(rest):
-            if any(_linked(c, m) for m in members):
-                members.append(c)
-                rest.remove(c)
-                grew = True
+    _grow(members, rest)
     members.sort(key=lambda c: (c.item is None, c.source_id, c.label))
     conflicts.extend(_conflicts(members))
     return Identity(members, sorted(rest, key=lambda c: (c.source_id, c.label)), conflicts, pinned=pinned)
