@@ -32,21 +32,18 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date, timedelta
 from functools import lru_cache
-from importlib.resources import files
 from typing import Any, NamedTuple
-
-import yaml
 
 from aggregator.checklist import reasons as R
 from aggregator.checklist import stream
 from aggregator.checklist.holders import Holders
 from aggregator.checklist.holders import is_ours as holders_is_ours
 from aggregator.checklist.loader import Checklist, Item, Link, Selector
-from aggregator.errors import ConfigError
 from aggregator.ledger import LedgerEntry
 from aggregator.model import CaseInfo, NormalizedRecord, SourceInfo
 from aggregator.normalize import stubs, uids
 from aggregator.normalize.classify import classify, values_at
+from aggregator.tables import load_mapping
 
 REPORT_SCHEMA = "gap-report/1"
 FINAL = frozenset({"final", "amended", "corrected", "appended", "current", "completed"})
@@ -1349,12 +1346,7 @@ class Evaluator:
 @lru_cache(maxsize=1)
 def _note_settings() -> dict[str, frozenset[str]]:
     """Note class -> the Encounter classes that kind of note is written in (package data)."""
-    try:
-        data = yaml.safe_load(files("schemas").joinpath(NOTE_SETTINGS).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read the note settings table {NOTE_SETTINGS}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{NOTE_SETTINGS} is not a mapping")
+    data = load_mapping(NOTE_SETTINGS, "note settings table")
     return {str(k): frozenset(map(str, v or ())) for k, v in data.items()}
 
 

@@ -17,12 +17,9 @@ import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from importlib.resources import files
 from typing import Any
 
-import yaml
-
-from aggregator.errors import ConfigError
+from aggregator.tables import compile_pattern, load_mapping
 
 TABLE = "tables/classification.yaml"
 
@@ -56,10 +53,7 @@ class Tables:
 
 
 def _compile(pattern: str, where: str) -> re.Pattern[str]:
-    try:
-        return re.compile(pattern, re.IGNORECASE)
-    except re.error as exc:
-        raise ConfigError(f"bad keyword pattern in {TABLE} ({where}): {exc}") from exc
+    return compile_pattern(pattern, f"bad keyword pattern in {TABLE} ({where})")
 
 
 def parse_tables(data: Mapping[str, Any]) -> Tables:
@@ -105,14 +99,7 @@ def parse_tables(data: Mapping[str, Any]) -> Tables:
 @lru_cache(maxsize=1)
 def load_tables() -> Tables:
     """The shipped tables (read once per process)."""
-    try:
-        text = files("schemas").joinpath(TABLE).read_text(encoding="utf-8")
-        data = yaml.safe_load(text)
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read the classification tables {TABLE}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{TABLE} is not a mapping")
-    return parse_tables(data)
+    return parse_tables(load_mapping(TABLE, "classification tables"))
 
 
 # --- walking the resource ------------------------------------------------------------------

@@ -29,16 +29,15 @@ from dataclasses import dataclass
 from functools import lru_cache
 from html import unescape
 from html.parser import HTMLParser
-from importlib.resources import files
 from typing import Any, NamedTuple
 from xml.etree.ElementTree import Element, ParseError
 
-import yaml
 from defusedxml import ElementTree as SafeET
 from defusedxml.common import DefusedXmlException
 
 from aggregator.errors import ConfigError
 from aggregator.model import TextProfile
+from aggregator.tables import compile_pattern, load_mapping
 
 TABLE = "tables/stubs.yaml"
 LOINC_SYSTEMS = frozenset({"http://loinc.org", "urn:oid:2.16.840.1.113883.6.1"})
@@ -73,10 +72,7 @@ class Verdict(NamedTuple):
 
 
 def _compile(pattern: str, where: str) -> re.Pattern[str]:
-    try:
-        return re.compile(pattern, re.IGNORECASE)
-    except re.error as exc:
-        raise ConfigError(f"bad pattern in {TABLE} ({where}): {exc}") from exc
+    return compile_pattern(pattern, f"bad pattern in {TABLE} ({where})")
 
 
 def parse_rules(data: Mapping[str, Any]) -> Rules:
@@ -110,13 +106,7 @@ def parse_rules(data: Mapping[str, Any]) -> Rules:
 @lru_cache(maxsize=1)
 def load_rules() -> Rules:
     """The shipped rules (read once per process)."""
-    try:
-        data = yaml.safe_load(files("schemas").joinpath(TABLE).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read the stub rules {TABLE}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{TABLE} is not a mapping")
-    return parse_rules(data)
+    return parse_rules(load_mapping(TABLE, "stub rules"))
 
 
 # --- text of a document ----------------------------------------------------------------------
