@@ -31,8 +31,9 @@ import logging
 import time
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -48,7 +49,7 @@ from aggregator.model import (
     new_bundle_path,
 )
 from aggregator.normalize import dicom, ids
-from aggregator.normalize.dedup import MERGED_INTO, Context, apply_patch, deduplicate, link_superseded
+from aggregator.normalize.dedup import MERGED_INTO, Context, Outcome, apply_patch, deduplicate, link_superseded
 from aggregator.normalize.documents import ATTACHMENT_TYPES, KIND_BINARY, Documents, attachments_of
 from aggregator.normalize.facts import facts_of
 from aggregator.normalize.identity import Candidate, Identity, from_instances, from_item, merged_patient, reconcile
@@ -91,11 +92,99 @@ def normalize(case: CaseInfo, sources: Sequence[SourceInfo], entries: Iterable[L
 
 def _normalize(case: CaseInfo, sources: Sequence[SourceInfo], entries: Iterable[LedgerEntry],
                blobs: BlobStore, spool: Spool, scratch: Scratch, workdir: str | None) -> NormalizedRecord:
+    """The steps in order (see the module docstring), one function each, timed per phase."""
     srcmap = {s.id: s for s in sources}
-    quarantine: list[Quarantined] = []
-    q = quarantine.append
+    pid = ids.patient_id(case.id)
+    run = _Run(case, sources, srcmap, blobs, spool, scratch, Resolver(scratch, srcmap), [], pid, ids.urn(pid))
+
+    clock = PhaseClock("load")
+    side_rows = _load(run, entries)
+    clock.mark("resolve")
+    rows, instances = _resolve(run, side_rows)
+    clock.mark("identity")
+    patient = _identity(run, instances)
+    clock.mark("dicom")
+    by_sop, dup_instances, study_lids = _studies(run, instances, patient.mine)
+    clock.mark("dedup")
+    docs, outcome = _deduplicate(run, rows, dup_instances)
+    known = {run.purn, ids.urn(dicom.ENDPOINT_ID)} | {ids.urn(ids.study_id(uid)) for uid in study_lids}
+    clock.mark("documents")
+    documents, unverified = _documents(run, docs, rows)
+    patient.facts["unverified"] = sorted(unverified, key=lambda u: (u["source_id"], u["file"], u["resource"]))
+    clock.mark("provenance")
+    recorded = _recorded_times(case, sources, scratch)
+    extra = _superseded_links(run, outcome.superseded, recorded)
+    del outcome
+    images = sorted((dicom.image_ref(i) for i in by_sop.values()),
+                    key=lambda r: (r.study_instance_uid, r.series_instance_uid, r.sop_instance_uid))
+    if images:
+        extra.append(dicom.endpoint())
+    members = patient.members
+    member_sources = {c.source_id for c in patient.identity.members}
+    if len(members) > 1:
+        extra.append(merge_provenance(pid, [(c.item.source_id, c.item.key, c.item.ref) for c in members
+                                            if c.item is not None], recorded.get(members[0].source_id, EPOCH)))
+    merges = MergeProvenances(scratch, recorded)
+    kept = _kept(scratch, patient.base, by_sop.values(), rows, documents)
+    provenances = [(ids.provenance_id(src.id), src) for src in sorted(sources, key=lambda s: s.id)
+                   if src.id in member_sources or _has_targets(scratch, src.id)]
+
+    clock.mark("write")
+    writer, unresolved = _write(run, patient.item, extra, provenances, merges, member_sources, recorded, known,
+                                docs, workdir)
+    quarantine = run.quarantine
+    quarantine.sort(key=lambda x: (x.source_id, x.kind, x.key, x.reason))
+    clock.mark("")
+    log.info("normalize: %d quarantined; seconds per phase: %s", len(quarantine), clock.summary())
+    record = NormalizedRecord(documents=documents, images=images, quarantine=quarantine, unresolved=unresolved,
+                              conflicts=patient.identity.conflicts + patient.facts.pop("conflicts"),
+                              patient_ref=f"Patient/{pid}", writer=writer, source_times=recorded, kept=kept)
+    record.identity = patient.facts
+    record.notes = dicom.pixel_notes(by_sop.values())
+    return record
+
+
+@dataclass
+class _Run:
+    """What every step of one normalization shares: its inputs, the scratch stores, the reference
+    resolver, the quarantine being collected, and the case patient's bundle id."""
+
+    case: CaseInfo
+    sources: Sequence[SourceInfo]
+    srcmap: dict[int, SourceInfo]
+    blobs: BlobStore
+    spool: Spool
+    scratch: Scratch
+    resolver: Resolver
+    quarantine: list[Quarantined]
+    pid: str
+    purn: str
+
+    def q(self, item: Quarantined) -> None:
+        self.quarantine.append(item)
+
+    def view(self, lid: int) -> Item:
+        return Item(self.scratch.row(lid), self.scratch, self.spool)
+
+
+class _Patient(NamedTuple):
+    """The identity step's outcome."""
+
+    identity: Identity
+    facts: dict[str, Any]
+    members: list[Candidate]
+    """The case patient's FHIR Patients (DICOM-only candidates left out), the first the base."""
+    base: Item | None
+    item: Item
+    """The merged Patient, already in the scratch database and the resolver."""
+    mine: set[tuple[int, str]]
+    """(source, key) of the DICOM instances of the case patient."""
+
+
+def _load(run: _Run, entries: Iterable[LedgerEntry]) -> list[LedgerEntry]:
+    """Parse and validate every resource into the scratch stores (invalid ones to the quarantine).
+    Returns the other (side) rows: DICOM instances, files."""
     side_rows: list[LedgerEntry] = []
-    db = scratch.db
 
     def resource_rows() -> Iterator[LedgerEntry]:
         """Resource rows go on to the (streaming) loader; only the few others are kept."""
@@ -107,30 +196,33 @@ def _normalize(case: CaseInfo, sources: Sequence[SourceInfo], entries: Iterable[
             else:
                 side_rows.append(e)
 
-    def view(lid: int) -> Item:
-        return Item(scratch.row(lid), scratch, spool)
+    load_resources(resource_rows(), run.blobs, run.q,
+                   Loader(run.q, run.spool, run.scratch, run.resolver, run.srcmap).take)
+    return side_rows
 
-    clock = PhaseClock("load")
-    resolver = Resolver(scratch, srcmap)
-    load_resources(resource_rows(), blobs, q, Loader(q, spool, scratch, resolver, srcmap).take)
-    clock.mark("resolve")
+
+def _resolve(run: _Run, side_rows: list[LedgerEntry]) -> tuple[list[LedgerEntry], list[dicom.Instance]]:
+    """Resolve every loaded reference once and read the DICOM headers. Returns the side rows,
+    sorted, and the DICOM instances."""
+    scratch, resolver = run.scratch, run.resolver
     scratch.finish_load()
     resolver.settle_absolute()
     resolver.resolve_loaded()  # every reference resolved once, from the strings the workers extracted
     rows = sorted(side_rows, key=lambda e: (e.source_id, e.kind, e.key))
-    instances = dicom.read_instances(rows, blobs, q)
-    pid = ids.patient_id(case.id)
-    purn = ids.urn(pid)
+    return rows, dicom.read_instances(rows, run.blobs, run.q)
 
-    clock.mark("identity")
-    # -- identity -----------------------------------------------------------------------------
+
+def _identity(run: _Run, instances: list[dicom.Instance]) -> _Patient:
+    """Decide who the case patient is; quarantine what belongs to another patient; add the merged
+    Patient."""
+    scratch, spool, db, q, pid = run.scratch, run.spool, run.scratch.db, run.q, run.pid
     patients = [Item(r, scratch, spool) for r in scratch.rows("lookup = 1 AND rtype = 'Patient'")]
     cands = {it.lid: from_item(it) for it in patients}
     for target, n in db.execute("SELECT target, count(*) FROM ref WHERE pos < 0 AND target IN "
                                 "(SELECT lid FROM item WHERE lookup = 1 AND rtype = 'Patient') GROUP BY target"):
         cands[target].refs += n
-    pins = {s.id: s.patient_id for s in sources if s.patient_id}
-    identity = reconcile(case, [*cands.values(), *from_instances(instances)], pins)
+    pins = {s.id: s.patient_id for s in run.sources if s.patient_id}
+    identity = reconcile(run.case, [*cands.values(), *from_instances(instances)], pins)
     away = NOT_CHOSEN if identity.several else ANOTHER_PATIENT
     members = [c for c in identity.members if c.item is not None]
     base = members[0].item if members else None
@@ -146,17 +238,20 @@ def _normalize(case: CaseInfo, sources: Sequence[SourceInfo], entries: Iterable[
         for inst in c.instances:
             q(Quarantined(inst.source_id, dicom.KIND_DICOM, inst.key, away))
     _exclude_others(scratch, [c.item.lid for c in identity.others if c.item is not None], q, away)
-    facts = identity_facts(case, identity)
+    facts = identity_facts(run.case, identity)
     mine = {(inst.source_id, inst.key) for c in identity.members for inst in c.instances}
-    patient = merged_patient(pid, case, identity.members)
-    patient_item = view(scratch.add_made(base.source_id if base else 0, base.key if base else "patient",
-                                         base.meta if base else {}, facts_of(patient),
-                                         spool.append(orjson.dumps(patient)), pid, PATIENT))
-    resolver.add(patient_item, patient)
-    del patient, patients, cands
+    patient = merged_patient(pid, run.case, identity.members)
+    patient_item = run.view(scratch.add_made(base.source_id if base else 0, base.key if base else "patient",
+                                             base.meta if base else {}, facts_of(patient),
+                                             spool.append(orjson.dumps(patient)), pid, PATIENT))
+    run.resolver.add(patient_item, patient)
+    return _Patient(identity, facts, members, base, patient_item, mine)
 
-    clock.mark("dicom")
-    # -- DICOM -> ImagingStudy ------------------------------------------------------------------
+
+def _studies(run: _Run, instances: list[dicom.Instance], mine: set[tuple[int, str]]
+             ) -> tuple[dict[str, dicom.Instance], list[dicom.Instance], dict[str, int]]:
+    """The case patient's DICOM instances, one per SOP Instance UID, as ImagingStudy items.
+    Returns the instances by SOP UID, the repeated copies, and each study's scratch row."""
     by_sop: dict[str, dicom.Instance] = {}
     dup_instances: list[dicom.Instance] = []
     for inst in instances:
@@ -170,20 +265,26 @@ def _normalize(case: CaseInfo, sources: Sequence[SourceInfo], entries: Iterable[
     for inst in by_sop.values():
         studies.setdefault(inst.study_uid, []).append(inst)
     study_lids: dict[str, int] = {}
+    scratch = run.scratch
     for uid in sorted(studies):
         group = studies[uid]
         sid = min(i.source_id for i in group)
-        study = dicom.build_study(uid, group, purn)
+        study = dicom.build_study(uid, group, run.purn)
         lid = scratch.add_made(sid, f"dicom-study:{uid}", {"derived": "dicom"}, facts_of(study),
-                               spool.append(orjson.dumps(study)), ids.study_id(uid), KEPT)
+                               run.spool.append(orjson.dumps(study)), ids.study_id(uid), KEPT)
         scratch.add_sources(lid, sorted({i.source_id for i in group} - {sid}))
-        resolver.add(view(lid), study)
+        run.resolver.add(run.view(lid), study)
         study_lids[uid] = lid
+    return by_sop, dup_instances, study_lids
 
-    clock.mark("dedup")
-    # -- de-duplication -----------------------------------------------------------------------
-    docs = Documents([e for e in rows if e.kind == KIND_BINARY], srcmap, blobs, scratch, spool)
-    outcome = deduplicate(Context(scratch, spool, docs.digest, resolver))
+
+def _deduplicate(run: _Run, rows: list[LedgerEntry], dup_instances: list[dicom.Instance]
+                 ) -> tuple[Documents, Outcome]:
+    """Drop the copies of the same thing: each dropped copy is quarantined as merged into its
+    survivor, takes the survivor's id (references follow) and gives it its sources."""
+    scratch, db, q = run.scratch, run.scratch.db, run.q
+    docs = Documents([e for e in rows if e.kind == KIND_BINARY], run.srcmap, run.blobs, scratch, run.spool)
+    outcome = deduplicate(Context(scratch, run.spool, docs.digest, run.resolver))
     # every dropped copy that was pulled (made items have no ledger row) is in the ledger as
     # "merged into <survivor>"; the survivor's merge Provenance names it (see merge_provenances)
     for sid, key, reason, survivor in db.execute(
@@ -199,56 +300,54 @@ def _normalize(case: CaseInfo, sources: Sequence[SourceInfo], entries: Iterable[
         st_id = ids.study_id(inst.study_uid)
         q(Quarantined(inst.source_id, dicom.KIND_DICOM, inst.key, f"{MERGED_INTO} ImagingStudy/{st_id}",
                       f"ImagingStudy/{st_id}"))
-    known = {purn, ids.urn(dicom.ENDPOINT_ID)} | {ids.urn(ids.study_id(uid)) for uid in study_lids}
+    return docs, outcome
 
-    clock.mark("documents")
-    # -- documents ----------------------------------------------------------------------------
+
+def _documents(run: _Run, docs: Documents, rows: list[LedgerEntry]
+               ) -> tuple[list[DocumentFile], list[dict[str, Any]]]:
+    """Every kept resource's attachments and every loose file to the package's documents.
+    Returns the documents and the unverified ones (they name no patient)."""
+    scratch, spool = run.scratch, run.spool
     kinds = sorted(ATTACHMENT_TYPES)
     with_attachments = array("q", scratch.lids(
         "SELECT lid FROM item WHERE state = ? AND rtype IN (SELECT value FROM json_each(?)) ORDER BY ord",
         (KEPT, orjson.dumps(kinds).decode())))
     for lid in with_attachments:
-        it = view(lid)
+        it = run.view(lid)
         docs.attach(it, it.body())
     del with_attachments
-    _hold_excluded_bytes(scratch, spool, docs, q)
+    _hold_excluded_bytes(scratch, spool, docs, run.q)
     unverified = _unverified_documents(scratch, spool)
     for e in rows:
         if e.kind == KIND_BINARY and (e.source_id, e.key) not in docs.used:
-            loose = _loose_document(e, purn, scratch, spool, resolver)
+            loose = _loose_document(e, run.purn, scratch, spool, run.resolver)
             docs.attach(loose, loose.body())
             unverified.append(_unverified(loose))
-    documents = docs.finish()
-    facts["unverified"] = sorted(unverified, key=lambda u: (u["source_id"], u["file"], u["resource"]))
+    return docs.finish(), unverified
 
-    clock.mark("provenance")
-    # -- links, endpoint, provenance ------------------------------------------------------------
-    recorded = _recorded_times(case, sources, scratch)
+
+def _superseded_links(run: _Run, superseded: Iterable[tuple[int, int]], recorded: dict[int, str]
+                      ) -> list[dict[str, Any]]:
+    """Link each superseded version to its successor (patching both); returns the Provenances made."""
+    scratch = run.scratch
     extra: list[dict[str, Any]] = []
-    for old_lid, new_lid in sorted(outcome.superseded, key=lambda x: (_new_id(scratch, x[0]), _new_id(scratch, x[1]))):
-        old, new = view(old_lid), view(new_lid)  # fresh: an earlier link may have patched them
+    for old_lid, new_lid in sorted(superseded, key=lambda x: (_new_id(scratch, x[0]), _new_id(scratch, x[1]))):
+        old, new = run.view(old_lid), run.view(new_lid)  # fresh: an earlier link may have patched them
         prov = link_superseded(old, new, recorded.get(new.source_id, EPOCH))
         for it in (old, new):
             if it.patch is not None:
                 scratch.put(it.lid, patch=orjson.dumps(it.patch))
         if prov is not None:
             extra.append(prov)
-    del outcome
-    images = sorted((dicom.image_ref(i) for i in by_sop.values()),
-                    key=lambda r: (r.study_instance_uid, r.series_instance_uid, r.sop_instance_uid))
-    if images:
-        extra.append(dicom.endpoint())
-    member_sources = {c.source_id for c in identity.members}
-    if len(members) > 1:
-        extra.append(merge_provenance(pid, [(c.item.source_id, c.item.key, c.item.ref) for c in members
-                                            if c.item is not None], recorded.get(members[0].source_id, EPOCH)))
-    merges = MergeProvenances(scratch, recorded)
-    kept = _kept(scratch, base, by_sop.values(), rows, documents)
-    provenances = [(ids.provenance_id(src.id), src) for src in sorted(sources, key=lambda s: s.id)
-                   if src.id in member_sources or _has_targets(scratch, src.id)]
+    return extra
 
-    clock.mark("write")
-    # -- the bundle, written entry by entry in (type, id) order, the Patient first -------------
+
+def _write(run: _Run, patient_item: Item, extra: list[dict[str, Any]], provenances: list[tuple[str, SourceInfo]],
+           merges: MergeProvenances, member_sources: set[int], recorded: dict[int, str], known: set[str],
+           docs: Documents, workdir: str | None) -> tuple[BundleWriter, list[dict[str, Any]]]:
+    """The bundle, written entry by entry in (type, id) order, the Patient first. Returns the
+    closed writer and the references that could not be resolved, sorted."""
+    scratch, spool, db, pid = run.scratch, run.spool, run.scratch.db, run.pid
     db.execute("CREATE INDEX item_out ON item(state, rtype, new_id, ord)")
     extras: list[tuple[str, str, Any]] = [(str(r["resourceType"]), str(r["id"]), r) for r in extra]
     extras += [("Provenance", prid, src) for prid, src in provenances]
@@ -264,7 +363,7 @@ def _normalize(case: CaseInfo, sources: Sequence[SourceInfo], entries: Iterable[
                              merges, key=lambda x: (x[0], x[1]))
         for _rtype, _rid, obj in merged:
             if isinstance(obj, tuple):
-                writer.add(_finished(obj[0], targets(obj[1]), known, unresolved, docs, purn))
+                writer.add(_finished(obj[0], targets(obj[1]), known, unresolved, docs, run.purn))
             elif isinstance(obj, SourceInfo):
                 writer.add_parts("Provenance", _provenance_entry(
                     obj, _targets(scratch, obj.id, pid if obj.id in member_sources else None),
@@ -273,16 +372,8 @@ def _normalize(case: CaseInfo, sources: Sequence[SourceInfo], entries: Iterable[
                 writer.add(obj)
     finally:
         writer.close()
-    quarantine.sort(key=lambda x: (x.source_id, x.kind, x.key, x.reason))
     unresolved.sort(key=lambda u: (u["source_id"], u["from"], u["path"], u["reference"]))
-    clock.mark("")
-    log.info("normalize: %d quarantined; seconds per phase: %s", len(quarantine), clock.summary())
-    record = NormalizedRecord(documents=documents, images=images, quarantine=quarantine, unresolved=unresolved,
-                              conflicts=identity.conflicts + facts.pop("conflicts"), patient_ref=f"Patient/{pid}",
-                              writer=writer, source_times=recorded, kept=kept)
-    record.identity = facts
-    record.notes = dicom.pixel_notes(by_sop.values())
-    return record
+    return writer, unresolved
 
 
 def identity_facts(case: CaseInfo, identity: Identity) -> dict[str, Any]:
