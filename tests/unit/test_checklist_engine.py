@@ -460,7 +460,9 @@ def test_report_linked_to_its_study_does_not_borrow_a_nearby_one() -> None:
 
 
 def _index(rec: NormalizedRecord, checklist: str = "oncology", reference: Any = None) -> Any:
-    from aggregator.checklist.engine import Item, Needs, RecordIndex
+    from aggregator.checklist.index import RecordIndex
+    from aggregator.checklist.loader import Item
+    from aggregator.checklist.needs import Needs
 
     items = [*load_checklist(checklist).items, Item(id="identity", title="identity", rule="identity")]
     return RecordIndex(rec, [HOSPITAL, PACS], Needs(items), reference=reference)
@@ -533,7 +535,7 @@ def test_results_too_old_for_every_window_are_dropped_and_the_newest_is_cited() 
 
 
 def test_only_spellings_that_end_in_one_id_need_the_extra_pass() -> None:
-    from aggregator.checklist.engine import _spellings_meet
+    from aggregator.checklist.index import _spellings_meet
 
     assert not _spellings_meet(["urn:uuid:a", "urn:uuid:b", "Encounter/c", "urn:uuid:a"])
     assert _spellings_meet(["urn:uuid:a", "ServiceRequest/a"])

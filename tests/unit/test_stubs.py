@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from aggregator.checklist import evaluate, load_checklist
-from aggregator.checklist.engine import _document_facts
+from aggregator.checklist.index import _document_facts
 from aggregator.model import CaseInfo, DocumentFile, NormalizedRecord, SourceInfo, TextProfile
 from aggregator.normalize import stubs
 from aggregator.normalize.classify import classify

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from aggregator.checklist.engine import study_uid as checklist_study_uid
+from aggregator.checklist.index import study_uid as checklist_study_uid
 from aggregator.jobs.hints import imaging_study_hint
 from aggregator.normalize.dicom import study_uid_of
 from aggregator.normalize.parse import check_resource
