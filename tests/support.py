@@ -1,7 +1,9 @@
-"""Helpers for tests: a real SQLite-backed ledger sink, and ledger entries read back."""
+"""Helpers for tests: a real SQLite-backed ledger sink, ledger entries read back, concurrent writers."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,3 +70,22 @@ class RecordingProgress:
 
     def message(self, text: str) -> None:
         self.texts.append(text)
+
+
+def run_in_threads(work: Callable[..., object], args: Iterable[tuple[object, ...]]) -> list[BaseException]:
+    """Run ``work(*a)`` for each ``a`` at once, one thread each; wait for all. Returns what they
+    raised: an exception in a thread is otherwise lost, and the test would pass without it."""
+    errors: list[BaseException] = []
+
+    def guarded(*a: object) -> None:
+        try:
+            work(*a)
+        except BaseException as exc:  # handed back to the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=a) for a in args]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors

@@ -7,7 +7,6 @@ import os
 import sqlite3
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from sqlalchemy import text
 
 from aggregator import audit
 from aggregator.store.db import Database
+from tests.support import run_in_threads
 
 ROOT = Path(__file__).resolve().parents[2]
 EXE = Path(sys.executable).with_name("aggregator")
@@ -81,21 +81,12 @@ def test_reordered_entries_are_detected(db_url: str) -> None:
 
 def test_concurrent_writers_never_fork_the_chain(db_url: str) -> None:
     db = Database(db_url)
-    errors: list[BaseException] = []
 
     def write(k: int) -> None:
-        try:
-            for i in range(15):
-                audit.record(db, audit.Actor(f"w{k}"), audit.READ, "case", case_id=f"c{i}")
-        except BaseException as exc:  # reported below
-            errors.append(exc)
+        for i in range(15):
+            audit.record(db, audit.Actor(f"w{k}"), audit.READ, "case", case_id=f"c{i}")
 
-    threads = [threading.Thread(target=write, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    assert not run_in_threads(write, [(k,) for k in range(4)])
     result = audit.verify(db)
     assert result.ok and result.count == 60
     db.dispose()

@@ -16,7 +16,6 @@ import os
 import stat
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -26,6 +25,7 @@ from aggregator.app import App, LiteApp
 from aggregator.cases import add_source, create_case, list_cases
 from aggregator.store import lite
 from aggregator.store.db import Database
+from tests.support import run_in_threads
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -155,7 +155,6 @@ def test_audit_rows_are_the_same_columns_on_both_paths() -> None:
 def test_entries_from_both_writers_form_one_chain(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'store.db'}"
     db = Database(url)
-    errors: list[BaseException] = []
 
     def write(k: int, quick: bool) -> None:
         target = lite.LiteDatabase.open(url) if quick else db
@@ -164,18 +163,11 @@ def test_entries_from_both_writers_form_one_chain(tmp_path: Path) -> None:
             for i in range(12):
                 audit.record(target, audit.Actor(f"w{k}"), audit.READ, "case-list" if quick else "case",
                              case_id=None if quick else f"c{i}")
-        except BaseException as exc:  # reported below
-            errors.append(exc)
         finally:
             if quick:
                 target.dispose()
 
-    threads = [threading.Thread(target=write, args=(k, k % 2 == 0)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    assert not run_in_threads(write, [(k, k % 2 == 0) for k in range(4)])
     result = audit.verify(db)
     assert result.ok and result.count == 48
     rows = list(audit.events(db))
