@@ -14,7 +14,8 @@ import logging
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,21 @@ ROOT = Path(__file__).resolve().parents[2]
 def link_to(port: int, **kw: Any) -> DimseLink:
     return DimseLink("127.0.0.1", port, calling_ae="AGGREGATOR", called_ae="PEER", connect_timeout=5,
                      acse_timeout=5, dimse_timeout=5, **kw)
+
+
+@contextmanager
+def pynetdicom_peer(contexts: list[str], handlers: list[tuple[Any, Callable[..., Any]]]) -> Iterator[int]:
+    """A pynetdicom SCP called PEER on a free local port, serving ``contexts`` with ``handlers``;
+    yields the port and shuts the server down however the test ends."""
+    ae = AE(ae_title="PEER")
+    for cx in contexts:
+        ae.add_supported_context(cx)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
+    try:
+        yield port
+    finally:
+        server.shutdown()
 
 
 def echo_rsp(context_id: int, msg_id: int = 1) -> bytes:
@@ -94,11 +110,7 @@ def test_pynetdicom_aborting_is_a_service_user_abort() -> None:
         event.assoc.abort()
         return 0x0000
 
-    ae = AE(ae_title="PEER")
-    ae.add_supported_context(Verification)
-    port = free_port()
-    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_ECHO, on_echo)])
-    try:
+    with pynetdicom_peer([Verification], [(evt.EVT_C_ECHO, on_echo)]) as port:
         link = link_to(port)
         link.associate([(VERIFICATION, [ExplicitVRLittleEndian])])
         with pytest.raises(AssociationAborted, match="service-user") as info:
@@ -108,8 +120,6 @@ def test_pynetdicom_aborting_is_a_service_user_abort() -> None:
         cfg = DimseConfig(host="127.0.0.1", port=port, called_ae="PEER")
         result = DimseConnector(cfg).check()
         assert not result.ok and "aborted" in result.details["echo_error"]
-    finally:
-        server.shutdown()
 
 
 # --- protocol errors: A-ABORT first, then our error ---------------------------------------------------
@@ -217,19 +227,12 @@ def test_release_collision_as_requestor() -> None:
 
 def test_plain_release_with_pynetdicom() -> None:
     released = threading.Event()
-    ae = AE(ae_title="PEER")
-    ae.add_supported_context(Verification)
-    port = free_port()
-    server = ae.start_server(("127.0.0.1", port), block=False,
-                             evt_handlers=[(evt.EVT_RELEASED, lambda e: released.set())])
-    try:
+    with pynetdicom_peer([Verification], [(evt.EVT_RELEASED, lambda e: released.set())]) as port:
         link = link_to(port)
         link.associate([(VERIFICATION, [ExplicitVRLittleEndian])])
         assert link.echo() == 0x0000
         link.release()
         assert released.wait(5)
-    finally:
-        server.shutdown()
 
 
 # --- A-ASSOCIATE-AC checks ---------------------------------------------------------------------------
@@ -289,19 +292,13 @@ def test_right_echoed_ae_titles_are_not_reported() -> None:
 
 
 def test_check_echoes_and_probes_with_our_own_stack() -> None:
-    ae = AE(ae_title="PEER")
-    for cx in (Verification, StudyRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelGet):
-        ae.add_supported_context(cx)
     echoed = []
-    port = free_port()
-    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[
-        (evt.EVT_C_ECHO, lambda e: echoed.append(1) or 0x0000),
-        (evt.EVT_C_FIND, lambda e: iter([(0x0000, None)])),
-        (evt.EVT_C_GET, lambda e: iter([0, (0x0000, None)]))])
-    try:
+    with pynetdicom_peer(
+            [Verification, StudyRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelGet],
+            [(evt.EVT_C_ECHO, lambda e: echoed.append(1) or 0x0000),
+             (evt.EVT_C_FIND, lambda e: iter([(0x0000, None)])),
+             (evt.EVT_C_GET, lambda e: iter([0, (0x0000, None)]))]) as port:
         result = DimseConnector(DimseConfig(host="127.0.0.1", port=port, called_ae="PEER")).check()
-    finally:
-        server.shutdown()
     assert echoed == [1]
     assert result.ok and result.details["echo"] is True
     assert result.details["find"]["STUDY"] is True
@@ -339,11 +336,7 @@ def test_c_cancel_during_c_find_against_pynetdicom() -> None:
             time.sleep(0.02)
         yield 0x0000, None
 
-    ae = AE(ae_title="PEER")
-    ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
-    port = free_port()
-    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_FIND, find)])
-    try:
+    with pynetdicom_peer([StudyRootQueryRetrieveInformationModelFind], [(evt.EVT_C_FIND, find)]) as port:
         link = link_to(port)
         link.associate([(STUDY_ROOT_FIND, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])])
         _, ts = link.context_for(STUDY_ROOT_FIND)
@@ -354,8 +347,6 @@ def test_c_cancel_during_c_find_against_pynetdicom() -> None:
             if len(statuses) == 3:
                 link.cancel()
         link.release()
-    finally:
-        server.shutdown()
     assert statuses[-1] == 0xFE00
     assert "cancelled_after" in seen and seen["cancelled_after"] < 50
     assert len(statuses) == seen["cancelled_after"] + 1
