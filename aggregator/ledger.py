@@ -210,6 +210,8 @@ class LedgerSink:
     # -- internals --------------------------------------------------------------------------
 
     def _put(self, data: Data, expected: str | None) -> BlobRef:
+        if isinstance(data, bytes) and expected is None:
+            return self.blobs.put_bytes(data)  # hashed first: a blob already stored is not rewritten
         return self.blobs.put_chunks(_chunks(data), expected_sha256=expected)
 
     def _add(self, row: Row) -> None:

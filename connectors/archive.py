@@ -26,7 +26,7 @@ import stat
 import unicodedata
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,8 +70,11 @@ class ExtractedMember:
     name: str
     """The member's path inside the archive as the archive names it (``/`` separated, checked)."""
     path: Path
-    """Where its bytes are on disk, always inside the extraction folder."""
+    """Where its bytes are on disk, always inside the extraction folder; for a member kept in
+    memory, where they would be (nothing is there until :func:`write_member` puts them)."""
     size: int
+    data: bytes | None = None
+    """The bytes of a small member read into memory instead of written out (see extract_zip)."""
 
 
 @dataclass
@@ -171,10 +174,16 @@ def extract_zip(
     budget: ByteBudget | None = None,
     *,
     label: str | None = None,
+    in_memory: int = 0,
+    memory_budget: int = 64 * MiB,
 ) -> ExtractResult:
     """Extract ``archive`` into the existing folder ``dest`` and report every member's fate.
 
-    ``label`` names the archive in errors (its display path). Raises :class:`InputTooLarge`
+    ``label`` names the archive in errors (its display path). Members of at most ``in_memory``
+    bytes (declared, and then counted) are read into memory rather than written, up to
+    ``memory_budget`` bytes in all: creating a file cost 0.1 to 2 ms here, most of the time of
+    reading a download of 100k tiny documents, and the caller reads each of them once anyway.
+    The same checks and limits apply to both kinds of member. Raises :class:`InputTooLarge`
     when the archive as a whole breaks a limit and :class:`UnsupportedInput` when it cannot be
     read as a zip; anything already written into ``dest`` is left for the caller's temporary
     folder to remove.
@@ -198,13 +207,13 @@ def extract_zip(
             raise InputTooLarge(
                 f"archive would expand to {declared} bytes, over the remaining limit of {budget.remaining}",
                 item=label)
-        used: set[str] = set()
-        seen: set[str] = set()
-        checked: set[Path] = set()
+        names = _Names()
+        memory = memory_budget
         for info in files:
             shown = display_path(info.filename)
+            keep = 0 < info.file_size <= min(in_memory, memory)
             try:
-                member = _extract_one(zf, info, dest_root, limits, budget, used, seen, checked)
+                member = _extract_one(zf, info, dest_root, limits, budget, names, keep=keep)
             except InputTooLarge as exc:
                 if budget.remaining <= 0:
                     raise InputTooLarge(f"archive expands beyond the limit of {limits.max_total_bytes} bytes",
@@ -216,7 +225,58 @@ def extract_zip(
                 continue
             result.members.append(member)
             result.total_bytes += member.size
+            if member.data is not None:
+                memory -= member.size
     return result
+
+
+@dataclass
+class _Names:
+    """What an extraction has placed so far, to refuse members that collide with each other
+    without asking the file system (members kept in memory are not on disk to collide with)."""
+
+    used: set[str] = field(default_factory=set)
+    """Case-folded output paths of files (a case-insensitive disk must not merge two)."""
+    seen: set[str] = field(default_factory=set)
+    """Logical member names."""
+    files: set[str] = field(default_factory=set)
+    """Output paths of files, as written."""
+    dirs: set[str] = field(default_factory=set)
+    """Output paths of the folders files were placed in, as written."""
+    checked: set[Path] = field(default_factory=set)
+    """Folders this extraction made and found to resolve to themselves inside its root."""
+    inside: set[Path] = field(default_factory=set)
+    """Folders of members kept in memory, found to resolve inside the root (not made yet)."""
+
+    def place(self, rel: str, shown: str) -> None:
+        """Refuse a file whose path is a folder of another, or lies under another file."""
+        if rel in self.dirs or rel in self.files:
+            raise UnsupportedInput("member path conflicts with another member", item=shown)
+        parts = rel.split("/")
+        for i in range(1, len(parts)):
+            if "/".join(parts[:i]) in self.files:
+                raise UnsupportedInput("member path conflicts with another member", item=shown)
+        self.files.add(rel)
+        for i in range(1, len(parts)):
+            self.dirs.add("/".join(parts[:i]))
+
+
+def write_member(member: ExtractedMember) -> Path:
+    """Put a member kept in memory on disk at its planned path (for readers that need a file:
+    a nested archive, a DICOM directory). A member already on disk is left as it is."""
+    if member.data is None or member.path.exists():
+        return member.path
+    return write_new_file(member.path, member.data)
+
+
+def write_new_file(target: Path, data: bytes) -> Path:
+    """Create ``target`` (and its missing folders) with ``data``, owner-only, never following
+    a link and never replacing a file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+    return target
 
 
 def _extract_one(
@@ -225,24 +285,25 @@ def _extract_one(
     dest_root: Path,
     limits: ZipLimits,
     budget: ByteBudget,
-    used: set[str],
-    seen: set[str],
-    checked: set[Path],
+    names: _Names,
+    *,
+    keep: bool = False,
 ) -> ExtractedMember:
-    """Extract one member. ``checked`` holds the folders this extraction made and found to
-    resolve to themselves inside ``dest_root``: a member in one of them needs no second
-    ``resolve()`` (a ``lstat`` per path component; two per member were most of the system calls
-    of extracting 100k small files). Only regular files and folders are ever created here, and
-    the file is opened with ``O_EXCL | O_NOFOLLOW``, so a checked folder cannot change under us."""
+    """Extract one member, or with ``keep`` read it into memory. ``names.checked`` holds the
+    folders this extraction made and found to resolve to themselves inside ``dest_root``: a
+    member in one of them needs no second ``resolve()`` (a ``lstat`` per path component; two per
+    member were most of the system calls of extracting 100k small files). Only regular files and
+    folders are ever created here, and the file is opened with ``O_EXCL | O_NOFOLLOW``, so a
+    checked folder cannot change under us."""
     shown = display_path(info.filename)
     parts = member_parts(info.filename)
     logical = "/".join(parts)
     special = _special_kind(info)
     if special:
         raise UnsafePath(f"{special} in archive, not extracted", item=shown)
-    if logical in seen:
+    if logical in names.seen:
         raise UnsafePath("duplicate member name in archive, not extracted", item=shown)
-    seen.add(logical)
+    names.seen.add(logical)
     if info.flag_bits & 0x1:
         raise UnsupportedInput("encrypted archive member", item=shown)
     if info.file_size > limits.ratio_floor and (
@@ -255,33 +316,63 @@ def _extract_one(
     safe = [safe_component(p) for p in parts]
     rel = "/".join(safe)
     n = 1
-    while rel.casefold() in used:
+    while rel.casefold() in names.used:
         n += 1
         safe[-1] = f"{safe_component(parts[-1])}~{n}"
         rel = "/".join(safe)
-    used.add(rel.casefold())
+    names.used.add(rel.casefold())
     target = dest_root.joinpath(*safe)
-    known = target.parent in checked
+    known = target.parent in names.checked
     # Belt and braces: the components were checked, but never write where resolve() disagrees.
-    if not known and not str(target.resolve(strict=False)).startswith(str(dest_root) + os.sep):
+    if not known and target.parent not in names.inside and not str(
+            target.resolve(strict=False)).startswith(str(dest_root) + os.sep):
         raise UnsafePath("path escapes the archive folder", item=shown)
+    names.place(rel, shown)
+    if keep:
+        # nothing is written now; write_member creates only plain folders and files later, so
+        # a folder found inside the root stays inside it
+        names.inside.add(target.parent)
+        chunks: list[bytes] = []
+        try:
+            written = _copy_member(zf, info, chunks.append, limits, budget, shown)
+        except OSError as exc:
+            raise UnsupportedInput(f"cannot extract member ({exc.strerror or exc.__class__.__name__})",
+                                   item=shown) from exc
+        return ExtractedMember(logical, target, written, b"".join(chunks))
     try:
         if not known:
             target.parent.mkdir(parents=True, exist_ok=True)
             if target.parent.resolve() != target.parent or not str(target.parent).startswith(str(dest_root)):
                 raise UnsafePath("path escapes the archive folder", item=shown)
-            checked.add(target.parent)
+            names.checked.add(target.parent)
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
     except (FileExistsError, NotADirectoryError, IsADirectoryError) as exc:
         raise UnsupportedInput("member path conflicts with another member", item=shown) from exc
     except OSError as exc:
         raise UnsupportedInput(f"cannot extract member ({exc.strerror})", item=shown) from exc
 
-    written = 0
-    ratio_cap = max(limits.ratio_floor, limits.max_ratio * max(info.compress_size, 1))
     ok = False
     try:
-        with os.fdopen(fd, "wb") as out, zf.open(info) as src:
+        with os.fdopen(fd, "wb") as out:
+            written = _copy_member(zf, info, out.write, limits, budget, shown)
+        ok = True
+    except OSError as exc:
+        raise UnsupportedInput(f"cannot extract member ({exc.strerror or exc.__class__.__name__})",
+                               item=shown) from exc
+    finally:
+        if not ok:
+            target.unlink(missing_ok=True)
+    return ExtractedMember(logical, target, written)
+
+
+def _copy_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, write: Callable[[bytes], object],
+                 limits: ZipLimits, budget: ByteBudget, shown: str) -> int:
+    """Decompress one member into ``write``, counting what it really expands to (declared sizes
+    can lie) against the budget and the ratio limit; returns the bytes written."""
+    written = 0
+    ratio_cap = max(limits.ratio_floor, limits.max_ratio * max(info.compress_size, 1))
+    try:
+        with zf.open(info) as src:
             while True:
                 chunk = src.read(_CHUNK)
                 if not chunk:
@@ -292,15 +383,8 @@ def _extract_one(
                     raise InputTooLarge("archive expands beyond the total size limit", item=shown)
                 if written > ratio_cap:
                     raise InputTooLarge(f"member expands beyond {limits.max_ratio}:1 (zip bomb?)", item=shown)
-                out.write(chunk)
-        ok = True
+                write(chunk)
     except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, ValueError) as exc:
         raise UnsupportedInput(f"corrupt or unsupported archive member ({exc.__class__.__name__})",
                                item=shown) from exc
-    except OSError as exc:
-        raise UnsupportedInput(f"cannot extract member ({exc.strerror or exc.__class__.__name__})",
-                               item=shown) from exc
-    finally:
-        if not ok:
-            target.unlink(missing_ok=True)
-    return ExtractedMember(logical, target, written)
+    return written

@@ -31,6 +31,7 @@ from __future__ import annotations
 import base64
 import errno
 import hashlib
+import io
 import logging
 import os
 import stat
@@ -41,7 +42,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from aggregator.errors import AggregatorError, ConfigError, InputTooLarge, StoreError, UnsafePath, UnsupportedInput
 from connectors import ccda, fhir_files, hl7v2
@@ -53,6 +54,8 @@ from connectors.archive import (
     display_path,
     extract_zip,
     is_office_container,
+    write_member,
+    write_new_file,
 )
 from connectors.base import (
     KIND_DICOM,
@@ -72,6 +75,9 @@ STREAM = "media"
 HEAD = 8192
 #: A zip inside a zip is opened; a zip inside that is not (depth counts archives opened).
 MAX_ARCHIVE_DEPTH = 2
+#: Archive members up to this size are read into memory rather than extracted (64 MiB of them
+#: at most per archive, see extract_zip); larger ones, DICOM studies among them, go to disk.
+IN_MEMORY_MAX = 256 * 1024
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 _DEFER = 1 << 20
 _CHUNK = 1 << 20
@@ -296,6 +302,36 @@ class InputFile:
     path: Path
     problem: str | None = None
     """Why this entry is not a readable regular file (symbolic link, device...)."""
+    data: bytes | None = None
+    """A small archive member's bytes, kept in memory instead of extracted (creating a file per
+    member was most of the time of a download of many tiny documents). ``path`` is then where
+    it would be; :meth:`on_disk` puts it there for the readers that need a file."""
+
+    def open(self) -> BinaryIO:
+        return io.BytesIO(self.data) if self.data is not None else self.path.open("rb")
+
+    def read(self) -> bytes:
+        return self.data if self.data is not None else self.path.read_bytes()
+
+    def size(self) -> int:
+        return len(self.data) if self.data is not None else self.path.stat().st_size
+
+    def digests(self) -> tuple[str, int]:
+        """SHA-256 (hex) and size."""
+        if self.data is not None:
+            return hashlib.sha256(self.data).hexdigest(), len(self.data)
+        return file_digests(self.path)
+
+    def head(self) -> bytes | None:
+        if self.data is not None:
+            return self.data[:HEAD]
+        return _read_head(self.path)
+
+    def on_disk(self) -> Path:
+        """A file holding the bytes (a DICOM reader, a nested archive)."""
+        if self.data is not None and not self.path.exists():
+            write_new_file(self.path, self.data)
+        return self.path
 
 
 def walk_folder(root: Path, prefix: str = "") -> list[InputFile]:
@@ -445,7 +481,7 @@ def _read_head(path: Path) -> bytes | None:
 def _check_type(f: InputFile) -> str:
     if f.problem:
         return "unreadable"
-    head = _read_head(f.path)
+    head = f.head()
     if head is None:
         return "unreadable"
     return sniff(f.path.name, head).split(":", 1)[0]
@@ -498,7 +534,7 @@ class _Pull:
             self.sink.skipped(KIND_FILE, key, f.problem)
             return
         try:
-            digest, size = file_digests(f.path)
+            digest, size = f.digests()
         except OSError as exc:
             self.sink.failed(KIND_FILE, key, f"cannot read file ({exc.strerror or exc.__class__.__name__})")
             return
@@ -508,7 +544,7 @@ class _Pull:
             self.files[f.rel] = digest
             self._carry_members(f.rel)
             return
-        head = _read_head(f.path) or b""
+        head = f.head() or b""
         ref = refs.get(os.path.normpath(str(f.path)))
         kind = "dicom" if ref is not None else sniff(_file_name(f.rel), head)
         try:
@@ -559,7 +595,7 @@ class _Pull:
         elif kind == "json":
             self._json(f)
         elif kind == "ndjson":
-            with f.path.open("rb") as fp:
+            with f.open() as fp:
                 self._ndjson(f, fp)
         elif kind == "zip":
             self._zip(f, depth)
@@ -578,7 +614,7 @@ class _Pull:
                 continue
             changed = self._changed(f)
             try:
-                instances = _read_dicomdir(f.path)
+                instances = _read_dicomdir(f.on_disk())
             except UnsupportedInput as exc:
                 if changed:
                     self.sink.failed(KIND_FILE, f"file:{f.rel}", f"unreadable DICOMDIR: {exc.message}; "
@@ -609,14 +645,14 @@ class _Pull:
         if f.rel not in self.previous:
             return True
         try:
-            return file_digests(f.path)[0] != self.previous[f.rel]
+            return f.digests()[0] != self.previous[f.rel]
         except OSError:
             return True
 
     def _dicom(self, f: InputFile, ref: DicomdirRef | None) -> None:
         key = f"file:{f.rel}"
         try:
-            info = read_dicom_info(f.path)
+            info = read_dicom_info(f.on_disk())
         except UnsupportedInput as exc:
             self.sink.failed(KIND_DICOM, key, exc.message, meta={"dicomdir": ref.dicomdir} if ref else {})
             return
@@ -631,7 +667,7 @@ class _Pull:
             meta["dicomdir"] = ref.dicomdir
             if ref.sop_uid and ref.sop_uid != info.sop_uid:
                 meta["dicomdir_mismatch"] = True
-        with f.path.open("rb") as fp:
+        with f.open() as fp:
             self.sink.dicom(info.sop_uid, fp, meta=meta)
 
     # -- documents ------------------------------------------------------------------------------
@@ -639,9 +675,14 @@ class _Pull:
     def _document(self, f: InputFile, size: int, content_type: str, what: str,
                   fields: dict[str, Any] | None = None, fmt: dict[str, str] | None = None) -> None:
         key = f"file:{f.rel}"
-        with f.path.open("rb") as fp:
-            self.sink.binary(key, fp, content_type, meta={"file": f.rel})
-        attachment = {"contentType": content_type, "url": key, "size": size, "hash": sha1_b64(f.path),
+        if f.data is not None:
+            self.sink.binary(key, f.data, content_type, meta={"file": f.rel})
+            sha1 = base64.b64encode(hashlib.sha1(f.data).digest()).decode("ascii")  # FHIR R4: SHA-1
+        else:
+            with f.path.open("rb") as fp:
+                self.sink.binary(key, fp, content_type, meta={"file": f.rel})
+            sha1 = sha1_b64(f.path)
+        attachment = {"contentType": content_type, "url": key, "size": size, "hash": sha1,
                       "title": _file_name(f.rel)}
         content: dict[str, Any] = {"attachment": attachment}
         if fmt:
@@ -659,7 +700,7 @@ class _Pull:
                              f"{self.max_xml_bytes // MiB} MiB limit for clinical documents; not read",
                              meta={"error": "InputTooLarge"})
             return
-        data = f.path.read_bytes()
+        data = f.read()
         try:
             header = ccda.read_header(data)
         except ccda.NotCcda as exc:
@@ -677,7 +718,7 @@ class _Pull:
         """An HL7 v2 file: kept as a text document; its PID says whose it is."""
         key = f"file:{f.rel}"
         try:
-            people = hl7v2.read_patients(f.path.read_bytes())
+            people = hl7v2.read_patients(f.read())
         except UnsupportedInput as exc:
             self.sink.failed(KIND_FILE, key, exc.message)
             return
@@ -712,10 +753,10 @@ class _Pull:
 
     def _json(self, f: InputFile) -> None:
         key = f"file:{f.rel}"
-        if f.path.stat().st_size > self.max_json_bytes:
+        if f.size() > self.max_json_bytes:
             self._large_json(f)
             return
-        data = f.path.read_bytes()
+        data = f.read()
         if data.startswith(b"\xef\xbb\xbf"):
             data = data[3:]
         try:
@@ -734,7 +775,7 @@ class _Pull:
     def _large_json(self, f: InputFile) -> None:
         """A JSON file above ``max_json_bytes``: streamed, never held whole (see stream_json)."""
         key = f"file:{f.rel}"
-        with f.path.open("rb") as fp:
+        with f.open() as fp:
             if fhir_files.first_line_is_object(fp):
                 self._ndjson(f, fp)
                 return
@@ -782,7 +823,8 @@ class _Pull:
             Path(tmp_root).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="aggregator-media-", dir=tmp_root) as tmp:
             try:
-                result = extract_zip(f.path, Path(tmp), self.limits, self.budget, label=f.rel)
+                result = extract_zip(f.on_disk(), Path(tmp), self.limits, self.budget, label=f.rel,
+                                     in_memory=IN_MEMORY_MAX)
             except (InputTooLarge, UnsupportedInput, UnsafePath) as exc:
                 self.sink.failed(KIND_FILE, key, exc.message, meta={"error": exc.__class__.__name__})
                 return
@@ -790,7 +832,12 @@ class _Pull:
                 # "member": refused for its path or type, its content never read (see reasons.py)
                 self.sink.failed(KIND_FILE, f"{key}!/{name}", _reason(err),
                                  meta={"error": err.__class__.__name__, "member": "rejected"})
-            members = [InputFile(f"{f.rel}!/{display_path(m.name)}", m.path) for m in result.members]
+            if any(_file_name(m.name).lower() == "dicomdir" for m in result.members):
+                # a disc's index is read by pydicom's FileSet, which looks for its files on disk
+                members = [InputFile(f"{f.rel}!/{display_path(m.name)}", write_member(m)) for m in result.members]
+            else:
+                members = [InputFile(f"{f.rel}!/{display_path(m.name)}", m.path, data=m.data)
+                           for m in result.members]
             self.process(members, depth + 1)
 
 

@@ -11,16 +11,38 @@ from pathlib import Path
 import pytest
 
 from aggregator.errors import InputTooLarge, UnsafePath, UnsupportedInput
+from connectors import archive
 from connectors.archive import (
     MAX_COMPONENT_BYTES,
     ByteBudget,
+    ExtractResult,
     ZipLimits,
     display_path,
-    extract_zip,
     member_parts,
+    write_member,
 )
 
 MiB = 1024 * 1024
+_in_memory = 0
+
+
+@pytest.fixture(autouse=True, params=[0, MiB], ids=["on-disk", "in-memory"])
+def member_mode(request: pytest.FixtureRequest) -> None:
+    """Every test runs twice: members written out, and members kept in memory (then written
+    by write_member, as the media reader does for a member it needs as a file). The same
+    members must be kept and rejected, for the same reasons, either way."""
+    global _in_memory
+    _in_memory = request.param
+
+
+def extract_zip(*args: object, **kwargs: object) -> ExtractResult:
+    result = archive.extract_zip(*args, in_memory=_in_memory, **kwargs)  # type: ignore[arg-type]
+    for m in result.members:
+        if _in_memory:
+            assert m.data is not None and len(m.data) == m.size and not m.path.exists()
+        write_member(m)
+        assert m.path.stat().st_size == m.size
+    return result
 
 
 def _files_under(root: Path) -> set[str]:
@@ -207,3 +229,19 @@ def test_member_parts_and_display_path() -> None:
     long = "x" * 1000 + ".json"
     d1, d2 = display_path(long), display_path("x" * 999 + "y.json")
     assert len(d1) <= 240 and d1.endswith(".json") and d1 != d2
+
+
+def test_a_member_under_another_members_file_conflicts(tmp_path: Path, dirs) -> None:
+    """``a`` as a file and ``a/b`` under it cannot both exist: the later one is refused, with
+    or without the file system there to say so (members kept in memory are not on disk)."""
+    _, dest = dirs
+    z = tmp_path / "clash.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        zf.writestr("notes", "a file")
+        zf.writestr("notes/inner.txt", "under a file")
+        zf.writestr("other/x.txt", "fine")
+    result = extract_zip(z, dest, ZipLimits())
+    assert [m.name for m in result.members] == ["notes", "other/x.txt"]
+    ((name, err),) = result.rejected
+    assert name == "notes/inner.txt" and "conflicts with another member" in err.message
+    assert (dest / "notes").read_text() == "a file"
