@@ -726,6 +726,101 @@ def serve(app: Any, host: str, port: int) -> None:
                 log_level=os.environ.get("AGGREGATOR_LOG_LEVEL", "info").lower())
 
 
+@cli.group()
+def job() -> None:
+    """Jobs (pulls and packages queued through the API or a schedule): list, show, cancel."""
+
+
+def _job_line(j: dict[str, Any]) -> str:
+    line = f"{j['id']}  {j['kind']:<8} {j['case']:<20} {j['state']:<9} attempts {j['attempts']}"
+    if j.get("worker"):
+        line += f"  on {j['worker']}"
+    if j.get("error"):
+        line += f"  ({j['error']})"
+    return line
+
+
+@job.command("list")
+@click.option("--case", "case_id", default=None, help="Only this case's jobs.")
+@click.option("--state", "states", multiple=True,
+              type=click.Choice(["queued", "running", "done", "partial", "failed", "cancelled"]),
+              help="Only jobs in this state (repeatable).")
+@json_option
+@with_app
+def job_list(app: Any, case_id: str | None, states: tuple[str, ...], as_json: bool) -> None:
+    """Jobs, oldest first."""
+    from aggregator.jobs import records
+
+    jobs = [j.to_dict() for j in records.list_jobs(app, case_id, states=states or None)]
+    _emit(as_json, jobs, lambda: "\n".join(_job_line(j) for j in jobs) or "no jobs")
+
+
+@job.command("show")
+@click.argument("job_id", metavar="JOB")
+@json_option
+@with_app
+def job_show(app: Any, job_id: str, as_json: bool) -> None:
+    """A job's state, times, per-source progress and error."""
+    from aggregator.jobs import records
+    from aggregator.jobs.view import job_detail
+
+    data = job_detail(app, records.get(app, job_id))
+
+    def text() -> str:
+        lines = [_job_line(data)]
+        for k in ("created_at", "started_at", "heartbeat_at", "finished_at"):
+            if data.get(k):
+                lines.append(f"  {k.replace('_at', ''):<9} {data[k]}")
+        if data["cancel_requested"] and data["state"] not in ("cancelled",):
+            lines.append("  cancel requested")
+        for src in data["sources"]:
+            expected = f"/{src['expected']}" if src.get("expected") is not None else ""
+            lines.append(f"  source {src['source']} {src['label']}: {src['state']}, {src['done']}{expected} done, "
+                         f"{src['failed']} failed, {src['skipped']} skipped")
+        return "\n".join(lines)
+
+    _emit(as_json, data, text)
+
+
+@job.command("cancel")
+@click.argument("job_id", metavar="JOB")
+@json_option
+@with_app
+def job_cancel(app: Any, job_id: str, as_json: bool) -> None:
+    """Cancel a job: a queued one at once, a running one at its next step (within seconds)."""
+    from aggregator import audit
+    from aggregator.jobs import records
+    job = records.request_cancel(app, job_id)
+    if job.cancel_requested and job.queue_job_id is not None and app.db.engine.dialect.name == "postgresql":
+        from aggregator.jobs.queue import QueueDispatcher
+
+        queue = QueueDispatcher(app)
+        try:
+            queue.cancel(job)
+        finally:
+            queue.shutdown()
+    audit.record(app.db, audit.os_actor(), audit.EXECUTE, "job-cancel", case_id=job.case_id, entity={"job": job.id})
+    data = job.to_dict()
+    _emit(as_json, data, lambda: _job_line(data) + ("" if job.final else "  (cancel requested)"))
+
+
+@cli.command()
+@click.option("--concurrency", default=2, type=click.IntRange(1, 64), show_default=True,
+              help="Jobs this worker runs at once.")
+@with_app
+def worker(app: Any, concurrency: int) -> None:
+    """Run jobs from the PostgreSQL queue (Procrastinate) until stopped; start as many as you like."""
+    from aggregator.errors import ConfigError
+    from aggregator.jobs.queue import run_worker
+
+    if app.db.engine.dialect.name != "postgresql":
+        raise ConfigError("workers need PostgreSQL: set AGGREGATOR_DATABASE_URL to a postgresql:// URL; "
+                          "on SQLite, `aggregator serve` runs the jobs in its own process")
+    if "AGGREGATOR_LOG_LEVEL" not in os.environ:
+        logging.getLogger("aggregator").setLevel(logging.INFO)
+    run_worker(app, concurrency=concurrency)
+
+
 @cli.command()
 @click.option("--out", type=click.Path(), help="Where to write the package (default: HOME/demo/package).")
 @json_option

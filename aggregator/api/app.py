@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from aggregator import __version__
 from aggregator.api import problems
 from aggregator.api.auth import RateLimiter
-from aggregator.api.jobs import JobRunner, ThreadJobRunner
+from aggregator.api.jobs import JobRunner, default_runner
 from aggregator.api.middleware import AccessLog, BodyLimit, SecurityHeaders
 from aggregator.api.sessions import SessionStore
 from aggregator.app import App
@@ -38,6 +38,8 @@ class ApiConfig:
     burst: int = 100
     cors_origins: list[str] = field(default_factory=list)
     job_workers: int = 2
+    job_engine: str | None = None
+    """``inprocess`` or ``queue``; None: ``AGGREGATOR_JOB_ENGINE``, else by database (see ``make_dispatcher``)."""
 
     @classmethod
     def from_env(cls) -> ApiConfig:
@@ -51,11 +53,11 @@ class ApiConfig:
 
 
 def create_app(core: App, config: ApiConfig | None = None, runner: JobRunner | None = None) -> FastAPI:
-    """The API for one open home. ``runner`` defaults to in-process threads."""
+    """The API for one open home. ``runner`` defaults to in-process threads (SQLite) or the queue (PostgreSQL)."""
     from aggregator.api.routes import cases, endpoints, jobs, meta, packages, reports, session, sources, users
 
     config = config or ApiConfig.from_env()
-    job_runner = runner or ThreadJobRunner(config.job_workers)
+    job_runner = runner or default_runner(core, config.job_workers, config.job_engine)
 
     @contextlib.asynccontextmanager
     async def lifespan(_api: FastAPI) -> AsyncIterator[None]:

@@ -26,7 +26,7 @@ from sqlalchemy import delete, select, update
 
 from aggregator.app import App
 from aggregator.cases import connector_config, get_case
-from aggregator.errors import AggregatorError, NotFound
+from aggregator.errors import AggregatorError, NotFound, is_retriable
 from aggregator.jobs import lock as case_lock
 from aggregator.jobs.hints import study_hints
 from aggregator.ledger import FAILED, SKIPPED, LedgerSink, entries_for_case, skipped_rows
@@ -51,6 +51,8 @@ class PullSummary:
     error: str | None = None
     skipped: list[dict[str, str]] = field(default_factory=list)
     """What this pull skipped (kind, key, reason): unsupported files are not in the record."""
+    retriable: bool = False
+    """The pull failed with an error that trying again may cure (a job retries it with backoff)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -62,6 +64,7 @@ class PullSummary:
             "items": self.counts,
             "error": self.error,
             "skipped": self.skipped,
+            "retriable": self.retriable,
         }
 
 
@@ -186,7 +189,8 @@ def audit_retrievals(app: App, pull_id: int, case_id: str, actor: Any) -> int:
 
 
 def run_pull(app: App, source_id: int, progress: Progress | None = None, *, lock_held: bool = False,
-             wait: float | None = 0.0, actor: Any = None) -> PullSummary:
+             wait: float | None = 0.0, actor: Any = None, job_id: str | None = None,
+             worker: str | None = None) -> PullSummary:
     """Pull one source now, in this thread, under the case's pull lock.
 
     ``lock_held`` says the caller (:func:`pull_case`) already holds it; otherwise it is taken
@@ -201,7 +205,7 @@ def run_pull(app: App, source_id: int, progress: Progress | None = None, *, lock
         with case_lock.acquire(app, owner, wait=wait):
             reap_dead_pulls(app, owner)
             clean_dead_temp(app, owner)
-            return run_pull(app, source_id, progress, lock_held=True, actor=actor)
+            return run_pull(app, source_id, progress, lock_held=True, actor=actor, job_id=job_id, worker=worker)
     progress = progress or NullProgress()
     reap_stale_pulls(app)
     kind, config, src = connector_config(app, source_id)
@@ -210,7 +214,8 @@ def run_pull(app: App, source_id: int, progress: Progress | None = None, *, lock
         config = {**config, "study_hints": study_hints(entries_for_case(app.db, src.case_id), app.blobs(src.case_id))}
     case_id = src.case_id
     with app.db.session() as s:
-        pull = Pull(source_id=source_id, state="running", method="", counts={})
+        pull = Pull(source_id=source_id, state="running", method="", counts={}, job_id=job_id,
+                    worker=(worker or _this_process())[:200])
         s.add(pull)
         s.flush()
         pull_id = pull.id
@@ -218,9 +223,14 @@ def run_pull(app: App, source_id: int, progress: Progress | None = None, *, lock
     sink = LedgerSink(app.db, app.blobs(case_id), source_id, pull_id)
     beat = _Heartbeat(app, pull_id)
     beat.start()
-    state, error = "done", None
+    state, error, retriable = "done", None, False
     try:
         connector = create_connector(kind, config)
+        # a job's progress can stop a connector that has its own way (DIMSE sends C-CANCEL-RQ)
+        on_cancel = getattr(progress, "on_cancel", None)
+        connector_cancel = getattr(connector, "cancel", None)
+        if callable(on_cancel) and callable(connector_cancel):
+            on_cancel(connector_cancel)
         try:
             new_cursor = connector.pull(_patient_ref(app, src), since or None, sink, progress)
         finally:
@@ -246,6 +256,7 @@ def run_pull(app: App, source_id: int, progress: Progress | None = None, *, lock
             )
     except BaseException as exc:
         state = "failed"
+        retriable = is_retriable(exc)
         # Our own errors are written PHI-free; anything else is reported by type only.
         error = str(exc) if isinstance(exc, AggregatorError) else f"unexpected {type(exc).__name__}"
         log.error("pull %s of source %s failed: %s", pull_id, source_id, error)
@@ -268,7 +279,8 @@ def run_pull(app: App, source_id: int, progress: Progress | None = None, *, lock
 
         audit_retrievals(app, pull_id, case_id, actor or os_actor())
     skipped = skipped_rows(app.db, source_id, pull_id) if sink.counts.get(SKIPPED) else []
-    return PullSummary(source_id, src.label, pull_id, state, sink.method, dict(sink.counts), error, skipped)
+    return PullSummary(source_id, src.label, pull_id, state, sink.method, dict(sink.counts), error, skipped,
+                       retriable)
 
 
 def pull_case(
@@ -280,6 +292,8 @@ def pull_case(
     max_parallel: int = 4,
     wait: float | None = 0.0,
     actor: Any = None,
+    job_id: str | None = None,
+    worker: str | None = None,
 ) -> list[PullSummary]:
     """Pull the case's sources in parallel (one thread each, up to ``max_parallel``).
 
@@ -290,11 +304,19 @@ def pull_case(
     with case_lock.acquire(app, case_id, wait=wait):
         reap_dead_pulls(app, case_id)
         clean_dead_temp(app, case_id)
-        return _pull_sources(app, case_id, source_ids, progress_for, max_parallel, actor)
+        return _pull_sources(app, case_id, source_ids, progress_for, max_parallel, actor, job_id, worker)
+
+
+def _this_process() -> str:
+    import os
+    import socket
+
+    return f"cli:{socket.gethostname()}:{os.getpid()}"
 
 
 def _pull_sources(app: App, case_id: str, source_ids: Sequence[int] | None, progress_for: Any,
-                  max_parallel: int, actor: Any) -> list[PullSummary]:
+                  max_parallel: int, actor: Any, job_id: str | None = None,
+                  worker: str | None = None) -> list[PullSummary]:
     with app.db.session() as s:
         q = select(Source.id, Source.label).where(Source.case_id == case_id).order_by(Source.id)
         rows = [(int(sid), str(label)) for sid, label in s.execute(q)]
@@ -310,7 +332,7 @@ def _pull_sources(app: App, case_id: str, source_ids: Sequence[int] | None, prog
     def one(row: tuple[int, str]) -> PullSummary:
         sid, label = row
         progress = progress_for(label) if progress_for else None
-        return run_pull(app, sid, progress, lock_held=True, actor=actor)
+        return run_pull(app, sid, progress, lock_held=True, actor=actor, job_id=job_id, worker=worker)
 
     with ThreadPoolExecutor(max_workers=max(1, min(max_parallel, len(rows)))) as pool:
         return list(pool.map(one, rows))

@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -76,6 +76,9 @@ class Pull(Base):
     method: Mapped[str] = mapped_column(String(40), default="")
     counts: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    job_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
+    worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    """The process that ran it (``KIND:HOST:PID``)."""
 
 
 class LedgerItem(Base):
@@ -189,3 +192,39 @@ class RecordsRequestItem(Base):
     status: Mapped[str] = mapped_column(String(20), default="requested")
     """requested or received."""
     received_at: Mapped[datetime | None] = mapped_column(nullable=True)
+
+
+class JobRow(Base):
+    """A pull or package build: queued, running (with a lease and heartbeats), then final.
+
+    The row, not a process's memory, is what the API and ``aggregator job`` show, so a job
+    outlives the process that queued it and the one that ran it (see :mod:`aggregator.jobs.records`).
+    """
+
+    __tablename__ = "jobs"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(20))
+    case_id: Mapped[str] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), index=True)
+    owner: Mapped[str] = mapped_column(String(100))
+    state: Mapped[str] = mapped_column(String(20), index=True)
+    """queued, running, then done, partial, failed or cancelled."""
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    actor: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    """Who asked (for the audit entries the task writes); never shown in the job's JSON."""
+    result: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    progress: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    """Per source label: items done, expected, and the connector's last note."""
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    run_after: Mapped[datetime | None] = mapped_column(nullable=True)
+    """A retry waits until then (backoff)."""
+    worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    lease: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    """Random per claim: heartbeats and the final write count only with the current lease."""
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    queue_job_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    """Procrastinate's job id when the job runs on workers (PostgreSQL)."""

@@ -39,7 +39,10 @@ class Api:
 def make_api(home: Path, db_url: str | None, config: ApiConfig | None = None) -> Api:
     core = App.open(home, database_url=db_url)
     users = {"admin": "admin", "navigator": "navigator", "consultant": "consultant", "outsider": "consultant"}
-    api = Api(core, TestClient(create_app(core, config or ApiConfig(rate_per_second=1000, burst=1000)),
+    # jobs run in this process on both databases here (the queue and its workers: tests/jobs)
+    config = config or ApiConfig(rate_per_second=1000, burst=1000)
+    config.job_engine = config.job_engine or "inprocess"
+    api = Api(core, TestClient(create_app(core, config),
                                client=("127.0.0.9", 50000)))
     for name, role in users.items():
         accounts.add_user(core.db, name, role, None)

@@ -19,13 +19,15 @@ from sqlalchemy import func, select
 from aggregator import audit
 from aggregator.accounts import Principal
 from aggregator.api.auth import Caller, actor, audited, guard, require
-from aggregator.api.jobs import DONE, FAILED, PARTIAL, Job
+from aggregator.api.jobs import Job
 from aggregator.api.problems import documented
 from aggregator.app import App
 from aggregator.errors import NotFound
 from aggregator.jobs import lock as case_lock
+from aggregator.jobs import records
 from aggregator.jobs.lock import CaseBusy
-from aggregator.store.models import LedgerItem, Pull, Source
+from aggregator.jobs.view import merge_progress, read_sources
+from aggregator.store.models import LedgerItem, Source
 
 router = APIRouter(tags=["jobs"], responses=documented(400, 403, 404, 409, 422))
 LEDGER_EVERY = 2.0
@@ -39,28 +41,6 @@ class PullIn(BaseModel):
                                description="Only these source ids (default: all of the case's sources)")
 
 
-def _pull_job(core: App, case: str, source_ids: list[int], who: audit.Actor) -> Any:
-    from aggregator.jobs.pull import pull_case
-
-    def run(job: Job) -> tuple[str, dict[str, Any]]:
-        outcome, detail = audit.SERIOUS_FAILURE, "not finished"
-        try:
-            summaries = pull_case(core, case, source_ids=source_ids or None, progress_for=job.progress_for,
-                                  wait=0.0, actor=who)
-            states = {s.state for s in summaries}
-            state = FAILED if states == {"failed"} else PARTIAL if "failed" in states or "partial" in states else DONE
-            outcome, detail = (audit.SUCCESS, "") if state != FAILED else (audit.MINOR_FAILURE, "every source failed")
-            return state, {"pulls": [s.to_dict() for s in summaries]}
-        except BaseException as exc:
-            detail = type(exc).__name__
-            raise
-        finally:
-            audit.record(core.db, who, audit.EXECUTE, "pull", case_id=case, outcome=outcome, detail=detail,
-                         entity={"job": job.id})
-
-    return run
-
-
 @router.post("/cases/{case}/pulls", status_code=202, summary="Pull the case's sources (or some) as a job")
 def pull(request: Request, case: str, principal: Caller, body: PullIn | None = None) -> JSONResponse:
     core = guard(request, principal, case, "pulls", audit.EXECUTE, "pull")
@@ -72,12 +52,10 @@ def pull(request: Request, case: str, principal: Caller, body: PullIn | None = N
         if missing:
             raise NotFound(f"case {case!r} has no source with id {missing[0]}")
     runner = request.app.state.runner
-    if any(j.case_id == case and j.kind == "pull" and j.state in ("queued", "running") for j in runner.list(case)) \
-            or case_lock.is_held(core, case):
+    if records.active(core, case, "pull") is not None or case_lock.is_held(core, case):
         raise CaseBusy(f"case {case!r} is already being pulled; follow or cancel that job")
     who = actor(request, principal)
-    job = runner.submit("pull", case, _pull_job(core, case, wanted, who), owner=principal.name,
-                        params={"sources": wanted})
+    job = runner.submit("pull", case, owner=principal.name, params={"sources": wanted}, actor=who)
     # the request now; the pull's own entry (and one per DICOM study) when it ends
     audit.record(core.db, who, audit.EXECUTE, "pull-request", case_id=case, entity={"job": job.id})
     return JSONResponse(job_view(core, job), status_code=202, headers={"Location": f"/jobs/{job.id}"})
@@ -124,45 +102,11 @@ def _per_source(core: App, job: Job) -> list[dict[str, Any]]:
     if hit is not None and (key[1] == "final" or now - hit[0] < SOURCES_EVERY):
         rows = hit[1]
     else:
-        rows = _read_sources(core, job)
+        rows = read_sources(core, job)
         with _ledger_lock:
             _source_cache.pop((job.id, "live"), None)
             _source_cache[key] = (now, rows)
-    live = {p.label: p for p in job.progress}
-    out = []
-    for row in rows:
-        prog = live.get(row["label"])
-        out.append({**row, "done": max(row["done"], prog.done if prog else 0),
-                    "expected": prog.total if prog else None, "note": prog.note if prog else ""})
-    return out
-
-
-def _read_sources(core: App, job: Job) -> list[dict[str, Any]]:
-    assert job.started_at is not None
-    started = job.started_at
-    if core.db.engine.dialect.name == "sqlite":
-        started = started.replace(tzinfo=None)
-    with core.db.session() as s:
-        q = (select(Pull.id, Pull.source_id, Pull.state, Source.label).join(Source, Source.id == Pull.source_id)
-             .where(Source.case_id == job.case_id, Pull.started_at >= started).order_by(Pull.id))
-        pulls = list(s.execute(q))
-        ledger: dict[int, dict[str, int]] = {}
-        if pulls:
-            rows = s.execute(select(LedgerItem.pull_id, LedgerItem.state, func.count())
-                             # source_id is indexed (pull_id is not): without it, a scan of every case's rows
-                             .where(LedgerItem.source_id.in_({p[1] for p in pulls}),
-                                    LedgerItem.pull_id.in_([p[0] for p in pulls]))
-                             .group_by(LedgerItem.pull_id, LedgerItem.state))
-            for pid, state, n in rows:
-                if pid is not None:
-                    ledger.setdefault(int(pid), {})[str(state)] = int(n)
-    out = []
-    for pid, sid, state, label in pulls:
-        counts = ledger.get(int(pid), {})
-        out.append({"source": int(sid), "label": label, "pull": int(pid), "state": state,
-                    "done": counts.get("done", 0), "failed": counts.get("failed", 0),
-                    "skipped": counts.get("skipped", 0)})
-    return out
+    return merge_progress(rows, job.progress)
 
 
 def job_view(core: App, job: Job) -> dict[str, Any]:
@@ -194,7 +138,7 @@ def cancel(request: Request, job_id: str, principal: Caller) -> dict[str, Any]:
     return job_view(core, job)
 
 
-@router.get("/cases/{case}/jobs", summary="The case's jobs since the service started")
+@router.get("/cases/{case}/jobs", summary="The case's jobs, oldest first")
 def case_jobs(request: Request, case: str, principal: Caller) -> list[dict[str, Any]]:
     guard(request, principal, case, "jobs", audit.READ, "job-list")
     return [j.to_dict() for j in request.app.state.runner.list(case)]

@@ -7,12 +7,9 @@ and a small ``<id>.json`` beside it with its size, SHA-256 (the ETag) and comple
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
-import secrets
 import zipfile
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +18,16 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 
 from aggregator import audit
 from aggregator.api.auth import Caller, actor, audited, guard
-from aggregator.api.jobs import DONE, Job
 from aggregator.api.middleware import PAGE_CSP
 from aggregator.api.problems import documented
 from aggregator.api.routes.jobs import job_view
 from aggregator.app import App
 from aggregator.errors import NotFound
+from aggregator.jobs.tasks import PACKAGES_FOLDER
 
 router = APIRouter(tags=["packages"], responses=documented(403, 404, 409, 422))
 ID_RE = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{6}$")
-FOLDER = "packages"
+FOLDER = PACKAGES_FOLDER
 
 
 def _folder(core: App, case: str) -> Path:
@@ -52,40 +49,11 @@ def _meta(core: App, case: str, package_id: str) -> tuple[Path, dict[str, Any]]:
     return path, meta
 
 
-def _build_job(core: App, case: str, who: audit.Actor) -> Any:
-    from aggregator.pipeline import package_case
-
-    def run(job: Job) -> tuple[str, dict[str, Any]]:
-        package_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
-        folder = _folder(core, case)
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        try:
-            path, report = package_case(core, case, folder / f"{package_id}.zip", as_zip=True)
-        except BaseException as exc:
-            audit.record(core.db, who, audit.CREATE, "package", case_id=case, outcome=audit.MINOR_FAILURE,
-                         detail=type(exc).__name__, entity={"job": job.id})
-            raise
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        meta = {"id": package_id, "case": case, "size": path.stat().st_size, "sha256": digest.hexdigest(),
-                "created_at": datetime.now(UTC).isoformat(), "completeness": report.get("score"),
-                "links": {"download": f"/cases/{case}/packages/{package_id}",
-                          "summary": f"/cases/{case}/packages/{package_id}/summary"}}
-        (folder / f"{package_id}.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        audit.record(core.db, who, audit.CREATE, "package", case_id=case, entity={"package": package_id, "job": job.id})
-        return DONE, {"package": meta}
-
-    return run
-
-
 @router.post("/cases/{case}/packages", status_code=202, summary="Build the consultant package (a job)")
 def build(request: Request, case: str, principal: Caller) -> JSONResponse:
     core = guard(request, principal, case, "package:build", audit.CREATE, "package")
     who = actor(request, principal)
-    job = request.app.state.runner.submit("package", case, _build_job(core, case, who), owner=principal.name,
-                                          params={})
+    job = request.app.state.runner.submit("package", case, owner=principal.name, params={}, actor=who)
     audit.record(core.db, who, audit.CREATE, "package-request", case_id=case, entity={"job": job.id})
     return JSONResponse(job_view(core, job), status_code=202, headers={"Location": f"/jobs/{job.id}"})
 
