@@ -23,6 +23,7 @@ from aggregator.store.models import LedgerItem, Pull, Source
 from tests.conftest import PG_ADMIN, _pg_up
 
 ROOT = Path(__file__).resolve().parents[2]
+MAIN = "import sys; from aggregator.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
 def media_folder(path: Path, n: int) -> Path:
@@ -102,7 +103,7 @@ class Workers:
         for _ in range(n):
             log = self.home.parent / f"worker-{len(self.procs)}.log"
             with open(log, "wb") as out:
-                p = subprocess.Popen([sys.executable, "-m", "aggregator", "worker", "--concurrency", str(concurrency)],
+                p = subprocess.Popen([sys.executable, "-c", MAIN, "worker", "--concurrency", str(concurrency)],
                                      env=self.env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
             self.procs.append(p)
             self.logs.append(log)
