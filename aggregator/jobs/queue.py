@@ -220,7 +220,7 @@ def run_worker(core: Any, *, concurrency: int = 2, timing: Timing | None = None)
         log.info("worker %s: concurrency %d, dead-worker bound %.0f s", name, concurrency, timing.dead_after)
         papp.run_worker(queues=[QUEUE], concurrency=max(1, concurrency), name=name,
                         update_heartbeat_interval=timing.beat, stalled_worker_timeout=timing.stale_after,
-                        fetch_job_polling_interval=5.0, abort_job_polling_interval=timing.beat,
+                        fetch_job_polling_interval=timing.beat, abort_job_polling_interval=timing.beat,
                         shutdown_graceful_timeout=2 * timing.beat)
     finally:
         stop.set()

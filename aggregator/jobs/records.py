@@ -53,9 +53,9 @@ class Timing:
     """How fast a dead runner is noticed, and how retries back off.
 
     ``dead_after`` is the promise: a job whose runner died is back in the queue within that
-    many seconds. Heartbeats go every ``beat`` s; a heartbeat older than ``stale_after``
-    (two thirds of the bound) is stale, and reapers look every ``reap_every`` s (a sixth), so
-    the worst case is ``stale_after + reap_every`` = five sixths of the bound.
+    many seconds. Heartbeats go every ``beat`` s; a heartbeat older than ``stale_after`` (half
+    the bound) is stale, reapers look every ``reap_every`` s (a sixth), and a worker looks for
+    work at least every ``beat`` s, so the worst case is two thirds of the bound plus a beat.
     """
 
     dead_after: float = 60.0
@@ -69,7 +69,7 @@ class Timing:
 
     @property
     def stale_after(self) -> float:
-        return self.dead_after * 2 / 3
+        return self.dead_after / 2
 
     @property
     def reap_every(self) -> float:

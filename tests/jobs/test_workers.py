@@ -8,6 +8,7 @@ about 300 items a second, long enough to kill or cancel one half way.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 import signal
 import subprocess
@@ -90,7 +91,7 @@ def test_two_workers_share_twenty_cases(tmp_path: Path, pg_url: str, workers: Ca
             assert {r[3] for r in rows} == {1}  # no item fetched twice
             spans = sorted(_intervals(rows).values())
             # never two workers on one case at once: their ledger writes do not interleave
-            assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False)), (c, spans)
+            assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans)), (c, spans)
     finally:
         svc.shutdown()
         core.close()
@@ -126,7 +127,7 @@ def test_sigkill_mid_pull_resumes_on_the_other_worker_within_the_bound(
         want = sorted((r[0], r[1], r[6]) for r in ledger_of(core, "ref"))
         assert got == want and len(got) == 3000
         spans = sorted(_intervals(ledger_of(core, "big")).values())
-        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False)), spans
+        assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans)), spans
     finally:
         svc.shutdown()
         core.close()
