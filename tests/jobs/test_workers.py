@@ -2,7 +2,7 @@
 
 Every test starts real worker processes (``python -m aggregator worker``) on a database of its
 own and a shared home, with the dead-worker bound set to 6 s. Pulls are media folders read at
-about 300 items a second, long enough to kill or cancel one half way.
+about 1000 items a second, long enough to kill or cancel one half way.
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ def test_cancel_mid_pull_on_a_worker(tmp_path: Path, pg_url: str, workers: Calla
     home = tmp_path / "home"
     core, svc = _service(home, pg_url)
     try:
-        media_case(core, "c1", media_folder(tmp_path / "m", 2500))
+        media_case(core, "c1", media_folder(tmp_path / "m", 10000))
         workers(home).start(1)
         job = svc.submit("pull", "c1", owner="nina", params={})
         wait_for(lambda: progress_done(core, job.id) > 100, 120, "the pull to be under way")
@@ -146,10 +146,10 @@ def test_cancel_mid_pull_on_a_worker(tmp_path: Path, pg_url: str, workers: Calla
         ended = svc.wait(job.id, 30)
         assert ended.state == "cancelled" and time.monotonic() - t0 < 10
         rows = ledger_of(core, "c1")
-        assert 0 < len(rows) < 2500 and {r[2] for r in rows} == {"done"}
+        assert 0 < len(rows) < 10000 and {r[2] for r in rows} == {"done"}
         # the case is free again for the next pull, which completes it
         again = svc.wait(svc.submit("pull", "c1", owner="nina", params={}).id, 120)
-        assert again.state == "done" and len(ledger_of(core, "c1")) == 2500
+        assert again.state == "done" and len(ledger_of(core, "c1")) == 10000
     finally:
         svc.shutdown()
         core.close()
