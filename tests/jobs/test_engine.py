@@ -163,7 +163,7 @@ KILLED_SERVE = textwrap.dedent("""
 
 def test_sigkill_mid_pull_then_the_next_runner_resumes_from_the_ledger(core: App, db_url: str,
                                                                        tmp_path: Path) -> None:
-    media_case(core, "c1", media_folder(tmp_path / "m", 3000))
+    media_case(core, "c1", media_folder(tmp_path / "m", 8000))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     child = subprocess.Popen([sys.executable, "-c", KILLED_SERVE, str(tmp_path / "home"), db_url], env=env,
                              stdout=subprocess.PIPE, text=True)
@@ -188,7 +188,7 @@ def test_sigkill_mid_pull_then_the_next_runner_resumes_from_the_ledger(core: App
     assert done.state == "done", done
     assert resumed_in <= FAST.dead_after, resumed_in
     rows = ledger_of(core, "c1")
-    assert len(rows) == len({r[1] for r in rows}) == 3000 and {r[2] for r in rows} == {"done"}
+    assert len(rows) == len({r[1] for r in rows}) == 8000 and {r[2] for r in rows} == {"done"}
     assert before and {r[3] for r in rows} <= {1, 2}  # media re-reads local files after its cursor: upserts
     with core.db.session() as s:
         pulls = list(s.execute(select(Pull.state, Pull.error, Pull.job_id).order_by(Pull.id)))
