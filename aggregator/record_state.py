@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import os
 from array import array
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -106,10 +105,10 @@ def save(app: App, case_id: str, record: NormalizedRecord, report: dict[str, Any
     state = {
         "format": FORMAT, "key": key, "bundle_size": bundle.stat().st_size,
         "index": {t: [list(o), list(n)] for t, (o, n) in record._index.items()},
-        "documents": [asdict(x) for x in record.documents],
-        "images": [asdict(x) for x in record.images],
-        "quarantine": [asdict(x) for x in record.quarantine],
-        "notes": [asdict(x) for x in record.notes],
+        # orjson writes dataclasses itself, in native code: dataclasses.asdict (a deep copy of
+        # every field) was 17 s of check at 100k documents
+        "documents": record.documents, "images": record.images,
+        "quarantine": record.quarantine, "notes": record.notes,
         "unresolved": record.unresolved, "conflicts": record.conflicts,
         "patient_ref": record.patient_ref, "identity": record.identity,
         "source_times": {str(k): v for k, v in record.source_times.items()},
