@@ -38,7 +38,7 @@ import stat
 import tempfile
 import warnings
 import zipfile
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -519,10 +519,15 @@ class _Pull:
     # -- walking ------------------------------------------------------------------------------
 
     def process(self, files: list[InputFile], depth: int) -> None:
+        """Read ``files``, which this empties: each entry (an archive member's bytes among them)
+        is let go as soon as it is read, so memory does not grow with the number of members."""
         self.total += len(files)
         self.progress.set_total(self.total)
         refs = self._index_dicomdirs(files)
-        for f in files:
+        queue = deque(files)
+        files.clear()
+        while queue:
+            f = queue.popleft()
             try:
                 self._one(f, refs, depth)
             finally:
@@ -606,6 +611,8 @@ class _Pull:
 
     def _index_dicomdirs(self, files: list[InputFile]) -> dict[str, DicomdirRef]:
         """Read every DICOMDIR among ``files``: the instances each references, by file path."""
+        if not any(_file_name(f.rel).lower() == "dicomdir" for f in files if not f.problem):
+            return {}  # most downloads: no path index of every file to build
         by_path = {os.path.normpath(str(f.path)): f for f in files if not f.problem}
         by_fold = {k.casefold(): v for k, v in by_path.items()}
         refs: dict[str, DicomdirRef] = {}
@@ -838,6 +845,7 @@ class _Pull:
             else:
                 members = [InputFile(f"{f.rel}!/{display_path(m.name)}", m.path, data=m.data)
                            for m in result.members]
+            del result  # its members' bytes are now held by ``members`` alone, which process() empties
             self.process(members, depth + 1)
 
 
