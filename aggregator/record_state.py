@@ -59,9 +59,13 @@ def state_key(app: App, case_id: str) -> str:
                              .where(Source.case_id == case_id).order_by(Source.id)):
             h.update(repr(tuple(row)).encode())
         ids = select(Source.id).where(Source.case_id == case_id).scalar_subquery()
-        ledger = s.execute(select(func.count(), func.max(LedgerItem.id), func.max(LedgerItem.updated_at))
-                           .where(LedgerItem.source_id.in_(ids))).one()
-        pulls = s.execute(select(func.count(), func.max(Pull.id), func.max(Pull.finished_at))
+        # Ledger rows are written only by pulls (which beat their heartbeat with every batch and
+        # end with a finish time) and by check itself (its quarantine rows, written before the
+        # key is taken), so the pulls stand for the rows: max(updated_at) read every ledger row
+        # and count(*) every index entry (87 and 14 ms at 200k rows); max(id) is one index seek.
+        ledger = s.execute(select(func.max(LedgerItem.id)).where(LedgerItem.source_id.in_(ids))).one()
+        pulls = s.execute(select(func.count(), func.max(Pull.id), func.max(Pull.finished_at),
+                                 func.max(Pull.heartbeat_at), func.count(Pull.finished_at))
                           .where(Pull.source_id.in_(ids))).one()
         h.update(repr((tuple(ledger), tuple(pulls))).encode())
         # requests change what the report says of a gap (requested on, due on)
