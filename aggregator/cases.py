@@ -155,6 +155,22 @@ def list_cases(app: App) -> list[dict[str, Any]]:
         ]
 
 
+CASE_STATES = ("open", "closed")
+
+
+def set_case_status(app: App, case_id: str, status: str) -> dict[str, Any]:
+    """Close a case (its scheduled syncs stop; everything else stays readable) or reopen it."""
+    if status not in CASE_STATES:
+        raise UsageError(f"a case is {' or '.join(CASE_STATES)}")
+    with app.db.session() as s:
+        case = s.get(Case, case_id)
+        if case is None:
+            raise NotFound(f"no case named {case_id!r}")
+        previous = case.status
+        case.status = status
+    return {"case": case_id, "status": status, "previous": previous}
+
+
 def case_summary(app: App, case_id: str) -> dict[str, Any]:
     """What a navigator wants to see: the case, its sources, and how their pulls went."""
     c = get_case(app, case_id)

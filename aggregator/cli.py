@@ -329,6 +329,32 @@ def case_delete(app: Any, case_id: str, yes: bool, as_json: bool) -> None:
     _emit(as_json, {"case": case_id, "deleted": True}, f"case {case_id} deleted")
 
 
+@case.command("close")
+@click.argument("case_id", metavar="CASE")
+@json_option
+@with_app
+@audited("U", "case")
+def case_close(app: Any, case_id: str, as_json: bool) -> None:
+    """Close CASE: its scheduled syncs stop; its records, reports and packages stay."""
+    from aggregator.cases import set_case_status
+
+    data = set_case_status(app, case_id, "closed")
+    _emit(as_json, data, f"case {case_id} closed: scheduled syncs stop (`aggregator case reopen` to resume)")
+
+
+@case.command("reopen")
+@click.argument("case_id", metavar="CASE")
+@json_option
+@with_app
+@audited("U", "case")
+def case_reopen(app: Any, case_id: str, as_json: bool) -> None:
+    """Reopen a closed CASE: its schedule, if it has one, runs again."""
+    from aggregator.cases import set_case_status
+
+    data = set_case_status(app, case_id, "open")
+    _emit(as_json, data, f"case {case_id} reopened")
+
+
 @case.command("assign")
 @click.argument("case_id", metavar="CASE")
 @click.argument("user_name", metavar="USER")
@@ -695,16 +721,114 @@ def audit_verify(app: Any, as_json: bool) -> None:
 
 @cli.command()
 @click.option("--case", "case_ids", multiple=True, help="Only this case (repeatable).")
+@click.option("--due", is_flag=True, help="Only the cases whose schedule is due now (for cron or a systemd timer).")
+@click.option("--history", is_flag=True, help="List the stored syncs and what each changed; run nothing.")
+@click.option("--limit", default=20, show_default=True, type=int, help="With --history: how many, newest first.")
 @json_option
 @with_app
-def sync(app: Any, case_ids: tuple[str, ...], as_json: bool) -> None:
-    """Re-pull what changed for every open case, re-check, and report filled and new gaps."""
-    from aggregator.jobs.sync import render_sync, sync_cases
+def sync(app: Any, case_ids: tuple[str, ...], due: bool, history: bool, limit: int, as_json: bool) -> None:
+    """Re-pull every open case incrementally, re-check it, and report what changed.
 
-    results = sync_cases(app, list(case_ids) or None)
-    _emit(as_json, results, lambda: render_sync(results))
-    if any(r.get("failed_sources") for r in results):
+    What changed (new items by type, gaps filled, new gaps, failed sources) is kept per sync.
+    Exits 1 when a source failed."""
+    from aggregator import audit
+    from aggregator.jobs.sync import has_failures, list_syncs, render_sync, sync_cases
+
+    if history:
+        if due:
+            raise UsageError("--history lists syncs; it does not go with --due")
+        if len(case_ids) > 1:
+            raise UsageError("--history takes at most one --case")
+        rows = list_syncs(app, case_ids[0] if case_ids else None, limit=limit)
+        audit.record(app.db, audit.os_actor(), audit.READ, "sync-list", case_id=case_ids[0] if case_ids else None)
+        _emit(as_json, rows, lambda: render_sync(rows) if rows else "no syncs yet")
+        return
+    if due:
+        if case_ids:
+            raise UsageError("--due runs every case whose schedule is due; it does not go with --case")
+        from aggregator.jobs.schedule import run_due
+
+        results = run_due(app, actor=audit.os_actor())
+        _emit(as_json, results, lambda: render_sync(results) if results else "no scheduled sync is due")
+    else:
+        results = sync_cases(app, list(case_ids) or None, actor=audit.os_actor())
+        _emit(as_json, results, lambda: render_sync(results))
+    if has_failures(results):
         sys.exit(1)
+
+
+# --- schedules ------------------------------------------------------------------------------
+
+
+@cli.group()
+def schedule() -> None:
+    """When each case syncs on its own (cron syntax), and where to send word of it."""
+
+
+def _schedule_text(d: dict[str, Any]) -> str:
+    state = "" if d.get("active", True) else f"  (case {d.get('case_status')}: not syncing)"
+    hook = f"  webhook: {d['webhook']['url']}" if d.get("webhook") else ""
+    return f"{d['case']:<24} {d['cron']:<18} {d['timezone']:<20} next {d['next_due_at']}{state}{hook}"
+
+
+@schedule.command("set")
+@click.argument("case_id", metavar="CASE")
+@click.argument("expr", metavar="CRON")
+@click.option("--tz", "timezone", default="UTC", show_default=True,
+              help="IANA time zone the cron is read in (e.g. America/New_York).")
+@click.option("--webhook", "webhook_url", default=None, help="POST a signed summary here after each sync of CASE.")
+@click.option("--webhook-secret-env", default=None, metavar="NAME",
+              help="Environment variable holding the webhook's HMAC secret.")
+@click.option("--webhook-secret-file", default=None, type=click.Path(dir_okay=False),
+              help="File holding the webhook's HMAC secret.")
+@json_option
+@with_app
+@audited("U", "schedule")
+def schedule_set(app: Any, case_id: str, expr: str, timezone: str, webhook_url: str | None,
+                 webhook_secret_env: str | None, webhook_secret_file: str | None, as_json: bool) -> None:
+    """Sync CASE whenever CRON (five fields: minute hour day month weekday) says, e.g. "0 6 * * *"."""
+    from aggregator.jobs.schedule import set_schedule
+
+    secret_file = str(Path(webhook_secret_file).expanduser().resolve()) if webhook_secret_file else None
+    data = set_schedule(app, case_id, expr, timezone=timezone, webhook_url=webhook_url,
+                        webhook_secret_env=webhook_secret_env, webhook_secret_file=secret_file)
+    _emit(as_json, data, lambda: "schedule set: " + _schedule_text(data))
+
+
+@schedule.command("show")
+@click.argument("case_id", metavar="CASE")
+@json_option
+@with_app
+def schedule_show(app: Any, case_id: str, as_json: bool) -> None:
+    """Show CASE's schedule and when it next runs."""
+    from aggregator.jobs.schedule import get_schedule
+
+    data = get_schedule(app, case_id)
+    _emit(as_json, data, lambda: _schedule_text(data))
+
+
+@schedule.command("clear")
+@click.argument("case_id", metavar="CASE")
+@json_option
+@with_app
+@audited("U", "schedule")
+def schedule_clear(app: Any, case_id: str, as_json: bool) -> None:
+    """Remove CASE's schedule (its past syncs stay)."""
+    from aggregator.jobs.schedule import clear_schedule
+
+    data = clear_schedule(app, case_id)
+    _emit(as_json, data, f"schedule of case {case_id} cleared")
+
+
+@schedule.command("list")
+@json_option
+@with_app
+def schedule_list(app: Any, as_json: bool) -> None:
+    """Every schedule, with the next time it runs."""
+    from aggregator.jobs.schedule import list_schedules
+
+    rows = list_schedules(app)
+    _emit(as_json, rows, lambda: "\n".join(_schedule_text(r) for r in rows) or "no schedules")
 
 
 @cli.command()

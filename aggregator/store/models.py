@@ -228,3 +228,51 @@ class JobRow(Base):
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     queue_job_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     """Procrastinate's job id when the job runs on workers (PostgreSQL)."""
+
+
+class SyncSchedule(Base):
+    """When a case is synced on its own: a cron expression read in a time zone, and an optional webhook.
+
+    ``next_due_at`` (UTC) is the next time the cron names; a sync is due once the clock passes
+    it. ``runs`` counts claims: a runner claims a due schedule by moving ``next_due_at`` on
+    with ``WHERE runs = <the count it read>``, so two runners that saw the same due schedule
+    cannot both run it. The webhook's secret is never stored: only the name of the
+    environment variable or the path of the file that holds it.
+    """
+
+    __tablename__ = "sync_schedules"
+    case_id: Mapped[str] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), primary_key=True)
+    cron: Mapped[str] = mapped_column(String(120))
+    timezone: Mapped[str] = mapped_column(String(64), default="UTC")
+    next_due_at: Mapped[datetime] = mapped_column()
+    last_slot_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    """The cron time the last claimed run stood for (missed times in between run once, as this one)."""
+    runs: Mapped[int] = mapped_column(Integer, default=0)
+    webhook_url: Mapped[str | None] = mapped_column(String(2000), nullable=True)
+    webhook_secret_env: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    webhook_secret_file: Mapped[str | None] = mapped_column(String(1000), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class SyncRun(Base):
+    """One sync of one case and what it changed (new items by type, gaps filled and new, failed sources)."""
+
+    __tablename__ = "sync_runs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    case_id: Mapped[str] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), index=True)
+    trigger: Mapped[str] = mapped_column(String(20))
+    """schedule (``sync --due`` or a worker) or manual (``sync``)."""
+    scheduled_for: Mapped[datetime | None] = mapped_column(nullable=True)
+    state: Mapped[str] = mapped_column(String(20))
+    """done, partial (a source failed) or failed (the check could not run); written once, at the end,
+    so that no sync is ever left "running" by a process that died."""
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    changes: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    ledger_mark: Mapped[int] = mapped_column(Integer, default=0)
+    """The case's highest ledger row id of fetched items when this sync ended: the next sync's
+    "new" items are the rows above it (rows are upserted, so a re-fetched item keeps its id)."""
+    webhooks: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    """Per target (case, global): delivered or not, HTTP status, attempts; never the URL's secret parts."""
