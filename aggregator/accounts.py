@@ -1,6 +1,6 @@
 """Users, API tokens, case assignments and the access rules the API enforces.
 
-Three roles: ``admin`` manages users and endpoints; ``navigator`` does everything on cases;
+Three roles: ``admin`` manages users, endpoints and sync schedules; ``navigator`` does everything on cases;
 ``consultant`` sees only the cases assigned to them, and of those only the gap report, the
 summary and the package. The rules live here (not in the routes) so that the API, the later
 web pages and the tests share one statement of them.
@@ -37,9 +37,9 @@ MIN_PASSWORD = 12
 #: What each role may do, by permission. Case-scoped permissions of a consultant also need an
 #: assignment (see :func:`case_for`).
 PERMISSIONS: dict[str, frozenset[str]] = {
-    ADMIN: frozenset({"users", "endpoints:write", "endpoints:read", "assign"}),
+    ADMIN: frozenset({"users", "endpoints:write", "endpoints:read", "assign", "schedules"}),
     NAVIGATOR: frozenset({"endpoints:read", "cases:list", "cases:read", "cases:write", "sources", "pulls", "jobs",
-                          "gap-report", "summary", "package:read", "package:build", "assign"}),
+                          "gap-report", "summary", "package:read", "package:build", "assign", "schedules", "syncs"}),
     CONSULTANT: frozenset({"cases:list", "gap-report", "summary", "package:read"}),
 }
 

@@ -54,7 +54,18 @@ class ApiConfig:
 
 def create_app(core: App, config: ApiConfig | None = None, runner: JobRunner | None = None) -> FastAPI:
     """The API for one open home. ``runner`` defaults to in-process threads (SQLite) or the queue (PostgreSQL)."""
-    from aggregator.api.routes import cases, endpoints, jobs, meta, packages, reports, session, sources, users
+    from aggregator.api.routes import (
+        cases,
+        endpoints,
+        jobs,
+        meta,
+        packages,
+        reports,
+        schedules,
+        session,
+        sources,
+        users,
+    )
 
     config = config or ApiConfig.from_env()
     job_runner = runner or default_runner(core, config.job_workers, config.job_engine)
@@ -78,7 +89,7 @@ def create_app(core: App, config: ApiConfig | None = None, runner: JobRunner | N
     api.state.runner = job_runner
     api.state.sessions = SessionStore()
     problems.install(api)
-    for module in (meta, session, users, endpoints, cases, sources, jobs, reports, packages):
+    for module in (meta, session, users, endpoints, cases, sources, jobs, reports, packages, schedules):
         api.include_router(module.router)
     if config.cors_origins:  # none unless configured
         from fastapi.middleware.cors import CORSMiddleware

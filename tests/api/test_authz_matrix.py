@@ -31,6 +31,7 @@ class World:
     source: int = 0
     job: str = ""
     package: str = ""
+    sync: int = 0
 
     def throwaway_case(self) -> str:
         case = f"tmp-{next(_n)}"
@@ -45,6 +46,13 @@ class World:
         from aggregator import accounts
 
         return str(accounts.create_token(self.api.core.db, "consultant")["id"])
+
+    def scheduled(self) -> dict[str, Any]:
+        """c1 with a schedule, for the calls that read or remove one."""
+        from aggregator.jobs.schedule import set_schedule
+
+        set_schedule(self.api.core, "c1", "0 6 * * *")
+        return {"case": "c1"}
 
     def throwaway_source(self) -> int:
         r = self.api.client.post("/cases/c1/sources", headers=self.api.h("navigator"),
@@ -74,6 +82,7 @@ def _pkg(w: World) -> dict[str, Any]:
 
 
 NAV, CON = frozenset({"navigator"}), frozenset({"navigator", "consultant"})
+ADM_NAV = frozenset({"admin", "navigator"})
 ROWS: dict[str, Row] = {
     "GET /health": Row(ALL_ROLES, 200, case_scoped=False, public=True),
     "GET /me": Row(ALL_ROLES, 200, case_scoped=False),
@@ -116,6 +125,14 @@ ROWS: dict[str, Row] = {
     "GET /cases/{case}/packages/{package_id}": Row(CON, 200, _pkg),
     "POST /cases/{case}/packages/{package_id}/verify": Row(CON, 200, _pkg),
     "GET /cases/{case}/packages/{package_id}/summary": Row(CON, 200, _pkg),
+    # schedules: admins and navigators; consultants never see them. Syncs' changes: navigators.
+    "GET /schedules": Row(ADM_NAV, 200, case_scoped=False),
+    "GET /cases/{case}/schedule": Row(ADM_NAV, 200, lambda w: w.scheduled()),
+    "PUT /cases/{case}/schedule": Row(ADM_NAV, 200, _case, body=lambda w: {"cron": "0 6 * * *",
+                                                                          "timezone": "Europe/Paris"}),
+    "DELETE /cases/{case}/schedule": Row(ADM_NAV, 200, lambda w: w.scheduled()),
+    "GET /cases/{case}/syncs": Row(NAV, 200, _case),
+    "GET /cases/{case}/syncs/{sync_id}": Row(NAV, 200, lambda w: {"case": "c1", "sync_id": w.sync}),
 }
 
 
@@ -155,6 +172,9 @@ def _world(api: Api, media_zip: tuple[Path, Any]) -> World:
     pj = api.wait(r.json()["id"])
     assert pj["state"] == "done", pj
     w.package = pj["result"]["package"]["id"]
+    from aggregator.jobs.sync import sync_case
+
+    w.sync = sync_case(api.core, "c1")["id"]
     return w
 
 
