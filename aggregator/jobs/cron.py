@@ -59,16 +59,21 @@ def _runs_twice(expr: str) -> bool:
     return expr.split(" ")[1] == "*"
 
 
-def _repeat(expr: str, local: datetime) -> bool:
-    """``local`` is the second pass of a wall-clock time the fall-back repeats, and runs only once."""
-    return local.fold == 1 and not _runs_twice(expr)
+def _repeat(expr: str, when: datetime, tz: ZoneInfo) -> bool:
+    """``when`` is the second pass of a wall-clock time the fall-back repeats, and runs only once.
+
+    The fold is read from the instant converted anew (croniter's own results may carry a fold
+    of 1 on times that are not ambiguous at all).
+    """
+    return when.astimezone(UTC).astimezone(tz).fold == 1 and not _runs_twice(expr)
 
 
 def next_after(expr: str, tz: str, after: datetime) -> datetime:
     """The first time strictly after ``after`` that ``expr`` names in ``tz``, in UTC."""
-    it = croniter(expr, _aware(after).astimezone(zone(tz)))
+    zi = zone(tz)
+    it = croniter(expr, _aware(after).astimezone(zi))
     nxt: datetime = it.get_next(datetime)
-    while _repeat(expr, nxt):
+    while _repeat(expr, nxt, zi):
         nxt = it.get_next(datetime)
     return nxt.astimezone(UTC)
 
@@ -79,10 +84,11 @@ def latest_at_or_before(expr: str, tz: str, now: datetime) -> datetime:
     Cron times fall on whole minutes, so the last one at or before ``now`` is the last one
     strictly before the start of the next minute.
     """
-    local = _aware(now).astimezone(zone(tz))
-    bound = local.replace(second=0, microsecond=0) + timedelta(minutes=1)
+    zi = zone(tz)
+    # the next minute, in UTC then local: a naive "+1 minute" on a local time can land in a gap
+    bound = (_aware(now).astimezone(UTC).replace(second=0, microsecond=0) + timedelta(minutes=1)).astimezone(zi)
     it = croniter(expr, bound)
     prev: datetime = it.get_prev(datetime)
-    while _repeat(expr, prev):
+    while _repeat(expr, prev, zi):
         prev = it.get_prev(datetime)
     return prev.astimezone(UTC)
