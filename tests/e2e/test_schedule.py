@@ -299,3 +299,18 @@ def test_cli_schedule_and_sync_due(tmp_path: Path, db_url: str) -> None:
     assert json.loads(_cli(home, db_url, "schedule", "list", "--json").stdout) == []
     assert _cli(home, db_url, "sync", "--due", "--case", "a").returncode == 2
     shutil.rmtree(home, ignore_errors=True)
+
+
+def test_deleting_a_case_removes_its_schedule_and_syncs(core: App) -> None:
+    from sqlalchemy import func, select
+
+    from aggregator.cases import delete_case
+    from aggregator.store.models import SyncSchedule
+
+    _empty_case(core, "c")
+    set_schedule(core, "c", "0 6 * * *", now=utc(2026, 5, 1))
+    assert len(run_due(core, now=utc(2026, 5, 1, 6, 0))) == 1
+    delete_case(core, "c")
+    with core.db.session() as s:
+        assert s.scalar(select(func.count()).select_from(SyncSchedule)) == 0
+        assert s.scalar(select(func.count()).select_from(SyncRun)) == 0
