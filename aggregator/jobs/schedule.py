@@ -170,26 +170,35 @@ def claim_due(app: App, *, now: datetime | None = None) -> list[Claim]:
     For a dispatcher that wants one job per case; :func:`run_due` claims and runs in one go.
     """
     current = _now(now)
-    with app.db.session() as s:
-        rows = list(s.execute(select(SyncSchedule.case_id, SyncSchedule.cron, SyncSchedule.timezone,
-                                     SyncSchedule.next_due_at, SyncSchedule.runs)
-                              .join(Case, Case.id == SyncSchedule.case_id)
-                              .where(Case.status == OPEN).order_by(SyncSchedule.case_id)))
+    # SQLite keeps naive UTC text: compare with a naive UTC bound there (as reap_stale_pulls does)
+    bound = current.replace(tzinfo=None) if app.db.engine.dialect.name == "sqlite" else current
     claims = []
-    for case_id, expr, tz, next_due, runs in rows:
-        due = _aware(next_due)
-        assert due is not None
-        if due > current:
-            continue
-        slot = cron.latest_at_or_before(expr, tz, current)
-        following = cron.next_after(expr, tz, current)
-        with app.db.session() as s:
+    times: dict[tuple[str, str], tuple[datetime, datetime]] = {}  # many cases share one cron
+    # one transaction for every claim: a runner that reads the same rows meanwhile waits for it
+    # (a row lock on PostgreSQL, the write lock on SQLite) and then finds ``runs`` moved on
+    with app.db.session() as s:
+        rows = list(s.execute(select(SyncSchedule).join(Case, Case.id == SyncSchedule.case_id)
+                              .where(Case.status == OPEN, SyncSchedule.next_due_at <= bound)
+                              .order_by(SyncSchedule.case_id)).scalars())
+        for row in rows:
+            due = _aware(row.next_due_at)
+            assert due is not None
+            if due > current:
+                continue
+            key = (row.cron, row.timezone)
+            if key not in times:
+                times[key] = (cron.latest_at_or_before(row.cron, row.timezone, current),
+                              cron.next_after(row.cron, row.timezone, current))
+            slot, following = times[key]
             claimed = s.execute(update(SyncSchedule)
-                                .where(SyncSchedule.case_id == case_id, SyncSchedule.runs == runs)
-                                .values(runs=runs + 1, last_slot_at=slot, next_due_at=following))
+                                .where(SyncSchedule.case_id == row.case_id, SyncSchedule.runs == row.runs)
+                                .values(runs=row.runs + 1, last_slot_at=slot, next_due_at=following)
+                                .execution_options(synchronize_session=False))
             if not getattr(claimed, "rowcount", 0):
                 continue  # another runner claimed it (or the schedule changed) since we read it
-        claims.append(Claim(case_id, slot, due, runs + 1, case_webhook(app, case_id)))
+            hook = (Target("case", row.webhook_url, row.webhook_secret_env, row.webhook_secret_file)
+                    if row.webhook_url else None)
+            claims.append(Claim(row.case_id, slot, due, row.runs + 1, hook))
     return claims
 
 
