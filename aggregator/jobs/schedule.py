@@ -105,6 +105,8 @@ def set_schedule(app: App, case_id: str, expr: str, *, timezone: str = "UTC", we
         if row is None:
             row = SyncSchedule(case_id=case_id, runs=0)
             s.add(row)
+        else:
+            row.runs += 1  # a runner that read the old schedule can no longer claim it
         row.cron, row.timezone = text, timezone
         row.next_due_at = cron.next_after(text, timezone, current)
         row.webhook_url = webhook_url

@@ -234,7 +234,7 @@ class SyncSchedule(Base):
     """When a case is synced on its own: a cron expression read in a time zone, and an optional webhook.
 
     ``next_due_at`` (UTC) is the next time the cron names; a sync is due once the clock passes
-    it. ``runs`` counts claims: a runner claims a due schedule by moving ``next_due_at`` on
+    it. ``runs`` counts claims and changes: a runner claims a due schedule by moving ``next_due_at`` on
     with ``WHERE runs = <the count it read>``, so two runners that saw the same due schedule
     cannot both run it. The webhook's secret is never stored: only the name of the
     environment variable or the path of the file that holds it.
