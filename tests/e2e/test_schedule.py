@@ -29,6 +29,7 @@ from aggregator.jobs.schedule import claim_due, get_schedule, list_schedules, ru
 from aggregator.jobs.sync import list_syncs, sync_cases
 from aggregator.pipeline import check_case
 from aggregator.store.models import SyncRun
+from tests.support import run_in_threads
 
 ROOT = Path(__file__).resolve().parents[2]
 EXE = Path(sys.executable).with_name("aggregator")
@@ -101,11 +102,7 @@ def test_two_runners_at_once_claim_each_due_case_once(core: App) -> None:
         with lock:
             claimed.extend(c.case_id for c in got)
 
-    threads = [threading.Thread(target=runner) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    assert run_in_threads(runner, [(), (), ()]) == []
     assert sorted(claimed) == [f"c{i}" for i in range(6)]  # every case once, whoever got it
 
 
