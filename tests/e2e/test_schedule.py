@@ -228,7 +228,9 @@ def test_what_changed_after_a_second_source_fills_a_gap(core: App, tmp_path: Pat
 def _cli(home: Path, url: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "AGGREGATOR_HOME": str(home), "AGGREGATOR_DATABASE_URL": url}
     env.pop("AGGREGATOR_WEBHOOK_URL", None)
-    return subprocess.run([str(EXE), *args], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    r = subprocess.run([str(EXE), *args], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    print("$ aggregator", *args, "->", r.returncode, "\n", r.stdout[-2000:], r.stderr[-2000:])  # shown on failure
+    return r
 
 
 def test_cli_schedule_and_sync_due(tmp_path: Path, db_url: str) -> None:
