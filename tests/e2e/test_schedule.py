@@ -313,3 +313,14 @@ def test_deleting_a_case_removes_its_schedule_and_syncs(core: App) -> None:
     with core.db.session() as s:
         assert s.scalar(select(func.count()).select_from(SyncSchedule)) == 0
         assert s.scalar(select(func.count()).select_from(SyncRun)) == 0
+
+
+def test_the_job_engines_periodic_task_runs_the_due_syncs(core: App) -> None:
+    from aggregator.jobs.tasks import run_scheduled
+
+    _empty_case(core, "c")
+    set_schedule(core, "c", "0 0 1 1 *", now=datetime.now(UTC) - timedelta(days=800))  # due since last January
+    (ran,) = run_scheduled(core)  # what the workers' periodic task and `serve` call
+    assert ran["case"] == "c" and ran["trigger"] == "schedule" and ran["state"] == "done"
+    assert run_scheduled(core) == []
+    assert [s["id"] for s in _syncs(core, "c")] == [ran["id"]]
