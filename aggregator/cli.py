@@ -973,11 +973,21 @@ def request_group() -> None:
 
 def _request_text(r: dict[str, Any]) -> str:
     sent = f"sent {r['sent_on']} ({r['channel']}), {r['days_since_sent']} days ago" if r["sent_on"] else "not sent"
+    due = f", due {r['due_on']}" if r.get("due_on") and r["state"] not in ("received", "closed") else ""
     flag = "  OVERDUE" if r["overdue"] else ""
     head = (f"{r['id']}  {r['state']:<8}  {r['institution']}: {r['outstanding']} of {len(r['items'])} "
-            f"outstanding; {sent}{flag}")
-    lines = [f"    [{'x' if it['status'] == 'received' else ' '}] {it['text']}" for it in r["items"]]
+            f"outstanding; {sent}{due}{flag}")
+    lines = [f"    [{'x' if it['status'] in ('received', 'resolved') else ' '}] {it['text']}" for it in r["items"]]
+    rem = r.get("reminder_due")
+    if rem:
+        lines.append(f"    follow-up due: {_reminder_words(rem)}")
     return "\n".join([head, *lines])
+
+
+def _reminder_words(rem: dict[str, Any]) -> str:
+    if rem["kind"] == "overdue":
+        return f"overdue since {rem['on']} (day {rem['day']} after sending)"
+    return f"day-{rem['day']} reminder, since {rem['on']}"
 
 
 def _audit_request(app: Any, request_id: str, action: str) -> None:
@@ -987,6 +997,25 @@ def _audit_request(app: Any, request_id: str, action: str) -> None:
 
     audit.record(app.db, audit.os_actor(), action, "records-request", case_id=case_of(app, request_id),
                  entity={"records-request": request_id})
+
+
+def _day_option(on: str | None) -> Any:
+    from datetime import date
+
+    try:
+        return date.fromisoformat(on) if on else None
+    except ValueError as exc:
+        raise UsageError("--on takes a date as YYYY-MM-DD") from exc
+
+
+def _today(app: Any) -> Any:
+    """Today in the navigators' zone (the records request rules' timezone)."""
+    from datetime import UTC, datetime
+
+    from aggregator.records_requests.rules import load_rules
+    from aggregator.records_requests.schedule import local_today
+
+    return local_today(datetime.now(UTC), load_rules(Path(app.settings.home)).zone())
 
 
 @request_group.command("draft")
@@ -1019,18 +1048,35 @@ def request_draft(app: Any, case_id: str, institution: str | None, send_to: str 
 
 
 @request_group.command("list")
-@click.argument("case_id", metavar="CASE")
+@click.argument("case_id", metavar="[CASE]", required=False)
+@click.option("--due", is_flag=True,
+              help="Only requests with a follow-up due today (every open case when CASE is not given).")
 @click.option("--overdue-days", type=int, default=None,
-              help="Days after sending before a request is overdue (default $AGGREGATOR_REQUEST_OVERDUE_DAYS or 30).")
+              help="Days after sending before a request is overdue (default: the rule it was drafted under; "
+                   "$AGGREGATOR_REQUEST_OVERDUE_DAYS or 30 under HIPAA).")
 @json_option
 @with_app
 @audited("R", "records-request")
-def request_list(app: Any, case_id: str, overdue_days: int | None, as_json: bool) -> None:
-    """The records requests of CASE: state, what is outstanding, days since sent, overdue."""
-    from aggregator.records_requests import list_requests
+def request_list(app: Any, case_id: str | None, due: bool, overdue_days: int | None, as_json: bool) -> None:
+    """The records requests of CASE: state, what is outstanding, days since sent, due date, follow-ups."""
+    from aggregator.records_requests import due_reminders, list_requests
 
-    rows = list_requests(app, case_id, overdue_after=overdue_days)
-    _emit(as_json, rows, lambda: "\n".join(_request_text(r) for r in rows) or "no records requests")
+    if case_id is None and not due:
+        raise UsageError("give a CASE, or --due for the follow-ups due in every open case")
+    if case_id is None:
+        found = due_reminders(app)
+
+        def text() -> str:
+            return "\n".join(
+                f"{d['case']}  {d['request']}  {d['institution']}: {_reminder_words(d)}; "
+                f"{d['outstanding']} of {d['items']} outstanding; sent {d['sent_on']}, due {d['due_on']}"
+                for d in found) or "no follow-up due"
+
+        _emit(as_json, found, text)
+        return
+    rows = list_requests(app, case_id, overdue_after=overdue_days, due_only=due)
+    empty = "no follow-up due" if due else "no records requests"
+    _emit(as_json, rows, lambda: "\n".join(_request_text(r) for r in rows) or empty)
 
 
 @request_group.command("show")
@@ -1062,17 +1108,61 @@ def request_show(app: Any, request_id: str, pdf_out: str | None, as_json: bool) 
 @json_option
 @with_app
 def request_sent(app: Any, request_id: str, on: str | None, channel: str, as_json: bool) -> None:
-    """Record that request ID was sent: the overdue clock starts."""
-    from datetime import date
-
+    """Record that request ID was sent: the due date and the follow-up reminders count from that day."""
     from aggregator.records_requests import mark_sent
 
-    try:
-        day = date.fromisoformat(on) if on else date.today()
-    except ValueError as exc:
-        raise UsageError("--on takes a date as YYYY-MM-DD") from exc
+    day = _day_option(on) or _today(app)
     _audit_request(app, request_id, "U")
     r = mark_sent(app, request_id, day, channel)
+    _emit(as_json, r, lambda: _request_text(r))
+
+
+@request_group.command("acknowledged")
+@click.argument("request_id", metavar="ID")
+@click.option("--on", "on", default=None, metavar="YYYY-MM-DD",
+              help="The day the institution answered (default today).")
+@click.option("--extended", is_flag=True,
+              help="The institution takes its one extension (HIPAA: 30 more days): the due date moves.")
+@json_option
+@with_app
+def request_acknowledged(app: Any, request_id: str, on: str | None, extended: bool, as_json: bool) -> None:
+    """Record that the institution acknowledged request ID (and whether it extended its time)."""
+    from aggregator.records_requests import mark_acknowledged
+
+    day = _day_option(on) or _today(app)
+    _audit_request(app, request_id, "U")
+    r = mark_acknowledged(app, request_id, day, extended=extended)
+    _emit(as_json, r, lambda: _request_text(r))
+
+
+@request_group.command("followed-up")
+@click.argument("request_id", metavar="ID")
+@click.option("--on", "on", default=None, metavar="YYYY-MM-DD", help="The day of the follow-up (default today).")
+@json_option
+@with_app
+def request_followed_up(app: Any, request_id: str, on: str | None, as_json: bool) -> None:
+    """Record a follow-up call or letter for request ID: the reminders due until then are answered."""
+    from aggregator.records_requests import mark_followed_up
+
+    day = _day_option(on) or _today(app)
+    _audit_request(app, request_id, "U")
+    r = mark_followed_up(app, request_id, day)
+    _emit(as_json, r, lambda: _request_text(r))
+
+
+@request_group.command("received")
+@click.argument("request_id", metavar="ID")
+@json_option
+@with_app
+def request_received(app: Any, request_id: str, as_json: bool) -> None:
+    """Mark every outstanding line of request ID received by hand (records that came outside the tool).
+
+    Lines are marked received on their own when a pull or upload fills their gaps; this is for the rest.
+    """
+    from aggregator.records_requests import mark_received
+
+    _audit_request(app, request_id, "U")
+    r = mark_received(app, request_id)
     _emit(as_json, r, lambda: _request_text(r))
 
 

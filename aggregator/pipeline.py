@@ -104,12 +104,14 @@ def check_case(app: App, case_id: str) -> tuple[dict[str, Any], CaseRecord]:
     cr = build_record(app, case_id)
     checklist = load_checklist(cr.case.checklist)
     report = evaluate(checklist, cr.record, cr.ledger(), cr.case, cr.sources)
+    from aggregator.records_requests import track
+    from aggregator.records_requests.annotate import annotate_report
+
+    track(app, case_id, report)  # lines of records requests whose gaps are now filled are received
+    annotate_report(app, case_id, report)  # each gap: asked for or not, when, due when
     folder = app.case_dir(case_id)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "gap-report.json").write_text(json.dumps(report, indent=2, sort_keys=True), encoding="utf-8")
-    from aggregator.records_requests import track
-
-    track(app, case_id, report)  # lines of records requests whose gaps are now filled are received
     # the key is taken after the quarantine rows and the requests' updates, which it covers
     record_state.save(app, case_id, cr.record, report, record_state.state_key(app, case_id))
     return report, cr

@@ -85,6 +85,10 @@ def render_text(report: dict[str, Any]) -> str:
                 head = f"- {label}" + (f" [{what}]" if what else "")
                 lines += _wrap(f"{head}: {detail}" if detail else head, "      ")
                 lines += _wrap(f"-> {g.get('next_action', '')}", "        ")
+                if "request" in g:  # annotated by the records requests (absent in older reports)
+                    from aggregator.records_requests.annotate import phrase
+
+                    lines += _wrap(f"records request: {phrase(g['request'])}", "        ")
     else:
         lines += ["", "No gaps: every applicable item is complete."]
     if done:

@@ -494,13 +494,17 @@ def _patient(record: NormalizedRecord, case: CaseInfo) -> dict[str, Any]:
 
 
 def _gaps(gap_report: Mapping[str, Any]) -> dict[str, Any]:
+    from aggregator.records_requests.annotate import phrase as request_phrase
+
     items = []
     for item in gap_report.get("items") or []:
         if not isinstance(item, Mapping):
             continue
         gaps = [{"reason": str(g.get("reason") or ""),
                  "status": REASON_TEXT.get(str(g.get("reason") or ""), str(g.get("reason") or "")),
-                 "detail": g.get("detail") or "", "next": g.get("next_action") or "", "source": g.get("source") or ""}
+                 "detail": g.get("detail") or "", "next": g.get("next_action") or "", "source": g.get("source") or "",
+                 # "not yet arrived, due on 12 Jan 2027" vs "never asked for" (reports without requests: "")
+                 "request": request_phrase(g["request"]) if "request" in g else ""}
                 for g in item.get("gaps") or [] if isinstance(g, Mapping)]
         items.append({"title": item.get("title") or item.get("id") or "", "status": str(item.get("status") or ""),
                       "detail": item.get("detail") or "", "gaps": gaps})

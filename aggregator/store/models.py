@@ -169,11 +169,23 @@ class RecordsRequest(Base):
     case_id: Mapped[str] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), index=True)
     institution: Mapped[str] = mapped_column(String(300))
     state: Mapped[str] = mapped_column(String(20), default="draft")
-    """draft, sent, received (every line filled), closed (by the navigator)."""
+    """draft, sent, acknowledged, partially-received, received (every line filled), closed (by the
+    navigator). Overdue is not a state: it follows from the due date and today."""
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     sent_on: Mapped[str | None] = mapped_column(String(10), nullable=True)
     channel: Mapped[str | None] = mapped_column(String(40), nullable=True)
     closed_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    jurisdiction: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    """The rule the letter was drafted under (see :mod:`aggregator.records_requests.rules`); None
+    for requests drafted before rules were kept, which follow the rule in force now."""
+    due_days: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    extension_days: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    reminder_days: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    """Follow-up points, days after sending, comma-separated."""
+    acknowledged_on: Mapped[str | None] = mapped_column(String(10), nullable=True)
+    extended_on: Mapped[str | None] = mapped_column(String(10), nullable=True)
+    """The day the institution said it takes its extension (the due date moves by extension_days)."""
+    followed_up_on: Mapped[str | None] = mapped_column(String(10), nullable=True)
     items: Mapped[list[RecordsRequestItem]] = relationship(order_by="RecordsRequestItem.id",
                                                           cascade="all, delete-orphan")
 
@@ -190,8 +202,12 @@ class RecordsRequestItem(Base):
     reason: Mapped[str] = mapped_column(String(40))
     text: Mapped[str] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(20), default="requested")
-    """requested or received."""
+    """requested, received (a record now fills the gap), or resolved (the gap went away without one)."""
     received_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    filled_by: Mapped[str | None] = mapped_column(Text, nullable=True)
+    """The references of what filled the gap, one per line."""
+    received_how: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    """check (a pull or upload filled it, seen by the checklist) or navigator (marked by hand)."""
 
 
 class JobRow(Base):
