@@ -37,9 +37,11 @@ MIN_PASSWORD = 12
 #: What each role may do, by permission. Case-scoped permissions of a consultant also need an
 #: assignment (see :func:`case_for`).
 PERMISSIONS: dict[str, frozenset[str]] = {
-    ADMIN: frozenset({"users", "endpoints:write", "endpoints:read", "assign", "schedules"}),
+    # records requests: letters name the patient and every record asked for; never a consultant's
+    ADMIN: frozenset({"users", "endpoints:write", "endpoints:read", "assign", "schedules", "requests"}),
     NAVIGATOR: frozenset({"endpoints:read", "cases:list", "cases:read", "cases:write", "sources", "pulls", "jobs",
-                          "gap-report", "summary", "package:read", "package:build", "assign", "schedules", "syncs"}),
+                          "gap-report", "summary", "package:read", "package:build", "assign", "schedules", "syncs",
+                          "requests"}),
     CONSULTANT: frozenset({"cases:list", "gap-report", "summary", "package:read"}),
 }
 

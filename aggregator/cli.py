@@ -533,7 +533,13 @@ def pull(app: Any, case_id: str, source_ids: tuple[int, ...], wait: bool, as_jso
                               wait=None if wait else 0.0)
     finally:
         board.close()
-    _emit(as_json, [s.to_dict() for s in summaries], lambda: _pull_text(summaries))
+    received = None
+    if any(s.state != "failed" for s in summaries):
+        from aggregator.records_requests.store import track_after_pull
+
+        received = track_after_pull(app, case_id)  # what arrived fills the lines of records requests
+    note = f"\nrecords requests: {received} line(s) received" if received else ""
+    _emit(as_json, [s.to_dict() for s in summaries], lambda: _pull_text(summaries) + note)
     if any(s.state == "failed" for s in summaries):
         sys.exit(1)
 

@@ -61,6 +61,7 @@ def create_app(core: App, config: ApiConfig | None = None, runner: JobRunner | N
         meta,
         packages,
         reports,
+        requests,
         schedules,
         session,
         sources,
@@ -89,7 +90,7 @@ def create_app(core: App, config: ApiConfig | None = None, runner: JobRunner | N
     api.state.runner = job_runner
     api.state.sessions = SessionStore()
     problems.install(api)
-    for module in (meta, session, users, endpoints, cases, sources, jobs, reports, packages, schedules):
+    for module in (meta, session, users, endpoints, cases, sources, jobs, reports, packages, schedules, requests):
         api.include_router(module.router)
     if config.cors_origins:  # none unless configured
         from fastapi.middleware.cors import CORSMiddleware

@@ -461,3 +461,37 @@ def gap_requests(app: Any, case_id: str) -> dict[str, dict[str, Any]]:
                 for key in it.gap_keys.split("\n"):
                     out[key] = info
     return out
+
+
+def _outstanding_lines(app: Any, case_id: str) -> int | None:
+    """Lines still asked for by the case's live requests; None when it has none."""
+    from sqlalchemy import func
+
+    with app.db.session() as s:
+        live = s.scalar(select(func.count()).select_from(RecordsRequest)
+                        .where(RecordsRequest.case_id == case_id, RecordsRequest.state.in_(LIVE)))
+        if not live:
+            return None
+        return int(s.scalar(select(func.count()).select_from(RecordsRequestItem).join(RecordsRequest)
+                            .where(RecordsRequest.case_id == case_id, RecordsRequest.state.in_(LIVE),
+                                   RecordsRequestItem.status == "requested")) or 0)
+
+
+def track_after_pull(app: Any, case_id: str,
+                     check: Callable[[Any, str], Any] | None = None) -> int | None:
+    """After a pull or an upload: check the case if a live request waits on it, so that what just
+    arrived marks its lines received (and completes the request) without anyone asking.
+
+    Returns how many lines were received, or None when no request waits (no check is run: a
+    case without letters pays nothing). ``check`` is how the caller checks (the API's keeps its
+    cached report current); the default is :func:`aggregator.pipeline.check_case`.
+    """
+    before = _outstanding_lines(app, case_id)
+    if before is None:
+        return None
+    if check is None:
+        from aggregator.pipeline import check_case
+
+        check = check_case
+    check(app, case_id)
+    return before - (_outstanding_lines(app, case_id) or 0)

@@ -32,6 +32,7 @@ class World:
     job: str = ""
     package: str = ""
     sync: int = 0
+    base_request: str = ""
 
     def throwaway_case(self) -> str:
         case = f"tmp-{next(_n)}"
@@ -53,6 +54,31 @@ class World:
 
         set_schedule(self.api.core, "c1", "0 6 * * *")
         return {"case": "c1"}
+    def request(self, state: str = "draft") -> str:
+        """A records request of case ``rq`` in ``state``: a copy of the one drafted through the API
+        (its rows and its letter files), so that each call may send, receive or close its own."""
+        import shutil
+        import uuid
+
+        from aggregator.store.models import RecordsRequest, RecordsRequestItem
+
+        core = self.api.core
+        rid = "rq-" + uuid.uuid4().hex[:10]
+        with core.db.session() as s:
+            base = s.get(RecordsRequest, self.base_request)
+            assert base is not None
+            row = RecordsRequest(id=rid, case_id=base.case_id, institution=base.institution, state=state,
+                                 sent_on="2026-10-02" if state == "sent" else None,
+                                 channel="fax" if state == "sent" else None, jurisdiction=base.jurisdiction,
+                                 due_days=base.due_days, extension_days=base.extension_days,
+                                 reminder_days=base.reminder_days)
+            row.items = [RecordsRequestItem(gap_keys=it.gap_keys, item_id=it.item_id, reason=it.reason, text=it.text,
+                                            status="requested") for it in base.items]
+            s.add(row)
+        folder = core.case_dir("rq") / "requests"
+        for ext in ("txt", "pdf"):
+            shutil.copyfile(folder / f"{self.base_request}.{ext}", folder / f"{rid}.{ext}")
+        return rid
 
     def throwaway_source(self) -> int:
         r = self.api.client.post("/cases/c1/sources", headers=self.api.h("navigator"),
@@ -81,8 +107,14 @@ def _pkg(w: World) -> dict[str, Any]:
     return {"case": "c1", "package_id": w.package}
 
 
+def _rq(state: str = "draft") -> Callable[[World], dict[str, Any]]:
+    return lambda w: {"case": "rq", "request_id": w.request(state)}
+
+
 NAV, CON = frozenset({"navigator"}), frozenset({"navigator", "consultant"})
 ADM_NAV = frozenset({"admin", "navigator"})
+#: records requests: navigators and admins; a consultant never sees a letter, assigned or not
+REQ = frozenset({"navigator", "admin"})
 ROWS: dict[str, Row] = {
     "GET /health": Row(ALL_ROLES, 200, case_scoped=False, public=True),
     "GET /me": Row(ALL_ROLES, 200, case_scoped=False),
@@ -133,6 +165,20 @@ ROWS: dict[str, Row] = {
     "DELETE /cases/{case}/schedule": Row(ADM_NAV, 200, lambda w: w.scheduled()),
     "GET /cases/{case}/syncs": Row(NAV, 200, _case),
     "GET /cases/{case}/syncs/{sync_id}": Row(NAV, 200, lambda w: {"case": "c1", "sync_id": w.sync}),
+    "GET /cases/{case}/requests": Row(REQ, 200, lambda w: {"case": "rq"}),
+    "POST /cases/{case}/requests": Row(REQ, 200, lambda w: {"case": "rq"},
+                                       body=lambda w: {"send_to": "Records desk, 1 Test Way"}),
+    "GET /cases/{case}/requests/{request_id}": Row(REQ, 200, _rq()),
+    "GET /cases/{case}/requests/{request_id}/letter.pdf": Row(REQ, 200, _rq()),
+    "GET /cases/{case}/requests/{request_id}/letter.txt": Row(REQ, 200, _rq()),
+    "POST /cases/{case}/requests/{request_id}/sent": Row(REQ, 200, _rq(),
+                                                         body=lambda w: {"on": "2026-10-02", "channel": "fax"}),
+    "POST /cases/{case}/requests/{request_id}/acknowledged": Row(REQ, 200, _rq("sent"),
+                                                                 body=lambda w: {"on": "2026-10-05"}),
+    "POST /cases/{case}/requests/{request_id}/follow-ups": Row(REQ, 200, _rq("sent"),
+                                                               body=lambda w: {"on": "2026-10-12"}),
+    "POST /cases/{case}/requests/{request_id}/received": Row(REQ, 200, _rq("sent")),
+    "POST /cases/{case}/requests/{request_id}/closed": Row(REQ, 200, _rq()),
 }
 
 
@@ -175,6 +221,21 @@ def _world(api: Api, media_zip: tuple[Path, Any]) -> World:
     from aggregator.jobs.sync import sync_case
 
     w.sync = sync_case(api.core, "c1")["id"]
+    # a case with gaps, for records requests: the download without its images, one letter drafted
+    from fixtures.generate import generate_zip
+
+    gapped = zpath.with_name("no-images.zip")
+    if not gapped.is_file():
+        generate_zip(gapped, variant="no-images")
+    assert c.post("/cases", headers=nav, json={"case": "rq", "checklist": "oncology"}).status_code == 201
+    assert c.post("/cases/rq/assignments", headers=nav, json={"user": "consultant"}).status_code == 201
+    r = c.post("/cases/rq/sources/media", headers={**nav, "Content-Type": "application/zip"},
+               content=gapped.read_bytes())
+    assert api.wait(c.post("/cases/rq/pulls", headers=nav, json={"sources": [r.json()["id"]]}).json()["id"]
+                    )["state"] in ("done", "partial")
+    r = c.post("/cases/rq/requests", headers=nav, json={"send_to": "Records desk, 1 Test Way"})
+    assert r.status_code == 200 and len(r.json()["drafted"]) == 1, r.text
+    w.base_request = r.json()["drafted"][0]["id"]
     return w
 
 

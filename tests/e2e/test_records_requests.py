@@ -12,25 +12,28 @@ import json
 import logging
 import stat
 from collections.abc import Callable
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 from pypdf import PdfReader
 
 from aggregator import audit
 from aggregator.app import App
 from aggregator.cases import add_source, create_case
+from aggregator.checklist import render_text
 from aggregator.cli import main
 from aggregator.jobs.pull import pull_case
-from aggregator.pipeline import check_case
-from aggregator.records_requests import draft_requests, list_requests, mark_sent
+from aggregator.pipeline import check_case, package_case
+from aggregator.records_requests import draft_requests, due_reminders, list_requests, mark_sent
 from aggregator.records_requests.draft import gap_key
 from fixtures.cardiology import generate_cardiology_download
 from fixtures.generate import DownloadInfo, generate_download
 from fixtures.surgery import generate_surgery_download
 
+GAP_SCHEMA = json.loads((Path(__file__).resolve().parents[2] / "schemas/gap-report.schema.json").read_text())
 SEND_TO = "Casey Navigator, 100 Placeholder Ave, Suite 5, Springfield"
 GENERATORS: dict[str, tuple[Callable[..., DownloadInfo], str]] = {
     "oncology": (generate_download, "oncology"),
@@ -138,6 +141,9 @@ def test_identity_gap_is_listed_not_requested(tmp_path: Path) -> None:
 def test_loop_sent_overdue_then_received_when_the_records_arrive(tmp_path: Path) -> None:
     app, _ = _case(tmp_path, "oncology", "no-images")
     report, cr = check_case(app, "c")
+    # before any letter: every open gap says it was never asked for, in the JSON and the text
+    assert [g["request"] for _, g in _open_gaps(report)] == [None, None]
+    assert render_text(report).count("records request: never asked for") == 2
     (letter,) = draft_requests(app, "c", report, cr, send_to=SEND_TO)["drafted"]
     # drafting again asks for nothing twice
     again = draft_requests(app, "c", report, cr, send_to=SEND_TO)
@@ -145,6 +151,20 @@ def test_loop_sent_overdue_then_received_when_the_records_arrive(tmp_path: Path)
 
     sent_on = date(2026, 10, 2)
     mark_sent(app, letter["id"], sent_on, "fax")
+    # the gap report (and the copy the API serves, re-annotated in place) says asked when, due when
+    stored = json.loads((app.case_dir("c") / "gap-report.json").read_text(encoding="utf-8"))
+    report, _ = check_case(app, "c")
+    for r in (stored, report):
+        jsonschema.validate(r, GAP_SCHEMA)
+        infos = [g["request"] for _, g in _open_gaps(r)]
+        assert [(i["id"], i["state"], i["sent_on"], i["due_on"]) for i in infos] == [
+            (letter["id"], "sent", "2026-10-02", "2026-11-01")] * 2
+    said = f"requested from {letter['institution']} ({letter['id']}) on 2 Oct 2026: not yet arrived, due on 1 Nov 2026"
+    assert " ".join(render_text(report).split()).count(said) == 2
+    # ... and so does the package's summary page, for the consultant
+    pkg, _ = package_case(app, "c", tmp_path / "pkg")
+    page = " ".join((pkg / "summary.html").read_text(encoding="utf-8").split())
+    assert page.count("not yet arrived, due on 1 Nov 2026") == 2 and "never asked for" not in page
     (row,) = list_requests(app, "c", today=sent_on + timedelta(days=10))
     assert (row["state"], row["outstanding"], row["days_since_sent"], row["overdue"]) == ("sent", 2, 10, False)
     (row,) = list_requests(app, "c", today=sent_on + timedelta(days=31))
@@ -160,6 +180,14 @@ def test_loop_sent_overdue_then_received_when_the_records_arrive(tmp_path: Path)
     (row,) = list_requests(app, "c", today=sent_on + timedelta(days=31))
     assert row["state"] == "received" and row["outstanding"] == 0 and not row["overdue"]
     assert all(it["status"] == "received" and it["received_at"] for it in row["items"])
+    # each line names what filled it: the ImagingStudy now linked to its radiology report
+    report, cr = check_case(app, "c")
+    linked = {s["ref"]: s["linked"] for i in report["items"] if i["id"] == "radiology-images" for s in i["subjects"]}
+    assert sorted(ref for it in row["items"] for ref in it["filled_by"]) == sorted(
+        ref for refs in linked.values() for ref in refs)
+    assert all(it["filled_by"] and it["filled_by"][0].startswith("ImagingStudy/") and it["received_how"] == "check"
+               for it in row["items"])
+    assert row["closed_at"] and due_reminders(app, now=datetime(2026, 12, 1, tzinfo=UTC)) == []
 
 
 def test_a_still_missing_line_stays_outstanding(tmp_path: Path) -> None:
