@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from aggregator.errors import AggregatorError, ConfigError, InputTooLarge, StoreError, UnsafePath, UnsupportedInput
-from connectors import ccda, fhir_files, hl7v2
+from connectors import ccda, fhir_files, hl7v2, hl7v2_results
 from connectors.archive import (
     ByteBudget,
     GiB,
@@ -722,10 +722,13 @@ class _Pull:
         self._document(f, size, "application/xml", "C-CDA document", fields, ccda.format_coding(header))
 
     def _hl7v2(self, f: InputFile, size: int) -> None:
-        """An HL7 v2 file: kept as a text document; its PID says whose it is."""
+        """An HL7 v2 file: kept as a text document, its PID says whose it is, and each ORU^R01
+        result group becomes a DiagnosticReport with its Observations and full text."""
         key = f"file:{f.rel}"
+        data = f.read()
         try:
-            people = hl7v2.read_patients(f.read())
+            people = hl7v2.read_patients(data)
+            orders, others = hl7v2_results.read_orders(data)
         except UnsupportedInput as exc:
             self.sink.failed(KIND_FILE, key, exc.message)
             return
@@ -733,6 +736,12 @@ class _Pull:
         if not self._subject(f, people, hl7v2.patient_resource, fields):
             return
         self._document(f, size, "text/plain", "HL7 v2 message file", fields)
+        for rkey, resource in hl7v2_results.resources(orders, key, fields.get("subject")):
+            self.sink.resource(resource, key=rkey, meta={"file": f.rel, "derived": "media"})
+        if others:  # said, not dropped: the file itself is in the record as a text document
+            self.sink.skipped(KIND_FILE, f"{key}#results", "HL7 v2 message type(s) "
+                              f"{', '.join(sorted(set(others)))[:200]}: kept as a text document; only ORU^R01 "
+                              "results are read into reports")
 
     def _subject(self, f: InputFile, people: list[ccda.Demographics],
                  make: Callable[[ccda.Demographics, str], dict[str, Any]], fields: dict[str, Any]) -> bool:
