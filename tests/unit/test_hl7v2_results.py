@@ -123,7 +123,7 @@ def test_an_attached_pdf_and_other_message_types() -> None:
             f"OBX|1|ED|11526-1^Pathology report^LN||^application^pdf^Base64^{base64.b64encode(pdf).decode()}||||||F"]
     (report,), observations = _resources(fx.message(segs, "ED1"))
     assert observations == [] and report["effectiveDateTime"] == "2026-08-20"
-    text, doc = report["presentedForm"]
+    _text_form, doc = report["presentedForm"]
     assert base64.b64decode(doc["data"]) == pdf and doc["contentType"] == "application/pdf"
     assert "[Pathology report: attached document (application/pdf)]" in _text(report)
     adt = b"MSH|^~\\&|ADT|H|||20260101||ADT^A01|A1|P|2.5.1\rPID|1||1^^^H^MR||DOE^JANE\r"
