@@ -529,6 +529,8 @@ class Evaluator:
                 if any(self.explicit(lk, s, t) for lk in item.links if lk.via not in ("date", "undated")):
                     explicit[s.ref].add(t.ref)
                     claimed.setdefault(t.ref, set()).add(s.ref)
+        if any(lk.via == "shared-identifier" for lk in item.links):
+            self._same_accession(explicit, claimed, targets)
         by_ref = {s.ref: s for s in subjects}
         by_date: dict[str, set[str]] = {s.ref: set() for s in subjects}
         for t in targets:
@@ -603,6 +605,26 @@ class Evaluator:
         ms = {c for c in s.classes if c.startswith("modality:")}
         mt = {c for c in t.classes if c.startswith("modality:")}
         return not ms or not mt or bool(ms & mt)
+
+    @staticmethod
+    def _same_accession(explicit: dict[str, set[str]], claimed: dict[str, set[str]], targets: list[Res]) -> None:
+        """A subject that names a report is also linked to the other copies of that report: the
+        targets with its accession number. The hospital's FHIR server may hold only a summary
+        whose full text arrives later by another route (an HL7 v2 message, a records request);
+        a procedure naming the summary is then covered by the full report of the same accession."""
+        by_acsn: dict[str, set[str]] = {}
+        for t in targets:
+            for ident in t.identifiers:
+                if ident.startswith("acsn|"):
+                    by_acsn.setdefault(ident, set()).add(t.ref)
+        if not by_acsn:
+            return
+        acsn_of = {t.ref: [i for i in t.identifiers if i in by_acsn] for t in targets}
+        for sref, refs in explicit.items():
+            extra = {other for r in refs for i in acsn_of.get(r, ()) for other in by_acsn[i]} - refs
+            refs |= extra
+            for other in extra:
+                claimed.setdefault(other, set()).add(sref)
 
     def explicit(self, lk: Link, s: Res, t: Res) -> bool:
         idx = self.index

@@ -536,6 +536,10 @@ def _identifiers(res: Mapping[str, Any]) -> set[str]:
         if "ACSN" in codes:
             out.add("acsn|" + value)
         out.add(f"{system}|{value}")
+    # a specimen's accession number is the one its pathology report carries
+    acc = res.get("accessionIdentifier")
+    if isinstance(acc, Mapping) and acc.get("value"):
+        out.add("acsn|" + str(acc["value"]))
     # an extension or identifier may carry the StudyInstanceUID of the report's study
     for ext in res.get("extension") or []:
         if isinstance(ext, Mapping) and "studyinstanceuid" in str(ext.get("url", "")).lower():

@@ -232,3 +232,38 @@ def test_cli_draft_list_show_pdf_audited_no_phi_in_logs(tmp_path: Path, capsys: 
     logs = "\n".join(r.getMessage() for r in caplog.records)
     for phi in (info.patient_name, info.birth_date, "SYNCT260905", "CT Chest", SEND_TO):
         assert phi not in logs
+
+
+def test_an_hl7_pathology_message_fills_the_letter_on_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """The pathology department answers with an ORU^R01 file (Latin-1, LF line ends): once pulled,
+    it is a report with its full text, and every line of the letter is received with it."""
+    from fixtures import hl7v2 as fx
+
+    app, _ = _case(tmp_path, "oncology", "no-pathology-text")
+    report, cr = check_case(app, "c")
+    (letter,) = draft_requests(app, "c", report, cr, send_to=SEND_TO)["drafted"]
+    assert len(letter["items"]) == 4  # the report and its three receptors
+    mark_sent(app, letter["id"], date(2026, 10, 2), "portal")
+    (tmp_path / "reply").mkdir()
+    (tmp_path / "reply" / "SP-26-01234.hl7").write_bytes(fx.pathology_oru(fx.Options("\n", "8859/1")))
+    add_source(app, "c", media=str(tmp_path / "reply"))
+    monkeypatch.delenv("AGGREGATOR_DATABASE_URL", raising=False)
+    capsys.readouterr()
+    assert main(["--home", str(tmp_path / "home"), "pull", "c"]) == 0  # the pull alone, no check by hand
+    assert "records requests: 4 line(s) received" in capsys.readouterr().out
+    (row,) = list_requests(app, "c")
+    assert row["state"] == "received" and row["outstanding"] == 0
+    filled = {ref for it in row["items"] for ref in it["filled_by"]}
+    report, cr = check_case(app, "c")
+    (path_item,) = [i for i in report["items"] if i["id"] == "pathology-report"]
+    assert path_item["status"] == "complete"
+    reports = {f"DiagnosticReport/{e['resource']['id']}": e["resource"]
+               for e in cr.record.entries(types={"DiagnosticReport"})}
+    v2 = [ref for ref in filled if ref in reports and any(
+        c.get("code") == "SP" for cat in reports[ref].get("category", []) for c in cat.get("coding", []))]
+    assert v2, filled
+    import base64
+
+    text = base64.b64decode(reports[v2[0]]["presentedForm"][0]["data"]).decode("utf-8")
+    assert "Nottingham histologic grade 2 of 3" in text and fx.NAME_WITH_ACCENT in text
