@@ -99,7 +99,7 @@ def plan_requests(report: Mapping[str, Any], requests: Mapping[str, str],
                 or item.get("title", item["id"]).lower()
             lines.append(Line((key,), item["id"], gap["reason"],
                               word(gap, what, about.get(str(gap.get("subject") or ""), ""), acc),
-                              "DICOM" if gap["reason"] == R.IMAGES_NOT_RETRIEVED else "PDF, FHIR or C-CDA"))
+                              "DICOM" if _images(gap) else "PDF, FHIR or C-CDA"))
     return out
 
 
@@ -123,6 +123,11 @@ def _accession(gap: Mapping[str, Any], acc: Mapping[str, str]) -> str:
     return m.group(1) if m else ""
 
 
+def _images(gap: Mapping[str, Any]) -> bool:
+    """The gap is about images: not retrieved, or a study whose retrieval failed or was refused."""
+    return gap["reason"] == R.IMAGES_NOT_RETRIEVED or str(gap.get("resource") or "").startswith("ImagingStudy/")
+
+
 def word(gap: Mapping[str, Any], what: str, about: str, acc: Mapping[str, str]) -> str:
     """One line of the letter, in a records clerk's words."""
     reason = gap["reason"]
@@ -130,11 +135,12 @@ def word(gap: Mapping[str, Any], what: str, about: str, acc: Mapping[str, str]) 
     about = about.replace("the specimen of ", "the specimen collected on ", 1)
     tail = (f", accession {accession}" if about.endswith(")") else f" (accession {accession})") if accession else ""
     of = f" for {about}" if about else ""
-    if reason == R.IMAGES_NOT_RETRIEVED:
+    if _images(gap):
         m = _IMAGING_ABOUT.match(about)
         study = f"the {m.group(2)} study of {m.group(1)}" if m else (about or "the imaging study")
         tail = f", accession {accession}" if accession else ""
-        return f"the images (DICOM) of {study}{tail}, not only the radiology report"
+        rest = ", not only the radiology report" if reason == R.IMAGES_NOT_RETRIEVED else ""
+        return f"the images (DICOM) of {study}{tail}{rest}"
     if reason == R.OUTDATED:
         m = _WINDOW_START.search(str(gap.get("detail") or ""))
         base = _LAST_PERIOD.sub("", what)

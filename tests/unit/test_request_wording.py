@@ -67,3 +67,87 @@ def test_complete_items_and_keys() -> None:
     done = {"id": "x", "status": "complete", "gaps": []}
     assert plan_requests(_report(done), REQUESTS).by_institution == {}
     assert gap_key("rec", {"component": "ER"}) == "rec|||ER"
+
+
+def test_golden_lines_for_the_other_reasons() -> None:
+    """Access denied, gone at the source, failed, pending: the clerk reads what to send, not why."""
+    subjects = [{"ref": "DiagnosticReport/r9", "about": "the radiology report of 2026-03-10 (CT chest)",
+                 "status": "missing"},
+                {"ref": "Encounter/e2", "about": "the visit of 2026-03-20 (Oncology visit)", "status": "missing"}]
+    report = _report(
+        _item("path", [{"reason": "access-denied", "detail": "HTTP 403", "next_action": "x", "holder": "St Mary"}]),
+        _item("notes", [{"reason": "not-found-at-source", "detail": "HTTP 410", "next_action": "x",
+                         "holder": "St Mary", "subject": "Encounter/e2"}], subjects),
+        _item("img", [{"reason": "retrieval-failed", "detail": "C-GET failed", "next_action": "x",
+                       "holder": "City Imaging", "subject": "DiagnosticReport/r9",
+                       "resource": "ImagingStudy/i9"}], subjects),
+        _item("labs", [{"reason": "pending", "detail": "", "next_action": "x", "holder": "St Mary"}]),
+    )
+    plan = plan_requests(report, REQUESTS, {"ImagingStudy/i9": "778812"})
+    assert {k: [(ln.text, ln.format) for ln in v] for k, v in plan.by_institution.items()} == {
+        "St Mary": [("the full surgical pathology report", "PDF, FHIR or C-CDA"),
+                    ("the visit note for the visit of 2026-03-20 (Oncology visit)", "PDF, FHIR or C-CDA"),
+                    ("the laboratory results of the last 90 days", "PDF, FHIR or C-CDA")],
+        "City Imaging": [("the images (DICOM) of the CT chest study of 2026-03-10, accession 778812", "DICOM")],
+    }
+
+
+def test_golden_letter(tmp_path: Any) -> None:
+    """The whole letter as a records department receives it, under HIPAA and under a stricter rule."""
+    from aggregator.records_requests.draft import Line
+    from aggregator.records_requests.letter import render_text
+    from aggregator.records_requests.rules import Rule
+
+    lines = [Line(("a|||",), "path", "summary-only", "the full surgical pathology report for the specimen collected "
+                  "on 2026-03-02 (Breast tissue), accession S26-1234, not only the summary", "PDF, FHIR or C-CDA"),
+             Line(("b|||",), "img", "images-not-retrieved", "the images (DICOM) of the CT chest study of 2026-03-10, "
+                  "accession 778812, not only the radiology report", "DICOM")]
+    hipaa = Rule("US-HIPAA", "HIPAA Privacy Rule right of access", "45 CFR 164.524(b)(2)", 30, 30, (10, 25))
+    context = {"date": "2026-10-02", "institution": "St Mary Hospital", "patient_name": "Alex Rivera",
+               "birth_date": "1971-03-14", "request_id": "rq-0123456789", "lines": lines, "formats": formats(lines),
+               "send_to": "Casey Navigator, 100 Placeholder Ave", "rule": hipaa}
+    assert render_text(context) == GOLDEN_LETTER
+    strict = Rule("US-XX", "State XX access", "XX Health Code 123.4", 15, 0, (7,))
+    text = render_text({**context, "rule": strict})
+    assert "Under XX Health Code 123.4, please act on this request within 15 days of receiving it." in text
+    assert "45 CFR 164.524)" in text  # the right of access is still cited
+
+
+GOLDEN_LETTER = """2026-10-02
+
+To: Health Information Management / Release of Information
+    St Mary Hospital
+
+Re: Request for copies of health records under the HIPAA right of access
+Patient: Alex Rivera, born 1971-03-14
+Request reference: rq-0123456789
+
+To the records department:
+
+Under the HIPAA Privacy Rule right of access (45 CFR 164.524), I request copies of the following records held by \
+St Mary Hospital:
+
+1. the full surgical pathology report for the specimen collected on 2026-03-02 (Breast tissue), accession \
+S26-1234, not only the summary
+2. the images (DICOM) of the CT chest study of 2026-03-10, accession 778812, not only the radiology report
+
+Please provide electronic copies in these formats:
+- reports and notes as PDF, or as FHIR or C-CDA where your system offers it
+- images as DICOM files (a CD/DVD or secure download), not only the radiology report
+
+Under 45 CFR 164.524(c)(2), where the records are held electronically, an electronic copy in the form and format \
+requested is to be provided if it is readily producible. Under 45 CFR 164.524(b)(2), please act on this request \
+within 30 days of receiving it.
+
+Please send the records to:
+Casey Navigator, 100 Placeholder Ave
+
+If any item cannot be found or is held elsewhere, please say so in writing, so that it can be requested from the \
+right place.
+
+Thank you.
+
+Signature: ______________________________   Date: ______________
+Printed name: ___________________________
+[ ] Patient   [ ] Personal representative (relationship and authority: ______________________)
+"""
