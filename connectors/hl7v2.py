@@ -75,7 +75,7 @@ class Message:
 
 def looks_like_hl7(head: bytes) -> bool:
     """An ER7 message starts with ``MSH`` and its field separator (any non-alphanumeric byte)."""
-    text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n\x0b")  # \x0b: the MLLP start byte of an export
     for tag in _BATCH[:2]:  # a batch file opens with FHS/BHS before its first MSH
         if text.startswith(tag):
             first_msh = text.find(b"MSH")
@@ -123,7 +123,7 @@ def split_messages(data: bytes) -> list[Message]:
     Line ends become CR; batch envelopes (FHS/BHS/BTS/FTS) are dropped; segments before the first
     MSH make the file not HL7.
     """
-    body = data.lstrip(b"\xef\xbb\xbf \t\r\n").replace(b"\r\n", b"\r").replace(b"\n", b"\r")
+    body = data.lstrip(b"\xef\xbb\xbf \t\r\n\x0b").replace(b"\r\n", b"\r").replace(b"\n", b"\r")
     groups: list[list[bytes]] = []
     for seg in body.split(b"\r"):
         seg = seg.strip(b"\x0b\x1c")  # MLLP frame bytes left in an export

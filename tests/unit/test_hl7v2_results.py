@@ -117,6 +117,14 @@ def test_repeated_obr_groups_in_a_batch_with_mixed_character_sets() -> None:
     assert cbc["category"][0]["coding"][0]["code"] == "LAB"
 
 
+def test_an_mllp_export_is_read_message_by_message() -> None:
+    """Each message framed as on the wire: <VT> message <FS><CR>."""
+    framed = b"".join(b"\x0b" + m + b"\x1c\r" for m in (fx.lab_oru(), fx.pathology_oru()))
+    assert hl7v2.looks_like_hl7(framed[:64])
+    reports, _ = _resources(framed)
+    assert len(reports) == 4 and len(hl7v2.read_patients(framed)) == 2
+
+
 def test_an_attached_pdf_and_other_message_types() -> None:
     pdf = b"%PDF-1.4 synthetic"
     segs = [fx._pid(), fx.obr(1, "P1", "F1", "11526-1^Pathology report^LN", "20260820", "", "SP"),
