@@ -211,11 +211,18 @@ def pull_task(ctx: JobContext) -> tuple[str, dict[str, Any]]:
         pulls = {**earlier, **{s.source_id: s.to_dict() for s in summaries}}
         states = {p["state"] for p in pulls.values()}
         state = FAILED if states == {"failed"} else PARTIAL if states & {"failed", "partial"} else DONE
-        result = {"pulls": [pulls[k] for k in sorted(pulls)]}
+        result: dict[str, Any] = {"pulls": [pulls[k] for k in sorted(pulls)]}
         outcome, detail = (audit.SUCCESS, "") if state != FAILED else (audit.MINOR_FAILURE, "every source failed")
         again = [s.source_id for s in summaries if s.state == "failed" and s.retriable]
         if again:
             raise RetrySources(again, (state, result))
+        if state != FAILED:
+            from aggregator.records_requests.store import track_after_pull
+
+            # what arrived fills the lines of records requests, as after a CLI pull
+            received = track_after_pull(app, job.case_id)
+            if received is not None:
+                result["requests_received"] = received
         return state, result
     except BaseException as exc:
         if not isinstance(exc, RetrySources):

@@ -3,9 +3,9 @@
 A navigator uploads a download without its images, pulls it, drafts the letter, downloads it
 (text and a text-extractable PDF), marks it sent; the gap report says for each gap when it was
 asked for and when it is due, also as the consultant reads it. Then the hospital's CD arrives as
-a second upload and is pulled: the next check marks the lines received with the records that
-filled them and the request completes itself, no navigator touching it. Letters are never a consultant's, and
-every read of one is audited. SQLite and PostgreSQL.
+a second upload and is pulled: the pull job checks the case and marks the lines received with the
+records that filled them, and the request completes itself, no navigator touching it. Letters are
+never a consultant's, and every read of one is audited. SQLite and PostgreSQL.
 """
 
 from __future__ import annotations
@@ -90,13 +90,13 @@ def test_draft_send_and_the_records_arriving_close_the_request(api: Api, tmp_pat
     assert c.get("/cases/c-7/gap-report", headers=con).json()["items"][2]["gaps"][0]["request"]["due_on"] \
         == "2026-12-01"
 
-    # the CD arrives as a second upload and is pulled; the next check (here the consultant reading
-    # the gap report) completes the request, no navigator touching it
+    # the CD arrives as a second upload and is pulled: the pull job itself completes the request
+    # (before anyone reads the gap report), no navigator touching it
     generate_zip(tmp_path / "cd.zip", variant="complete")
     _upload_and_pull(api, "c-7", (tmp_path / "cd.zip").read_bytes())
-    assert c.get("/cases/c-7/gap-report", headers=con).json()["complete"] is True
     r = c.get(f"/cases/c-7/requests/{rid}", headers=nav).json()
     assert (r["state"], r["outstanding"], r["closed_at"] is not None) == ("received", 0, True)
+    assert c.get("/cases/c-7/gap-report", headers=con).json()["complete"] is True
     assert all(it["received_how"] == "check" and it["filled_by"][0].startswith("ImagingStudy/") for it in r["items"])
     assert c.get("/cases/c-7/requests?due=true", headers=nav).json() == []
     report = c.get("/cases/c-7/gap-report", headers=con)
