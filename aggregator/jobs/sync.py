@@ -180,6 +180,13 @@ def sync_case(app: App, case_id: str, *, trigger: str = MANUAL, scheduled_for: d
         changes["filled"] = sorted(known - set(after))
         changes["new_gaps"] = sorted(set(after) - known)
         changes["open_gaps"] = after
+    from aggregator.records_requests import due_reminders
+
+    # follow-ups of records requests that are due: the sync surfaces them (and its webhook
+    # announces them) so the navigator is told without running ``request list --due``
+    changes["reminders_due"] = [{k: r[k] for k in ("request", "institution", "kind", "day", "on", "due_on",
+                                                   "outstanding")}
+                                for r in due_reminders(app, case_id=case_id)]
     new_mark = _ledger_mark(app, case_id)
     with app.db.session() as s:  # written once, finished: no sync is left "running" by a dead process
         run = SyncRun(case_id=case_id, trigger=trigger, scheduled_for=scheduled_for, state=state,

@@ -138,7 +138,11 @@ def payload(run: dict[str, Any]) -> dict[str, Any]:
             "new_gaps": len(run.get("new_gaps", [])),
             "open_gaps": len(run.get("open_gaps", [])),
             "failed_sources": len(run.get("failed_sources", [])),
+            "reminders_due": len(run.get("reminders_due", [])),
         },
+        # records-request follow-ups now due: request ids and dates (not the institution's name)
+        "reminders_due": [{k: r.get(k) for k in ("request", "kind", "on", "due_on")}
+                          for r in run.get("reminders_due", [])],
         # checklist item ids ("pathology-report") and source ids: names of slots, not data
         "filled": list(run.get("filled", [])),
         "new_gaps": list(run.get("new_gaps", [])),

@@ -129,7 +129,7 @@ def test_signed_webhook_retried_after_503_and_free_of_phi(tmp_path: Path, receiv
                 info.patient_id):
         assert phi not in raw, phi
     assert set(body) == {"event", "case", "sync", "trigger", "state", "scheduled_for", "started_at", "finished_at",
-                         "score", "counts", "filled", "new_gaps", "failed_sources", "links"}
+                         "score", "counts", "filled", "new_gaps", "failed_sources", "reminders_due", "links"}
 
     # the delivery is kept with the sync
     assert list_syncs(app, "c-7")[0]["webhooks"] == result["webhooks"]
@@ -178,4 +178,42 @@ def test_webhook_settings_are_checked(tmp_path: Path) -> None:
                    {"webhook_url": "https://example.org/x", "webhook_secret_env": "not a name"}):
         with pytest.raises(UsageError):
             set_schedule(app, "c1", "0 6 * * *", **kwargs)
+    app.close()
+
+
+def test_sync_surfaces_due_records_request_follow_ups_and_its_webhook_announces_them(
+        tmp_path: Path, receivers: list[Receiver], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 18: follow-up reminders come due on their day; the sync lists them and the webhook
+    carries the request ids and dates (not the institution, not the patient)."""
+    from datetime import date, timedelta
+
+    from aggregator.jobs.pull import pull_case
+    from aggregator.jobs.sync import sync_case
+    from aggregator.pipeline import check_case
+    from aggregator.records_requests import draft_requests, mark_sent
+    from fixtures.generate import generate_download
+
+    hook = Receiver([(200, {})])
+    receivers.append(hook)
+    monkeypatch.setenv("AGGREGATOR_WEBHOOK_URL", hook.url + "/all")
+    monkeypatch.setenv("AGGREGATOR_WEBHOOK_SECRET", SECRET)
+    info = generate_download(tmp_path / "dl", variant="no-images")
+    app = App.open(tmp_path / "home")
+    create_case(app, "c", "oncology", patient_name=info.patient_name, birth_date=info.birth_date,
+                case_date=info.case_date.isoformat())
+    add_source(app, "c", media=str(tmp_path / "dl"))
+    pull_case(app, "c")
+    report, cr = check_case(app, "c")
+    (letter,) = draft_requests(app, "c", report, cr, send_to="Records desk")["drafted"]
+    mark_sent(app, letter["id"], date.today() - timedelta(days=12), "fax")  # day 10 is past, day 25 is not
+
+    result = sync_case(app, "c")
+    (due,) = result["reminders_due"]
+    assert (due["request"], due["day"], due["outstanding"]) == (letter["id"], 10, 2)
+    body = json.loads(hook.got[0]["body"])
+    assert body["counts"]["reminders_due"] == 1
+    assert body["reminders_due"] == [{k: due[k] for k in ("request", "kind", "on", "due_on")}]
+    raw = hook.got[0]["body"].decode()
+    for secret in (letter["institution"], info.patient_name, info.birth_date):
+        assert secret not in raw
     app.close()
