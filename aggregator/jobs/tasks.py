@@ -350,11 +350,9 @@ def _run(ctx: JobContext) -> Outcome:
 def run_scheduled(app: Any) -> Any:
     """Every due scheduled sync, once (the periodic task of the workers and of ``serve``).
 
-    The schedules live in :mod:`aggregator.jobs.schedule`; imported here, when the task runs,
-    so that the job engine does not depend on it being installed.
+    Imported when the task runs: the schedules pull in croniter, which a process that never
+    runs the periodic task need not load.
     """
-    try:
-        from aggregator.jobs import schedule  # type: ignore[attr-defined,unused-ignore]
-    except ImportError:
-        raise NotImplementedYet("scheduled sync (aggregator.jobs.schedule) is not available in this version")
+    from aggregator.jobs import schedule
+
     return schedule.run_due(app)
