@@ -571,10 +571,19 @@ def _has_gaps(report: dict[str, Any]) -> bool:
 @click.option("--zip", "as_zip", is_flag=True, help="Write the package as one zip file.")
 @click.option("--mode", "mode_text", metavar="OCTAL",
               help="File mode for the package (default 0600 files / 0700 folders: owner only), e.g. 0640.")
+@click.option("--encrypt", is_flag=True,
+              help="Encrypt the zip with AES-256 (WinZip AES; opens in 7-Zip) using the passphrase from "
+                   "--passphrase-file or --passphrase-env, or to --recipient age keys.")
+@click.option("--passphrase-file", type=click.Path(dir_okay=False), help="File holding the passphrase (one line).")
+@click.option("--passphrase-env", metavar="VAR", help="Environment variable holding the passphrase.")
+@click.option("--recipient", "recipients", multiple=True, metavar="AGE_PUBLIC_KEY",
+              help="Encrypt to this age public key (age1...; repeatable); writes OUT.zip.age.")
 @json_option
 @with_app
 @audited("C", "package")
-def package(app: Any, case_id: str, out: str, as_zip: bool, mode_text: str | None, as_json: bool) -> None:
+def package(app: Any, case_id: str, out: str, as_zip: bool, mode_text: str | None, encrypt: bool,
+            passphrase_file: str | None, passphrase_env: str | None, recipients: tuple[str, ...],
+            as_json: bool) -> None:
     """Write the consultant package for CASE."""
     from aggregator.pipeline import package_case
     from aggregator.privacy import apply_mode, parse_mode
@@ -583,24 +592,59 @@ def package(app: Any, case_id: str, out: str, as_zip: bool, mode_text: str | Non
         mode = parse_mode(mode_text) if mode_text is not None else None
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    path, report = package_case(app, case_id, Path(out), as_zip=as_zip)
+    sealing = _sealing(encrypt, as_zip, passphrase_file, passphrase_env, recipients)
+    path, report = package_case(app, case_id, Path(out), as_zip=as_zip, sealing=sealing)
     if mode is not None:
         apply_mode(path, mode)
-    data = {"case": case_id, "package": str(path), "zip": as_zip, "completeness": report.get("score")}
-    _emit(as_json, data, f"package written: {path}")
+    data = {"case": case_id, "package": str(path), "zip": as_zip, "completeness": report.get("score"),
+            "encrypted": sealing.kind if sealing is not None else None}
+    _emit(as_json, data, f"package written: {path}" + (f" (encrypted: {sealing.kind})" if sealing else ""))
+
+
+def _sealing(encrypt: bool, as_zip: bool, passphrase_file: str | None, passphrase_env: str | None,
+             recipients: tuple[str, ...]) -> Any:
+    """The encryption that ``package``'s options ask for, or None; refuses half-given options, so
+    nobody believes a package is encrypted when it is not."""
+    from aggregator.package.sealing import Sealing, parse_recipients, read_passphrase
+
+    has_pass = passphrase_file is not None or passphrase_env is not None
+    if not (encrypt or has_pass or recipients):
+        return None
+    if has_pass and recipients:
+        raise UsageError("use either a passphrase or --recipient, not both")
+    if has_pass and not encrypt:
+        raise UsageError("--passphrase-file/--passphrase-env encrypt only with --encrypt")
+    if not has_pass and not recipients:
+        raise UsageError("--encrypt needs --passphrase-file, --passphrase-env or --recipient "
+                         "(a passphrase is never given on the command line)")
+    if not as_zip:
+        raise UsageError("an encrypted package is a zip: add --zip")
+    if recipients:
+        return Sealing(recipients=parse_recipients(recipients))
+    return Sealing(passphrase=read_passphrase(file=passphrase_file, env=passphrase_env))
 
 
 @cli.command()
 @click.argument("package_path", metavar="PACKAGE", type=click.Path())
+@click.option("--passphrase-file", type=click.Path(dir_okay=False), help="File holding the package's passphrase.")
+@click.option("--passphrase-env", metavar="VAR", help="Environment variable holding the package's passphrase.")
+@click.option("--identity-file", type=click.Path(dir_okay=False),
+              help="age identity file (AGE-SECRET-KEY-...) for a package encrypted to a --recipient.")
 @json_option
-def verify(package_path: str, as_json: bool) -> None:
-    """Check every file of PACKAGE against its manifest."""
+def verify(package_path: str, passphrase_file: str | None, passphrase_env: str | None, identity_file: str | None,
+           as_json: bool) -> None:
+    """Check every file of PACKAGE against its manifest (an encrypted one with its passphrase or key)."""
     from aggregator.package import verify_package
+    from aggregator.package.sealing import read_identities, read_passphrase
 
     path = Path(package_path)
     if not path.exists():
         raise UsageError("package not found", item=package_path)
-    problems = verify_package(path)
+    passphrase = None
+    if passphrase_file is not None or passphrase_env is not None:
+        passphrase = read_passphrase(file=passphrase_file, env=passphrase_env, new=False)
+    identities = read_identities(identity_file) if identity_file is not None else None
+    problems = verify_package(path, passphrase=passphrase, identities=identities)
     data = {"package": str(path), "ok": not problems,
             "problems": [{"file": f, "problem": p} for f, p in problems]}
     _emit(as_json, data, lambda: "package OK: every file matches the manifest" if not problems else

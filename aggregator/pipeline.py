@@ -13,7 +13,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, select
 
@@ -23,6 +23,9 @@ from aggregator.ledger import DONE, SKIPPED, LedgerEntry, Row, entries_for_case,
 from aggregator.model import CaseInfo, NormalizedRecord, SourceInfo
 from aggregator.store.db import Database
 from aggregator.store.models import LedgerItem, Source
+
+if TYPE_CHECKING:
+    from aggregator.package.sealing import Sealing
 
 KIND_QUARANTINE = "quarantine"
 #: normalization's warnings about items it kept (``skipped`` like quarantine rows, so that the
@@ -130,9 +133,14 @@ def checked_case(app: App, case_id: str) -> tuple[dict[str, Any], CaseRecord]:
                               record, app.db)
 
 
-def package_case(app: App, case_id: str, out: Path, *, as_zip: bool = False) -> tuple[Path, dict[str, Any]]:
+def package_case(app: App, case_id: str, out: Path, *, as_zip: bool = False,
+                 sealing: Sealing | None = None) -> tuple[Path, dict[str, Any]]:
+    """Check the case (or take what ``check`` kept) and write its package; a zip is staged in the
+    case's own scratch folder, so its plaintext (before ``sealing`` encrypts it) never lands
+    outside the case folder."""
     from aggregator.package import write_package
 
     report, cr = checked_case(app, case_id)
-    path = write_package(out, cr.case, cr.record, report, app.blobs(case_id), cr.sources, as_zip=as_zip)
+    path = write_package(out, cr.case, cr.record, report, app.blobs(case_id), cr.sources, as_zip=as_zip,
+                         sealing=sealing, scratch=app.case_dir(case_id) / "tmp")
     return path, report

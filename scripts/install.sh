@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what the project needs into ./.venv; with --test also what the tests need:
 # the test extras from PyPI and, when running as root on Debian, Orthanc (+DICOMweb plugin),
-# DCMTK and Chromium (headless page tests) from Debian. Safe to run again: installs only what is missing.
+# DCMTK, Chromium (headless page tests) and 7-Zip (opens the encrypted package zips) from Debian. Safe to run again: installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,7 +10,7 @@ with_test=0
 
 if [ "$with_test" = 1 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   missing=""
-  for pkg in orthanc orthanc-dicomweb dcmtk chromium; do
+  for pkg in orthanc orthanc-dicomweb dcmtk chromium 7zip; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing="$missing $pkg"
   done
   if [ -n "$missing" ]; then

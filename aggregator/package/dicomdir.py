@@ -317,11 +317,17 @@ def dicomdir_bytes(placed: Sequence[PlacedImage], *, seed: str) -> bytes:
     raise PackageError("cannot write the DICOMDIR", item="DICOMDIR")  # pragma: no cover
 
 
-def write_images(root: Path, placed: Sequence[PlacedImage], blobs: BlobStore, *, seed: str) -> list[str]:
-    """Copy the instance files byte for byte and write DICOMDIR; returns the relative paths written."""
+def write_images(root: Path, placed: Sequence[PlacedImage], blobs: BlobStore, *, seed: str,
+                 copy: bool = True) -> list[str]:
+    """Copy the instance files byte for byte and write DICOMDIR; returns the relative paths written.
+
+    With ``copy=False`` only DICOMDIR is written: the caller (the zip writer) streams each
+    instance from the blob store into the archive itself.
+    """
     written: list[str] = []
     for p in placed:
-        blobs.copy_to(p.image.sha256, root / p.relpath, atomic=False)  # staged, renamed as a whole
+        if copy:
+            blobs.copy_to(p.image.sha256, root / p.relpath, atomic=False)  # staged, renamed as a whole
         written.append(p.relpath)
     # written even with no images: an empty file set is valid, and the layout stays the same
     (root / "DICOMDIR").write_bytes(dicomdir_bytes(placed, seed=seed))

@@ -9,7 +9,7 @@ the package. The schema lives in ``schemas/manifest.schema.json`` (package data)
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from importlib.resources import files
 from pathlib import Path, PurePosixPath
@@ -57,11 +57,21 @@ def unsafe_relpath(rel: str) -> bool:
     return bool(parts and len(parts[0]) >= 2 and parts[0][1] == ":")
 
 
-def file_entries(root: Path, relpaths: Iterable[str]) -> list[dict[str, Any]]:
-    """Size and SHA-256 of each listed file under ``root``, sorted by path."""
+def file_entries(root: Path, relpaths: Iterable[str],
+                 known: Mapping[str, tuple[str, int]] | None = None) -> list[dict[str, Any]]:
+    """Size and SHA-256 of each listed file under ``root``, sorted by path.
+
+    ``known`` gives (SHA-256, size) for files that are not under ``root`` but streamed into a
+    zip straight from the content-addressed blob store (their address is their hash; the zip
+    writer checks it as the bytes go by), so a 2 GB study is not read twice.
+    """
+    known = known or {}
     out = []
     for rel in sorted(set(relpaths)):
-        digest, size = sha256_file(root / rel)
+        if rel in known:
+            digest, size = known[rel]
+        else:
+            digest, size = sha256_file(root / rel)
         out.append({"path": rel, "size": size, "sha256": digest})
     return out
 
@@ -75,6 +85,7 @@ def build_manifest(
     checklist: str | None,
     sources: Sequence[SourceInfo],
     counts: dict[str, int],
+    known: Mapping[str, tuple[str, int]] | None = None,
 ) -> dict[str, Any]:
     srcs = []
     for s in sorted(sources, key=lambda s: s.id):
@@ -90,7 +101,7 @@ def build_manifest(
         "created": created,
         "tool": {"name": TOOL_NAME, "version": __version__},
         "created_from": {"checklist": checklist, "sources": srcs, "record": dict(sorted(counts.items()))},
-        "files": file_entries(root, relpaths),
+        "files": file_entries(root, relpaths, known),
     }
 
 

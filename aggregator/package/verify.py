@@ -9,6 +9,13 @@ For a zip the member names are checked before anything else: a member that would
 the package when extracted (``../``, absolute, drive letters, NUL) is reported, never followed.
 Reading a member stops one byte past its manifest size, so a zip bomb costs no more than the
 package it pretends to be.
+
+An encrypted package (see :mod:`aggregator.package.sealing`) is verified with its passphrase or
+age identity. With a passphrase, every member must be encrypted: a plaintext member, or a whole
+plaintext manifest slipped into the zip, would otherwise let anyone who never knew the passphrase
+forge files that "verify". An age package is decrypted, streamed, into a private temporary
+folder (``scratch``, or the system's), verified there and removed: the zip's central directory
+is at its end, so it cannot be read as a stream.
 """
 
 from __future__ import annotations
@@ -17,12 +24,15 @@ import hashlib
 import json
 import os
 import stat
+import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from aggregator.errors import PackageError
 from aggregator.package.manifest import MANIFEST, schema_problems, unsafe_relpath
+from aggregator.package.sealing import decrypt_age, is_age_file, member_encrypted, open_encrypted_zip
 
 CHUNK = 1 << 20
 MAX_MANIFEST_BYTES = 64 << 20
@@ -33,13 +43,27 @@ SIZE = "size mismatch"
 EXTRA = "extra file not in manifest"
 
 
-def verify_package(path: Path) -> list[tuple[str, str]]:
-    """Problems found in the package at ``path`` as ``[(relative file, problem)]``; empty when OK."""
+def verify_package(path: Path, *, passphrase: bytes | None = None, identities: list[Any] | None = None,
+                   scratch: Path | None = None) -> list[tuple[str, str]]:
+    """Problems found in the package at ``path`` as ``[(relative file, problem)]``; empty when OK.
+
+    ``passphrase`` opens a WinZip-AES package, ``identities`` (age X25519 secret keys) an age one.
+    An encrypted package without its secret, or with the wrong one, raises :class:`PackageError`
+    saying so: that is not a problem of the package.
+    """
     path = Path(path)
     if path.is_dir():
         return _verify_folder(path)
+    if path.is_file() and is_age_file(path):
+        if not identities:
+            raise PackageError("the package is encrypted with age: give the recipient's key with --identity-file",
+                               item=path.name)
+        with tempfile.TemporaryDirectory(dir=scratch, prefix=".verify-") as tmp:  # created 0700
+            plain = Path(tmp) / "package.zip"
+            decrypt_age(path, identities, plain)
+            return _verify_zip(plain, None, label=path.name)
     if path.is_file() and zipfile.is_zipfile(path):
-        return _verify_zip(path)
+        return _verify_zip(path, passphrase)
     if path.exists():
         return [(path.name, "not a package folder or zip file")]
     return [(path.name, "package not found")]
@@ -100,7 +124,8 @@ def _compare(
         try:
             with opener(rel) as f:
                 got, got_size = _hash(f, max(size, 0))
-        except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        except (OSError, zipfile.BadZipFile, EOFError, RuntimeError, NotImplementedError) as exc:
+            # RuntimeError: pyzipper's "bad password" for a member sealed with another passphrase
             problems.append((rel, f"unreadable ({type(exc).__name__})"))
             continue
         if got_size != size:
@@ -158,13 +183,20 @@ def _is_link(info: zipfile.ZipInfo) -> bool:
     return stat.S_ISLNK(info.external_attr >> 16)
 
 
-def _verify_zip(path: Path) -> list[tuple[str, str]]:
+NOT_ENCRYPTED = "not encrypted, in a package that must be (added or replaced after it was sealed?)"
+
+
+def _verify_zip(path: Path, passphrase: bytes | None, *, label: str | None = None) -> list[tuple[str, str]]:
+    shown = label or path.name
     try:
-        zf = zipfile.ZipFile(path)
+        zf: Any = open_encrypted_zip(path, passphrase) if passphrase is not None else zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:
-        return [(path.name, f"not a readable zip file ({type(exc).__name__})")]
+        return [(shown, f"not a readable zip file ({type(exc).__name__})")]
     with zf:
         infos = [i for i in zf.infolist() if not i.is_dir()]
+        if passphrase is None and any(i.flag_bits & 0x1 for i in infos):
+            raise PackageError("the package is encrypted: give its passphrase with --passphrase-file or "
+                               "--passphrase-env", item=shown)
         names = [i.filename for i in infos]
         # A package zipped as a folder ("pkg/manifest.json") is accepted: strip that one prefix.
         prefix = ""
@@ -182,6 +214,8 @@ def _verify_zip(path: Path) -> list[tuple[str, str]]:
             if _is_link(info):
                 problems.append((name, "not a regular file (links are not allowed in a package)"))
                 continue
+            if passphrase is not None and not member_encrypted(info):
+                problems.append((name, NOT_ENCRYPTED))
             rel = name[len(prefix):] if name.startswith(prefix) else name
             if rel in members:
                 problems.append((rel, "member appears twice in the zip"))
@@ -194,6 +228,8 @@ def _verify_zip(path: Path) -> list[tuple[str, str]]:
                 return [*problems, (MANIFEST, "too large to be a manifest")]
             try:
                 raw = zf.read(minfo)
+            except RuntimeError:
+                raise PackageError("wrong passphrase: the package cannot be decrypted with it", item=shown) from None
             except (zipfile.BadZipFile, OSError, EOFError) as exc:
                 return [*problems, (MANIFEST, f"unreadable ({type(exc).__name__})")]
         manifest, mproblems = _parse_manifest(raw)
