@@ -26,6 +26,19 @@ measured step itself can be read off.
 
     flock /tmp/bench.lock .venv/bin/python bench/bench_record.py \
         [--sizes 25000,50000,100000,200000] [--checklists oncology,general] [--work DIR]
+
+**A large imaging study, encrypted** (``--imaging-mib N``; ``--sizes ''`` skips the record part):
+a one-series CT study of about N MiB (512x512 16-bit slices, 0.5 MiB each, from
+``fixtures.dicom.generate_ct_study``) is put in a blob store, and, each in a fresh child,
+``write_package(as_zip=True)`` plain, sealed with a passphrase (WinZip AES-256) and sealed to an
+age recipient, then ``verify_package`` with the secret, as ``aggregator package --zip --encrypt``
+and ``aggregator verify`` do. The issue's bound is a peak RSS of at most 128 MiB for 2 GB. The
+peer is 7-Zip (``7zz a -tzip -mm=Deflate -mem=AES256 -mmt=1``: one thread, as ours) zipping
+and encrypting the same instance files, then testing the archive (``7zz t``); its wall time and
+peak RSS come from ``wait4`` too.
+
+    .venv/bin/python bench/bench_record.py --sizes '' --imaging-mib 256      # small first
+    .venv/bin/python bench/bench_record.py --sizes '' --imaging-mib 2048     # the issue's 2 GB
 """
 
 from __future__ import annotations
@@ -198,6 +211,165 @@ def child_package(work: Path, info: dict[str, Any], copies: int, folder: Path, c
             "summary_mib": (path / "summary.html").stat().st_size / 2**20}
 
 
+# --- a large imaging study, sealed ---------------------------------------------------------------
+
+BENCH_PASSPHRASE = b"bench passphrase, long enough"
+SLICE_MIB = 0.5  # 512 x 512 x 2 bytes of pixels, plus a header of about 1 KiB
+
+
+def imaging_prepare(folder: Path, mib: int) -> dict[str, Any]:
+    """Generate the study once (in a scratch folder), move it into a blob store, save its ImageRefs."""
+    import pydicom
+
+    from aggregator.blobs import BlobStore
+    from aggregator.model import ImageRef
+
+    n = max(1, round(mib / SLICE_MIB))
+    blobs = BlobStore(folder / "blobs")
+    gen = folder / "generated"
+    refs = []
+    t0 = time.perf_counter()
+    done = 0
+    while done < n:  # in batches, so the generated files never take twice the study's disk
+        batch = min(500, n - done)
+        shutil.rmtree(gen, ignore_errors=True)
+        paths = _ct_slices(gen, n, done, batch)
+        for p in paths:
+            ds = pydicom.dcmread(p, stop_before_pixels=True)
+            ref = blobs.put_file(p)
+            refs.append(ImageRef(str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(ds.StudyInstanceUID),
+                                 str(ds.SeriesInstanceUID), str(ds.file_meta.TransferSyntaxUID), ref.sha256,
+                                 ref.size, modality="CT", patient_id=str(ds.PatientID), source_id=1))
+            p.unlink()
+        done += batch
+    shutil.rmtree(gen, ignore_errors=True)
+    (folder / "images.pkl").write_bytes(pickle.dumps(refs))
+    out = {"instances": n, "mib": sum(r.size for r in refs) / 2**20, "seconds": time.perf_counter() - t0}
+    (folder / "done.json").write_text(json.dumps(out))
+    return out
+
+
+def _ct_slices(out_dir: Path, n: int, start: int, count: int) -> list[Path]:
+    """Slices ``start .. start+count-1`` of one n-slice CT series (same UIDs as a whole generation).
+
+    Each slice is the fixtures' synthetic image with seeded noise in its low 6 bits: without it a
+    slice deflates to 1/16 of its size, which real CT never does (about 1/2), and the zip's
+    compression, most of the CPU, would be measured on the wrong data.
+    """
+    import numpy as np
+
+    from fixtures.dicom import DicomPatient, build_instance, make_study, save, synthetic_pixels
+
+    patient = DicomPatient("BENCH001", "Bench^Synthetic", "19700101", "O")
+    study = make_study("bench-record", f"ct-bench/{n}", modality="CT", accession=f"BENCH{n:05d}",
+                       date="20260901", time="120000", description="CT CHEST BENCHMARK",
+                       series=[("AXIAL 1MM", "CHEST", None)], per_series=n, rows=512, cols=512)
+    base = synthetic_pixels(512, 512, 0)
+    row_bytes = 2 * 512
+    out = []
+    for i in range(start, start + count):
+        shift = (i * 3 % 512) * row_bytes
+        pixels = np.frombuffer(base[shift:] + base[:shift], dtype="<u2")
+        noise = np.random.default_rng(i).integers(0, 64, size=pixels.size, dtype=np.uint16)
+        ds = build_instance(patient, study, study.series[0], i, (pixels + noise).astype("<u2").tobytes())
+        out.append(save(ds, out_dir / f"CT{i + 1:06d}.dcm"))
+    return out
+
+
+def child_sealed(work: Path, folder: Path, how: str, out: Path) -> dict[str, Any]:
+    """Write the study's package as a zip (``how``: plain, passphrase, age) and verify it."""
+    from aggregator.blobs import BlobStore
+    from aggregator.model import CaseInfo, NormalizedRecord
+    from aggregator.package import verify_package, write_package
+    from aggregator.package.sealing import Sealing
+
+    images = pickle.loads((folder / "images.pkl").read_bytes())
+    record = NormalizedRecord({"resourceType": "Bundle", "entry": []}, images=images)
+    case = CaseInfo("bench-imaging", "general", case_date="2026-09-30")
+    sources = [_source({"source_id": 1})]
+    identities = None
+    sealing = None
+    if how == "passphrase":
+        sealing = Sealing(passphrase=BENCH_PASSPHRASE)
+    elif how == "age":
+        from pyrage import x25519
+
+        ident = x25519.Identity.generate()
+        sealing = Sealing(recipients=(str(ident.to_public()),))
+        identities = [ident]
+    scratch = work / "case-scratch"
+    base = _rss_mib()
+    t0 = time.perf_counter()
+    path = write_package(out, case, record, {}, BlobStore(folder / "blobs"), sources, as_zip=True,
+                         sealing=sealing, scratch=scratch)
+    t1 = time.perf_counter()
+    problems = verify_package(path, passphrase=BENCH_PASSPHRASE if how == "passphrase" else None,
+                              identities=identities, scratch=work)
+    t2 = time.perf_counter()
+    size = path.stat().st_size
+    path.unlink()
+    return {"write_seconds": t1 - t0, "verify_seconds": t2 - t1, "base_mib": base, "problems": problems[:5],
+            "zip_mib": size / 2**20, "scratch_left": sorted(p.name for p in scratch.iterdir())}
+
+
+def _run_peer(cmd: list[str]) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MiB) of a peer command, from ``wait4``."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t0
+    if os.waitstatus_to_exitcode(status) != 0:
+        err = proc.stderr.read().decode(errors="replace")[-2000:] if proc.stderr else ""
+        raise SystemExit(f"peer {cmd[:2]} failed: {err}")
+    return seconds, usage.ru_maxrss / 1024
+
+
+def run_imaging(work: Path, mib: int) -> None:
+    folder = work / f"imaging-{mib}"
+    if not (folder / "done.json").is_file():
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        prep, _ = _run_child(work, "--child", "imaging-prepare", "--folder", str(folder), "--imaging-mib", str(mib))
+    prep = json.loads((folder / "done.json").read_text())
+    print(f"imaging study: {prep['instances']} CT instances, {prep['mib']:.0f} MiB in the blob store")
+    rows = []
+    for how in ("plain", "passphrase", "age"):
+        res, peak = _run_child(work, "--child", "sealed", "--folder", str(folder), "--how", how,
+                               "--out", str(work / f"sealed-{how}.zip"))
+        if res["problems"] or res["scratch_left"]:
+            raise SystemExit(f"{how}: verify problems {res['problems']} or staging left {res['scratch_left']}")
+        rows.append((f"ours {how}", res["write_seconds"], res["verify_seconds"], peak, res["base_mib"], res["zip_mib"]))
+        print(f"  {rows[-1][0]:<18} write {res['write_seconds']:.1f} s, verify {res['verify_seconds']:.1f} s, "
+              f"peak RSS {peak:.0f} MiB (base {res['base_mib']:.0f}), zip {res['zip_mib']:.0f} MiB", flush=True)
+    seven = shutil.which("7zz") or shutil.which("7z")
+    if seven:
+        peer_zip = work / "peer.zip"
+        peer_zip.unlink(missing_ok=True)
+        pw = BENCH_PASSPHRASE.decode()
+        w, wpeak = _run_peer([seven, "a", "-tzip", "-mm=Deflate", "-mem=AES256", "-mmt=1", f"-p{pw}", str(peer_zip),
+                              str(folder / "blobs")])
+        v, vpeak = _run_peer([seven, "t", f"-p{pw}", str(peer_zip)])
+        size = peer_zip.stat().st_size / 2**20
+        peer_zip.unlink()
+        rows.append(("7-Zip AES-256", w, v, max(wpeak, vpeak), 0.0, size))
+        print(f"  {'7-Zip AES-256':<18} write {w:.1f} s (peak {wpeak:.0f} MiB), test {v:.1f} s (peak {vpeak:.0f} MiB), "
+              f"zip {size:.0f} MiB")
+    print()
+    print(f"{'imaging ' + str(mib) + ' MiB':<20}{'write s':>9}{'verify s':>10}{'peak MiB':>10}{'base MiB':>10}"
+          f"{'zip MiB':>9}")
+    for name, w, v, peak, base, size in rows:
+        print(f"{name:<20}{w:>9.1f}{v:>10.1f}{peak:>10.0f}{base:>10.0f}{size:>9.0f}")
+    if seven:
+        peer = rows[-1]
+        for name, w, v, peak, _, _ in rows[:-1]:
+            print(f"{name}: write {w / peer[1]:.2f}x 7-Zip's time, verify {v / peer[2]:.2f}x its test time, "
+                  f"peak RSS {peak / peer[3]:.2f}x")
+    bound = 128
+    worst = max(r[3] for r in rows[:3])
+    print(f"peak RSS of our children: {worst:.0f} MiB; the issue's bound is {bound} MiB: "
+          f"{'within' if worst <= bound else 'OVER'}")
+
+
 def _run_child(work: Path, *args: str) -> tuple[dict[str, Any], float]:
     """Run one child; return its JSON answer and its own peak RSS in MiB (``wait4``)."""
     cmd = [sys.executable, __file__, "--work", str(work), *args]
@@ -239,13 +411,21 @@ def main() -> None:
     ap.add_argument("--checklist", help=argparse.SUPPRESS)
     ap.add_argument("--report", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--how", help=argparse.SUPPRESS)
+    ap.add_argument("--imaging-mib", type=int, default=0,
+                    help="also package a one-series CT study of about this many MiB as a plain, a passphrase- and "
+                         "an age-encrypted zip, against 7-Zip (0: skip)")
     args = ap.parse_args()
 
     if args.child:
         work = Path(args.work)
-        info = json.loads((work / "info.json").read_text())
+        info = json.loads((work / "info.json").read_text()) if (work / "info.json").is_file() else {}
         folder = Path(args.folder)
-        if args.child == "prepare":
+        if args.child == "imaging-prepare":
+            res = imaging_prepare(folder, args.imaging_mib)
+        elif args.child == "sealed":
+            res = child_sealed(work, folder, args.how, Path(args.out))
+        elif args.child == "prepare":
             res = child_prepare(work, info, args.copies, folder)
         elif args.child == "types":
             res = child_types(folder)
@@ -266,6 +446,10 @@ def main() -> None:
     try:
         sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()})
         checklists = [c.strip() for c in args.checklists.split(",") if c.strip()]
+        if args.imaging_mib > 0:
+            run_imaging(work, args.imaging_mib)
+        if not sizes:
+            return
         t0 = time.perf_counter()
         info_path = work / "info.json"
         info = json.loads(info_path.read_text()) if info_path.is_file() else bn.build(work, max(sizes))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import itertools
 import logging
+import struct
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +29,9 @@ from typing import Any
 
 import pydicom
 import pydicom.fileset
+import pydicom.filewriter
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 
 from aggregator.blobs import BlobStore
@@ -54,7 +57,7 @@ class PlacedImage:
 
     image: ImageRef
     relpath: str
-    header: Dataset = field(repr=False)
+    header: Header = field(repr=False)
 
 
 @dataclass
@@ -75,17 +78,52 @@ class _Patient:
     studies: dict[str, _Study] = field(default_factory=dict)
 
 
-def _read_header(blobs: BlobStore, image: ImageRef) -> Dataset:
+#: what the DICOMDIR, the placing order and the summary read of an *image* instance's header.
+#: An image's header is cut down to these: a parsed header costs about 20 KiB, and a study of
+#: 4000 slices (2 GB) would otherwise hold 80 MiB of them for the whole packaging. Other record
+#: types (SR, RT, encapsulated documents...) keep their whole header: pydicom's directory
+#: recorders read many more elements of them, and they come by the few, not the thousands.
+_IMAGE_KEYWORDS = (
+    "SpecificCharacterSet", "SOPClassUID", "PatientName", "PatientID", "StudyDate", "StudyTime",
+    "StudyDescription", "StudyID", "AccessionNumber", "Modality", "SeriesNumber", "SeriesDescription",
+    "InstanceNumber",
+)
+
+
+#: an instance's header as the package reads it: the whole dataset, or (images) the values of
+#: :data:`_IMAGE_KEYWORDS` plus TransferSyntaxUID in a plain dict; both answer ``.get(keyword)``
+Header = Dataset | dict[str, Any]
+
+
+def _slim(ds: Dataset) -> dict[str, Any]:
+    """The values of :data:`_IMAGE_KEYWORDS` as a plain dict (a tenth of a Dataset's memory)."""
+    out: dict[str, Any] = {}
+    for keyword in _IMAGE_KEYWORDS:
+        try:
+            value = ds.get(keyword)  # decoded with the source's character set
+        except Exception:  # a value that cannot be decoded is treated as absent, as _text does
+            value = None
+        if value is not None:
+            out[keyword] = value
+    ts = _text(getattr(ds, "file_meta", Dataset()), "TransferSyntaxUID")
+    if ts:
+        out["TransferSyntaxUID"] = ts
+    return out
+
+
+def _read_header(blobs: BlobStore, image: ImageRef) -> Header:
     """The instance's header, or an empty dataset when it cannot be parsed (the file is kept anyway)."""
     try:
-        return pydicom.dcmread(blobs.path(image.sha256), stop_before_pixels=True, force=True)
+        ds = pydicom.dcmread(blobs.path(image.sha256), stop_before_pixels=True, force=True)
     except Exception as exc:  # pydicom raises many kinds on damaged files
         log.warning("DICOM header unreadable for %s (%s); using the record's UIDs", image.sop_instance_uid,
                     type(exc).__name__)
         return Dataset()
+    sop_class = image.sop_class_uid or _text(ds, "SOPClassUID")
+    return ds if _RECORD_TYPES.get(sop_class, "IMAGE") != "IMAGE" else _slim(ds)
 
 
-def _text(ds: Dataset, keyword: str) -> str:
+def _text(ds: Header, keyword: str) -> str:
     try:
         value = ds.get(keyword)
     except Exception:  # a value that cannot be decoded is treated as absent
@@ -93,7 +131,7 @@ def _text(ds: Dataset, keyword: str) -> str:
     return "" if value is None else str(value).strip()
 
 
-def _number(ds: Dataset, keyword: str) -> int | None:
+def _number(ds: Header, keyword: str) -> int | None:
     try:
         return int(str(ds.get(keyword)).strip())
     except (TypeError, ValueError):
@@ -165,18 +203,18 @@ def _tree(placed: Sequence[PlacedImage]) -> list[_Patient]:
     return [patients[k] for k in sorted(patients)]
 
 
-def _record(kind: str, source: Dataset, charset: bool) -> Dataset:
+def _record(kind: str, source: Header, charset: bool) -> Dataset:
     rec = Dataset()
     rec.OffsetOfTheNextDirectoryRecord = 0
     rec.RecordInUseFlag = 0xFFFF
     rec.OffsetOfReferencedLowerLevelDirectoryEntity = 0
     rec.DirectoryRecordType = kind
-    if charset and "SpecificCharacterSet" in source:
-        rec.SpecificCharacterSet = source.SpecificCharacterSet
+    if charset and source.get("SpecificCharacterSet") is not None:
+        rec.SpecificCharacterSet = source.get("SpecificCharacterSet")
     return rec
 
 
-def _copy(rec: Dataset, source: Dataset, keyword: str, default: Any, ascii_only: bool) -> None:
+def _copy(rec: Dataset, source: Header, keyword: str, default: Any, ascii_only: bool) -> None:
     try:
         value = source.get(keyword)
     except Exception:
@@ -188,10 +226,11 @@ def _copy(rec: Dataset, source: Dataset, keyword: str, default: Any, ascii_only:
     setattr(rec, keyword, value)
 
 
-def _records(patients: list[_Patient], ascii_only: bool) -> tuple[list[Dataset], list[int], dict[int, int],
+def _records(patients: list[_Patient], ascii_only: bool) -> tuple[list[bytearray], list[int], dict[int, int],
                                                                   dict[int, int]]:
-    """Records in depth-first order, plus the root chain and next/lower links by record index."""
-    records: list[Dataset] = []
+    """Records in depth-first order, each encoded as its sequence item at once (a few hundred bytes
+    instead of a Dataset of a few KiB), plus the root chain and next/lower links by record index."""
+    records: list[bytearray] = []
     nxt: dict[int, int] = {}
     lower: dict[int, int] = {}
 
@@ -208,7 +247,7 @@ def _records(patients: list[_Patient], ascii_only: bool) -> tuple[list[Dataset],
         rec.PatientID = patient.key if not ascii_only else patient.key.encode("ascii", "replace").decode()
         roots.append(len(records))
         p_idx = len(records)
-        records.append(rec)
+        records.append(_item_bytes(rec))
         study_idx: list[int] = []
         for st_n, study in enumerate(patient.studies.values(), 1):
             s_first = next(iter(study.series.values())).items[0]
@@ -221,7 +260,7 @@ def _records(patients: list[_Patient], ascii_only: bool) -> tuple[list[Dataset],
             _copy(rec, h, "StudyID", str(st_n), ascii_only)
             _copy(rec, h, "AccessionNumber", "", ascii_only)
             study_idx.append(len(records))
-            records.append(rec)
+            records.append(_item_bytes(rec))
             series_idx: list[int] = []
             for se_n, series in enumerate(study.series.values(), 1):
                 h = series.items[0].header
@@ -230,11 +269,11 @@ def _records(patients: list[_Patient], ascii_only: bool) -> tuple[list[Dataset],
                 rec.SeriesInstanceUID = series.uid
                 _copy(rec, h, "SeriesNumber", str(se_n), ascii_only)
                 series_idx.append(len(records))
-                records.append(rec)
+                records.append(_item_bytes(rec))
                 inst_idx: list[int] = []
                 for im_n, p in enumerate(series.items, 1):
                     inst_idx.append(len(records))
-                    records.append(_instance_record(p, im_n, charset, ascii_only))
+                    records.append(_item_bytes(_instance_record(p, im_n, charset, ascii_only)))
                 chain(inst_idx)
                 lower[series_idx[-1]] = inst_idx[0]
             chain(series_idx)
@@ -253,7 +292,8 @@ def _instance_record(p: PlacedImage, number: int, charset: bool, ascii_only: boo
     rec.ReferencedFileID = p.relpath.split("/")
     rec.ReferencedSOPClassUIDInFile = sop_class
     rec.ReferencedSOPInstanceUIDInFile = p.image.sop_instance_uid
-    ts = p.image.transfer_syntax_uid or _text(getattr(h, "file_meta", Dataset()), "TransferSyntaxUID")
+    ts = p.image.transfer_syntax_uid or (_text(h, "TransferSyntaxUID") if isinstance(h, dict)
+                                         else _text(getattr(h, "file_meta", Dataset()), "TransferSyntaxUID"))
     rec.ReferencedTransferSyntaxUIDInFile = ts or ExplicitVRLittleEndian
     extra: Dataset | None = None
     if kind != "IMAGE" and kind in _RECORDERS and not ascii_only:
@@ -270,11 +310,41 @@ def _instance_record(p: PlacedImage, number: int, charset: bool, ascii_only: boo
     return rec
 
 
-def _encode(records: list[Dataset], roots: list[int], nxt: dict[int, int], lower: dict[int, int],
-            offsets: list[int], sop_uid: str) -> bytes:
-    for i, rec in enumerate(records):
-        rec.OffsetOfTheNextDirectoryRecord = offsets[nxt[i]] if i in nxt else 0
-        rec.OffsetOfReferencedLowerLevelDirectoryEntity = offsets[lower[i]] if i in lower else 0
+def _item_bytes(rec: Dataset) -> bytearray:
+    """One directory record as pydicom writes a sequence item: item tag, defined length, dataset."""
+    fp = DicomBytesIO()
+    fp.is_little_endian = True
+    fp.is_implicit_VR = False
+    pydicom.filewriter.write_dataset(fp, rec)
+    body = fp.getvalue()
+    return bytearray(struct.pack("<HHL", *_ITEM, len(body)) + body)
+
+
+def _set_ul(item: bytearray, tag: tuple[int, int], value: int) -> None:
+    """Set the UL element ``tag`` at the top level of an encoded record item (explicit VR LE)."""
+    pos = 8
+    while pos + 8 <= len(item):
+        group, elem = struct.unpack_from("<HH", item, pos)
+        vr = bytes(item[pos + 4:pos + 6])
+        if vr in _LONG_VRS:
+            (length,) = struct.unpack_from("<L", item, pos + 8)
+            value_at = pos + 12
+        else:
+            (length,) = struct.unpack_from("<H", item, pos + 6)
+            value_at = pos + 8
+        if (group, elem) == tag:
+            if vr != b"UL" or length != 4:
+                break
+            struct.pack_into("<L", item, value_at, value)
+            return
+        if length == 0xFFFFFFFF:
+            break
+        pos = value_at + length
+    raise PackageError("DICOMDIR: a directory record lacks its offset element", item="DICOMDIR")
+
+
+def _head(sop_uid: str, first: int, last: int, sequence_length: int) -> bytes:
+    """Everything before the first record: file meta, file-set elements, the sequence's header."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = UID(MEDIA_STORAGE_DIRECTORY)
     meta.MediaStorageSOPInstanceUID = UID(sop_uid)
@@ -282,18 +352,79 @@ def _encode(records: list[Dataset], roots: list[int], nxt: dict[int, int], lower
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds = FileDataset("DICOMDIR", Dataset(), file_meta=meta, preamble=b"\x00" * 128)
     ds.FileSetID = FILESET_ID
-    ds.OffsetOfTheFirstDirectoryRecordOfTheRootDirectoryEntity = offsets[roots[0]] if roots else 0
-    ds.OffsetOfTheLastDirectoryRecordOfTheRootDirectoryEntity = offsets[roots[-1]] if roots else 0
+    ds.OffsetOfTheFirstDirectoryRecordOfTheRootDirectoryEntity = first
+    ds.OffsetOfTheLastDirectoryRecordOfTheRootDirectoryEntity = last
     ds.FileSetConsistencyFlag = 0
-    ds.DirectoryRecordSequence = records
     buf = io.BytesIO()
     pydicom.dcmwrite(buf, ds, enforce_file_format=True, implicit_vr=False, little_endian=True)
-    return buf.getvalue()
+    # (0004,1220) is the data set's last element: its header, then the items, written by us
+    return buf.getvalue() + struct.pack("<HH2s2xL", *_DIRECTORY_RECORD_SEQUENCE, b"SQ", sequence_length)
+
+
+def _encode(records: list[bytearray], roots: list[int], nxt: dict[int, int], lower: dict[int, int],
+            sop_uid: str) -> tuple[bytes, list[int]]:
+    """The DICOMDIR's bytes and its records' offsets: each record's place follows from the sizes
+    of the records before it, so the links are set in the encoded records without a second pass."""
+    total = sum(len(r) for r in records)
+    start = len(_head(sop_uid, 0, 0, total))
+    offsets = []
+    pos = start
+    for r in records:
+        offsets.append(pos)
+        pos += len(r)
+    for i, r in enumerate(records):
+        _set_ul(r, _NEXT_RECORD, offsets[nxt[i]] if i in nxt else 0)
+        _set_ul(r, _LOWER_RECORD, offsets[lower[i]] if i in lower else 0)
+    head = _head(sop_uid, offsets[roots[0]] if roots else 0, offsets[roots[-1]] if roots else 0, total)
+    return head + b"".join(records), offsets
+
+
+#: explicit VR little endian: these VRs have 2 reserved bytes and a 4-byte length
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+_ITEM = (0xFFFE, 0xE000)
+_SEQ_END = (0xFFFE, 0xE0DD)
+_DIRECTORY_RECORD_SEQUENCE = (0x0004, 0x1220)
+_NEXT_RECORD = (0x0004, 0x1400)
+_LOWER_RECORD = (0x0004, 0x1420)
 
 
 def _item_offsets(data: bytes) -> list[int]:
-    ds = pydicom.dcmread(io.BytesIO(data))
-    return [int(getattr(item, "seq_item_tell", 0)) for item in ds.DirectoryRecordSequence]
+    """File offsets of the DirectoryRecordSequence's items in an encoded DICOMDIR.
+
+    A walk over the top-level elements of what :func:`_encode` wrote (explicit VR little endian,
+    items of defined length, as pydicom writes new datasets), not a parse: parsing a DICOMDIR of
+    thousands of records back into datasets cost as much memory as building it.
+    """
+    pos = 128 + 4  # preamble, "DICM"
+    end = len(data)
+    while pos + 8 <= end:
+        group, elem = struct.unpack_from("<HH", data, pos)
+        vr = data[pos + 4:pos + 6]
+        if vr in _LONG_VRS:
+            (length,) = struct.unpack_from("<L", data, pos + 8)
+            value = pos + 12
+        else:
+            (length,) = struct.unpack_from("<H", data, pos + 6)
+            value = pos + 8
+        if (group, elem) == _DIRECTORY_RECORD_SEQUENCE:
+            return _items(data, value, None if length == 0xFFFFFFFF else value + length)
+        if length == 0xFFFFFFFF:
+            raise PackageError("DICOMDIR: unexpected undefined length before the record sequence", item="DICOMDIR")
+        pos = value + length
+    return []
+
+
+def _items(data: bytes, pos: int, stop: int | None) -> list[int]:
+    offsets = []
+    while pos + 8 <= (stop if stop is not None else len(data)):
+        group, elem, length = struct.unpack_from("<HHL", data, pos)
+        if (group, elem) == _SEQ_END:
+            break
+        if (group, elem) != _ITEM or length == 0xFFFFFFFF:
+            raise PackageError("DICOMDIR: unexpected encoding of a directory record", item="DICOMDIR")
+        offsets.append(pos)
+        pos += 8 + length
+    return offsets
 
 
 def dicomdir_bytes(placed: Sequence[PlacedImage], *, seed: str) -> bytes:
@@ -303,16 +434,14 @@ def dicomdir_bytes(placed: Sequence[PlacedImage], *, seed: str) -> bytes:
     for ascii_only in (False, True):
         try:
             records, roots, nxt, lower = _records(patients, ascii_only)
-            first = _encode(records, roots, nxt, lower, [0] * len(records), sop_uid)
-            offsets = _item_offsets(first)
-            data = _encode(records, roots, nxt, lower, offsets, sop_uid)
+            data, offsets = _encode(records, roots, nxt, lower, sop_uid)
         except Exception as exc:  # an undecodable character set: retry with plain ASCII record values
             if ascii_only:
                 raise PackageError(f"cannot write the DICOMDIR ({type(exc).__name__})", item="DICOMDIR")
             log.warning("DICOMDIR: retrying with ASCII-only record values (%s)", type(exc).__name__)
             continue
-        if _item_offsets(data) != offsets:
-            raise PackageError("DICOMDIR record offsets moved between passes", item="DICOMDIR")
+        if _item_offsets(data) != offsets:  # the walk of what was written finds each record where it was put
+            raise PackageError("DICOMDIR record offsets do not match the records written", item="DICOMDIR")
         return data
     raise PackageError("cannot write the DICOMDIR", item="DICOMDIR")  # pragma: no cover
 

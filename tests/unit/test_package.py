@@ -279,6 +279,22 @@ def test_dicomdir_is_readable_and_instances_are_untouched(package: Path, record:
     assert len(fs.find(Modality="CT")) == 1 and len(fs.find(Modality="MR")) == 1
 
 
+def test_dicomdir_record_links_point_at_records(package: Path) -> None:
+    """The DICOMDIR is assembled from records encoded one by one, its links set in the bytes: every
+    offset must land on a record as pydicom parses the file, and our own walk must agree."""
+    from aggregator.package.dicomdir import _item_offsets
+
+    data = (package / "DICOMDIR").read_bytes()
+    ds = pydicom.dcmread(package / "DICOMDIR")
+    tells = [int(item.seq_item_tell) for item in ds.DirectoryRecordSequence]
+    assert _item_offsets(data) == tells and len(tells) > 4
+    links = {ds.OffsetOfTheFirstDirectoryRecordOfTheRootDirectoryEntity,
+             ds.OffsetOfTheLastDirectoryRecordOfTheRootDirectoryEntity}
+    for item in ds.DirectoryRecordSequence:
+        links |= {item.OffsetOfTheNextDirectoryRecord, item.OffsetOfReferencedLowerLevelDirectoryEntity}
+    assert links - {0} <= set(tells) and len(links - {0}) >= len(tells) - 1
+
+
 def test_dicomdir_passes_dcmdump(package: Path) -> None:
     if not shutil.which("dcmdump"):
         pytest.skip("DCMTK dcmdump is not installed (apt-get install dcmtk)")
