@@ -104,10 +104,12 @@ def create_case(
     patient_name: str | None = None,
     birth_date: str | None = None,
     case_date: str | None = None,
+    question: str | None = None,
 ) -> dict[str, Any]:
     from aggregator.checklist import load_checklist
 
     _check_name("case", case_id)
+    question = _check_question(question)
     _check_date("birth date", birth_date)
     _check_date("case date", case_date)
     load_checklist(checklist)  # refuse unknown checklists now, not at check time
@@ -122,6 +124,7 @@ def create_case(
             patient_name=patient_name,
             birth_date=birth_date,
             case_date=case_date or datetime.now(UTC).date().isoformat(),
+            question=question,
         )
         s.add(case)
     app.case_dir(case_id).mkdir(parents=True, exist_ok=True)
@@ -138,7 +141,36 @@ def get_case(app: App, case_id: str) -> Case:
 
 def case_info(app: App, case_id: str) -> CaseInfo:
     c = get_case(app, case_id)
-    return CaseInfo(c.id, c.checklist, c.patient_name, c.birth_date, c.case_date)
+    return CaseInfo(c.id, c.checklist, c.patient_name, c.birth_date, c.case_date, c.question)
+
+
+MAX_QUESTION_CHARS = 4000
+
+
+def _check_question(question: str | None) -> str | None:
+    """The question as stored: stripped, None when empty; refused when too long or holding control
+    characters other than line breaks and tabs (it is shown to a physician as written)."""
+    if question is None:
+        return None
+    text = question.replace("\r\n", "\n").strip()
+    if not text:
+        return None
+    if len(text) > MAX_QUESTION_CHARS:
+        raise UsageError(f"the case question is too long (at most {MAX_QUESTION_CHARS} characters)")
+    if any((ord(ch) < 32 and ch not in "\n\t") or ord(ch) == 127 for ch in text):
+        raise UsageError("the case question holds control characters")
+    return text
+
+
+def set_case_question(app: App, case_id: str, question: str | None) -> dict[str, Any]:
+    """Set (or, with an empty text, clear) what the consultant is asked; the next package shows it."""
+    text = _check_question(question)
+    with app.db.session() as s:
+        case = s.get(Case, case_id)
+        if case is None:
+            raise NotFound(f"no case named {case_id!r}")
+        case.question = text
+    return case_summary(app, case_id)
 
 
 def list_cases(app: App) -> list[dict[str, Any]]:
@@ -218,6 +250,7 @@ def case_summary(app: App, case_id: str) -> dict[str, Any]:
         "checklist": c.checklist,
         "status": c.status,
         "case_date": c.case_date,
+        "question": c.question,
         "patient": {"name_given": c.patient_name is not None, "birth_date_given": c.birth_date is not None},
         "folder": str(app.case_dir(c.id)),
         "sources": sources,

@@ -250,17 +250,33 @@ def case() -> None:
 @click.option("--patient-name", help="The patient's name, for identity matching.")
 @click.option("--birth-date", help="YYYY-MM-DD, for identity matching.")
 @click.option("--case-date", help="YYYY-MM-DD reference date for freshness windows (default: today).")
+@click.option("--question", help="The case question for the consultant (free text; first on the summary page).")
 @json_option
 @with_app
 @audited("C", "case")
 def case_create(app: Any, case_id: str, checklist: str, patient_name: str | None, birth_date: str | None,
-                case_date: str | None, as_json: bool) -> None:
+                case_date: str | None, question: str | None, as_json: bool) -> None:
     """Open a case CASE."""
     from aggregator.cases import create_case
 
     data = create_case(app, case_id, checklist, patient_name=patient_name, birth_date=birth_date,
-                       case_date=case_date)
+                       case_date=case_date, question=question)
     _emit(as_json, data, f"case {case_id} created (checklist {checklist})")
+
+
+@case.command("set")
+@click.argument("case_id", metavar="CASE")
+@click.option("--question", required=True,
+              help="The case question for the consultant (free text; an empty text clears it).")
+@json_option
+@with_app
+@audited("U", "case")
+def case_set(app: Any, case_id: str, question: str, as_json: bool) -> None:
+    """Change CASE's settings: the case question shown first on the summary page."""
+    from aggregator.cases import set_case_question
+
+    data = set_case_question(app, case_id, question)
+    _emit(as_json, data, f"case {case_id}: question {'set' if data['question'] else 'cleared'}")
 
 
 @case.command("list")
@@ -299,6 +315,8 @@ def case_show(app: Any, case_id: str, as_json: bool) -> None:
     def text() -> str:
         lines = [f"case {data['case']}  checklist: {data['checklist']}  status: {data['status']}  "
                  f"case date: {data['case_date']}", f"folder: {data['folder']}"]
+        if data.get("question"):
+            lines.append(f"question: {data['question']}")
         if not data["sources"]:
             lines.append("no sources yet: add one with `aggregator source add`")
         for src in data["sources"]:

@@ -31,6 +31,8 @@ class CaseInfo:
     """YYYY-MM-DD."""
     case_date: str | None = None
     """YYYY-MM-DD: the reference date for freshness windows (defaults to the creation date)."""
+    question: str | None = None
+    """The case question for the consultant (free text; may hold clinical detail: never logged)."""
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 MIGRATIONS = Path(__file__).with_name("migrations")
 #: The newest migration. Checked first so that opening an up-to-date database does not import
 #: Alembic (about 12 MiB of a pull process's memory); a test keeps it equal to Alembic's head.
-HEAD_REVISION = "0006"
+HEAD_REVISION = "0007"
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

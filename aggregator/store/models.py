@@ -42,6 +42,8 @@ class Case(Base):
     patient_name: Mapped[str | None] = mapped_column(String(200), nullable=True)
     birth_date: Mapped[str | None] = mapped_column(String(10), nullable=True)
     case_date: Mapped[str | None] = mapped_column(String(10), nullable=True)
+    question: Mapped[str | None] = mapped_column(Text, nullable=True)
+    """What the consultant is asked, in the navigator's words; first thing on the summary page."""
     status: Mapped[str] = mapped_column(String(20), default="open")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     sources: Mapped[list[Source]] = relationship(back_populates="case", order_by="Source.id")

@@ -22,6 +22,7 @@ import pytest
 EXE = Path(sys.executable).with_name("aggregator")
 SEVEN_ZIP = shutil.which("7zz") or shutil.which("7z")
 PASSPHRASE = "correct horse battery staple 16"
+QUESTION = "Grade & margins: <DCIS> or invasive?"
 
 
 def _run(home: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -47,6 +48,7 @@ def case(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     for args in [
         ("case", "create", "jd", "--checklist", "oncology", "--patient-name", info.patient_name,
          "--birth-date", info.birth_date, "--case-date", info.case_date.isoformat()),
+        ("case", "set", "jd", "--question", QUESTION),
         ("source", "add", "jd", "--media", str(root / "dl")),
         ("pull", "jd", "--json"),
     ]:
@@ -98,8 +100,11 @@ def test_7zip_opens_it_with_the_passphrase_and_the_files_verify(case: dict[str, 
     v = _run(case["home"], "verify", str(dest), "--json")
     assert v.returncode == 0, v.stdout[-2000:]
     assert '"ok": true' in v.stdout
-    # the extracted summary is the real page, with the record in it
-    assert "FINAL DIAGNOSIS" in (dest / "summary.html").read_text(encoding="utf-8")
+    # the extracted summary is the real page, with the record in it and the case question first
+    page = (dest / "summary.html").read_text(encoding="utf-8")
+    assert "FINAL DIAGNOSIS" in page
+    assert "Grade &amp; margins: &lt;DCIS&gt; or invasive?" in page and "<DCIS>" not in page
+    assert page.index('id="case-question"') < page.index('id="overview"')
 
 
 @pytest.mark.skipif(SEVEN_ZIP is None, reason="7-Zip is not installed (Debian package 7zip)")

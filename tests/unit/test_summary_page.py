@@ -182,6 +182,23 @@ def test_record_text_is_escaped_and_page_is_deterministic(tmp_path: Path) -> Non
     assert _render(tmp_path, record) == html
 
 
+def test_case_question_comes_first_escaped_with_its_line_breaks(tmp_path: Path) -> None:
+    question = "Is this <b>DCIS</b> or invasive & ER+?\nPlease review the 2024-01 biopsy."
+    case = CaseInfo(id="c1", checklist="oncology", case_date="2024-03-01", question=question)
+    html = render_summary(case, _record(), {"score": 50, "items": []}, [], [], BlobStore(tmp_path / "blobs"),
+                          "2024-03-01T00:00:00Z")
+    asked = html[html.index('id="case-question"'):]
+    asked = asked[:asked.index("</blockquote>")]
+    assert "Is this &lt;b&gt;DCIS&lt;/b&gt; or invasive &amp; ER+?<br>Please review the 2024-01 biopsy." in asked
+    assert "<b>DCIS" not in html
+    # the order of reading: the question, then the checklist status, then the overview
+    main = html[html.index("<main"):]
+    assert main.index('id="case-question"') < main.index("Record completeness") < main.index('id="overview"')
+    assert "No free-text case question" not in html
+    # without one the page says so, instead of inventing one
+    assert "No free-text case question was entered" in _render(tmp_path, _record())
+
+
 # --- thumbnails -------------------------------------------------------------------------------
 
 

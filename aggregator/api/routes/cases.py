@@ -29,6 +29,8 @@ class CaseIn(BaseModel):
     patient_name: str | None = Field(default=None, max_length=200)
     birth_date: str | None = Field(default=None, max_length=10, description="YYYY-MM-DD")
     case_date: str | None = Field(default=None, max_length=10, description="YYYY-MM-DD")
+    question: str | None = Field(default=None, max_length=4000,
+                                 description="The case question for the consultant, shown first on the summary page")
 
 
 class AssignmentIn(BaseModel):
@@ -52,7 +54,8 @@ def create(request: Request, body: CaseIn, principal: Caller) -> JSONResponse:
 
         raise UsageError("over the API, give a built-in checklist name")  # no server paths from clients
     data = create_case(core, body.case, body.checklist, patient_name=body.patient_name,
-                       birth_date=body.birth_date, case_date=body.case_date)
+                       birth_date=body.birth_date, case_date=body.case_date,
+                       question=body.question)
     audited(request, principal, audit.CREATE, "case", case_id=body.case)
     return JSONResponse(data, status_code=201, headers={"Location": f"/cases/{body.case}"})
 
