@@ -231,6 +231,27 @@ def test_same_inputs_give_identical_packages(tmp_path: Path, record: NormalizedR
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
+def test_zip_streams_blobs_and_stops_on_a_damaged_one(tmp_path: Path, record: NormalizedRecord,
+                                                      blobs: BlobStore) -> None:
+    """A zip takes documents and instances straight from the blob store, hashing them on the way:
+    a blob whose bytes no longer match its address stops the package (the manifest already
+    promised the address), and nothing is left behind, staged or half-written."""
+    scratch = tmp_path / "case" / "tmp"
+    z = write_package(tmp_path / "ok.zip", CASE, record, GAPS, blobs, SOURCES, as_zip=True, scratch=scratch)
+    assert verify_package(z) == [] and list(scratch.iterdir()) == []
+    doc = record.documents[0]
+    path = blobs.path(doc.sha256)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes
+    path.chmod(0o600)
+    path.write_bytes(bytes(data))
+    with pytest.raises(PackageError, match="no longer match"):
+        write_package(tmp_path / "bad.zip", CASE, record, GAPS, blobs, SOURCES, as_zip=True, scratch=scratch)
+    assert not (tmp_path / "bad.zip").exists()
+    assert list(scratch.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
 def _rezip(src: Path, dest: Path, change: dict[str, bytes | None]) -> None:
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dest, "w") as zout:
         for info in zin.infolist():
