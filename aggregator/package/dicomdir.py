@@ -95,8 +95,12 @@ _IMAGE_KEYWORDS = (
 Header = Dataset | dict[str, Any]
 
 
-def _slim(ds: Dataset) -> dict[str, Any]:
-    """The values of :data:`_IMAGE_KEYWORDS` as a plain dict (a tenth of a Dataset's memory)."""
+def _slim(ds: Dataset, shared: dict[tuple[str, str], Any]) -> dict[str, Any]:
+    """The values of :data:`_IMAGE_KEYWORDS` as a plain dict (a tenth of a Dataset's memory).
+
+    Values equal to one already seen (the study's and series' own, repeated in every instance)
+    are taken from ``shared``, so thousands of slices hold one copy of each.
+    """
     out: dict[str, Any] = {}
     for keyword in _IMAGE_KEYWORDS:
         try:
@@ -104,14 +108,14 @@ def _slim(ds: Dataset) -> dict[str, Any]:
         except Exception:  # a value that cannot be decoded is treated as absent, as _text does
             value = None
         if value is not None:
-            out[keyword] = value
+            out[keyword] = shared.setdefault((keyword, str(value)), value)
     ts = _text(getattr(ds, "file_meta", Dataset()), "TransferSyntaxUID")
     if ts:
-        out["TransferSyntaxUID"] = ts
+        out["TransferSyntaxUID"] = shared.setdefault(("TransferSyntaxUID", ts), ts)
     return out
 
 
-def _read_header(blobs: BlobStore, image: ImageRef) -> Header:
+def _read_header(blobs: BlobStore, image: ImageRef, shared: dict[tuple[str, str], Any]) -> Header:
     """The instance's header, or an empty dataset when it cannot be parsed (the file is kept anyway)."""
     try:
         ds = pydicom.dcmread(blobs.path(image.sha256), stop_before_pixels=True, force=True)
@@ -120,7 +124,7 @@ def _read_header(blobs: BlobStore, image: ImageRef) -> Header:
                     type(exc).__name__)
         return Dataset()
     sop_class = image.sop_class_uid or _text(ds, "SOPClassUID")
-    return ds if _RECORD_TYPES.get(sop_class, "IMAGE") != "IMAGE" else _slim(ds)
+    return ds if _RECORD_TYPES.get(sop_class, "IMAGE") != "IMAGE" else _slim(ds, shared)
 
 
 def _text(ds: Header, keyword: str) -> str:
@@ -155,7 +159,9 @@ def place_images(images: Iterable[ImageRef], blobs: BlobStore) -> list[PlacedIma
         if not blobs.exists(img.sha256):
             raise PackageError("DICOM instance is missing from the blob store", item=img.sop_instance_uid)
         unique.append(img)
-    headers = {(i.sop_instance_uid, i.sha256): _read_header(blobs, i) for i in unique}
+    shared: dict[tuple[str, str], Any] = {}
+    headers = {(i.sop_instance_uid, i.sha256): _read_header(blobs, i, shared) for i in unique}
+    del shared
 
     def study_key(i: ImageRef) -> tuple[str, str]:
         h = headers[(i.sop_instance_uid, i.sha256)]
