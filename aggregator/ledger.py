@@ -24,8 +24,9 @@ from sqlalchemy.orm import Session
 from aggregator.blobs import BlobRef, BlobStore, iter_blocks
 from aggregator.errors import StoreError
 from aggregator.store.db import Database
+from aggregator.store.models import Cursor as CursorRow
 from aggregator.store.models import LedgerItem, Pull, Source, utcnow
-from connectors.base import KIND_BINARY, KIND_DICOM, KIND_RESOURCE, Data
+from connectors.base import KIND_BINARY, KIND_DICOM, KIND_RESOURCE, Cursor, Data, checkpoint_name
 
 DONE = "done"
 FAILED = "failed"
@@ -34,6 +35,8 @@ STATES = (DONE, FAILED, SKIPPED)
 
 FLUSH_ROWS = 500
 FLUSH_SECONDS = 2.0
+#: With aligned checkpoints rows wait for the next checkpoint, but never more than this many.
+ALIGNED_MAX_ROWS = 4 * FLUSH_ROWS
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -127,6 +130,8 @@ class LedgerSink:
         # Keys fetched by earlier pulls, loaded on the first is_done() call. Keys done during
         # this pull are not added: the sink's memory stays flat however long the pull runs.
         self._done: set[tuple[str, str]] | None = None
+        self._checkpoint: Cursor = {}
+        self._aligned = False
 
     def _load_done(self) -> set[tuple[str, str]]:
         with self.db.session() as s:
@@ -207,6 +212,17 @@ class LedgerSink:
     def skipped(self, kind: str, key: str, reason: str, *, meta: Mapping[str, Any] | None = None) -> None:
         self._add(Row(kind, key, SKIPPED, reason=reason, meta=dict(meta or {})))
 
+    def checkpoint(self, cursor: Cursor, *, aligned: bool = False) -> None:
+        """Keep ``cursor`` for the next flush, which writes it with the rows it covers."""
+        self._checkpoint.update(cursor)
+        self._aligned = self._aligned or aligned
+        if len(self._pending) >= FLUSH_ROWS or time.monotonic() - self._last_flush > FLUSH_SECONDS:
+            self.flush()
+
+    def drop_checkpoint(self) -> None:
+        """Forget a checkpoint not yet written (the pull's own cursor is about to replace it)."""
+        self._checkpoint = {}
+
     # -- internals --------------------------------------------------------------------------
 
     def _put(self, data: Data, expected: str | None) -> BlobRef:
@@ -217,7 +233,11 @@ class LedgerSink:
     def _add(self, row: Row) -> None:
         self._pending.append(row)
         self.counts[row.state] = self.counts.get(row.state, 0) + 1
-        if len(self._pending) >= FLUSH_ROWS or time.monotonic() - self._last_flush > FLUSH_SECONDS:
+        if self._aligned:
+            # the connector's next checkpoint flushes; only a huge item flushes in its middle
+            if len(self._pending) >= ALIGNED_MAX_ROWS:
+                self.flush()
+        elif len(self._pending) >= FLUSH_ROWS or time.monotonic() - self._last_flush > FLUSH_SECONDS:
             self.flush()
 
     def flush(self, session: Session | None = None) -> None:
@@ -232,11 +252,25 @@ class LedgerSink:
 
     def _write(self, s: Session, rows: list[Row]) -> None:
         _upsert(s, self.source_id, self.pull_id, rows)
+        if self._checkpoint:
+            checkpoint, self._checkpoint = self._checkpoint, {}
+            save_cursor(s, self.source_id, {checkpoint_name(self.pull_id, k): v for k, v in checkpoint.items()})
         if self.pull_id is not None:
             pull = s.get(Pull, self.pull_id)
             if pull is not None:
                 pull.heartbeat_at = utcnow()
                 pull.counts = dict(self.counts)
+
+
+def save_cursor(s: Session, source_id: int, cursor: Cursor) -> None:
+    """Upsert the cursor rows of ``source_id`` (one per stream) in the caller's transaction."""
+    for stream, value in cursor.items():
+        row = s.get(CursorRow, (source_id, stream))
+        if row is None:
+            s.add(CursorRow(source_id=source_id, stream=stream, value=value))
+        else:
+            row.value = value
+            row.updated_at = utcnow()
 
 
 def content_hash(obj: Any) -> str:

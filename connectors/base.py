@@ -32,6 +32,31 @@ KIND_QUERY = "query"
 #: Incremental state: stream name (e.g. a resource type) -> a small JSON object.
 Cursor = dict[str, dict[str, Any]]
 
+#: Streams of a checkpoint (see :meth:`Sink.checkpoint`) are kept as ``partial:<pull>:<stream>``.
+CHECKPOINT_PREFIX = "partial:"
+
+
+def checkpoint_name(pull_id: int | None, stream: str) -> str:
+    """The cursor stream under which a pull's checkpoint of ``stream`` is kept."""
+    return f"{CHECKPOINT_PREFIX}{pull_id or 0}:{stream}"
+
+
+def checkpoints(since: Cursor | None, stream: str) -> list[dict[str, Any]]:
+    """The checkpointed values of ``stream`` and of its parts (``stream.<part>``) in ``since``.
+
+    Oldest pull first, parts in name order, so that a later pull's value of a key wins when a
+    connector merges them. These are what interrupted pulls got through: the connector's own
+    cursor value (``since[stream]``) is the last *finished* pull's.
+    """
+    found: list[tuple[int, str, dict[str, Any]]] = []
+    for name, value in (since or {}).items():
+        if not name.startswith(CHECKPOINT_PREFIX) or not isinstance(value, dict):
+            continue
+        pull, _, part = name[len(CHECKPOINT_PREFIX):].partition(":")
+        if (part == stream or part.startswith(stream + ".")) and pull.isdigit():
+            found.append((int(pull), part, value))
+    return [v for _, _, v in sorted(found, key=lambda t: (t[0], t[1]))]
+
 Data = bytes | BinaryIO | Iterable[bytes]
 
 
@@ -129,6 +154,21 @@ class Sink(Protocol):
 
     def skipped(self, kind: str, key: str, reason: str, *, meta: Mapping[str, Any] | None = None) -> None:
         """An item deliberately not taken (unsupported, duplicate, another patient)."""
+        ...
+
+    def checkpoint(self, cursor: Cursor, *, aligned: bool = False) -> None:
+        """Progress so far, kept even if this pull never finishes: a resumed pull starts from it.
+
+        ``cursor`` (stream -> value, each stream replacing its earlier checkpoint) must cover
+        only items already handed to the sink: the core writes it in the same transaction as
+        their ledger rows, so an interrupted pull leaves no checkpoint ahead of its data. The
+        next pull's ``since`` holds it under :func:`checkpoint_name` (read it with
+        :func:`checkpoints`) until a pull finishes and its own cursor replaces it.
+
+        ``aligned``: the connector checkpoints after every item, so rows are written only at
+        checkpoints (up to a memory cap), and an interruption cannot leave an item's rows
+        committed without the checkpoint that covers it (the item would be read again).
+        """
         ...
 
 

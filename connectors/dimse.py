@@ -46,6 +46,7 @@ from connectors.base import (
     PatientRef,
     Progress,
     Sink,
+    checkpoints,
     option,
 )
 from connectors.dicom_identifier import decode_identifier, encode_identifier, patient_key_problem
@@ -343,7 +344,9 @@ class DimseConnector(Connector):
         instances are enumerated afterwards only when fewer arrived than the study-level count
         announced (to name the missing ones). Instances already in the ledger are still skipped
         when they arrive. Later pulls (a cursor exists): enumerate first and fetch only the
-        missing series or instances.
+        missing series or instances. The complete studies are checkpointed after each study
+        (and an empty checkpoint with the first rows), so a pull resumed after an interruption
+        skips those studies and fetches only the instances the ledger does not have.
         """
         hints = parse_hints(self.cfg.study_hints)
         if not patient.id and not hints:
@@ -352,7 +355,12 @@ class DimseConnector(Connector):
         if problem:
             raise UsageError(problem)
         started = time.monotonic()
-        done_before: dict[str, int] = dict((since or {}).get("studies", {}).get("studies", {}))
+        done_before: dict[str, int] = {}
+        # the last finished pull's complete studies, then those of interrupted pulls since
+        for value in [(since or {}).get("studies") or {}, *checkpoints(since, "studies")]:
+            studies_done = value.get("studies") if isinstance(value, dict) else None
+            if isinstance(studies_done, dict):
+                done_before.update(studies_done)
         found = self._find_studies(patient, sink) if patient.id else []
         if hints:
             found += self._find_hinted(patient, hints, {s.study_uid for s in found}, sink)
@@ -360,6 +368,9 @@ class DimseConnector(Connector):
         progress.set_total(sum(s.count or 0 for s in studies) or None)
         sink.set_method("C-GET" if self.cfg.retrieve == "get" else "C-MOVE")
         complete = dict(done_before)
+        # from the first batch of rows on, a resumed pull has a cursor: it enumerates a study
+        # and fetches only what the ledger lacks, instead of the whole study again
+        sink.checkpoint({"studies": {"studies": dict(complete)}})
         with BackgroundWriter() as writer:
             for study in studies:
                 self._check_cancelled()
@@ -384,6 +395,7 @@ class DimseConnector(Connector):
                         complete[study.study_uid] = len(study.instances)
                 elif study.count is not None and len(retrieval.received) >= study.count:
                     complete[study.study_uid] = study.count
+                sink.checkpoint({"studies": {"studies": dict(complete)}})
         self._check_cancelled()
         log.info("dimse pull: %d studies, %.1fs", len(studies), time.monotonic() - started)
         return {"studies": {"studies": complete}}

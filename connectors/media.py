@@ -22,8 +22,10 @@ content (magic bytes first, extension only where the content cannot tell), then 
 * Anything else is ``skipped`` with the detected type, so nothing is silently dropped.
 
 The cursor maps each file's display path to its SHA-256: a re-pull emits only new or changed
-files. The connector never writes outside its temporary folder (removed afterwards) and never
-follows symbolic links, so a hostile download cannot make it read or write elsewhere.
+files. A pull checkpoints the same map after every file it read (with that file's ledger rows),
+so a pull resumed after an interruption does not read those files again. The connector never
+writes outside its temporary folder (removed afterwards) and never follows symbolic links, so a
+hostile download cannot make it read or write elsewhere.
 """
 
 from __future__ import annotations
@@ -67,11 +69,14 @@ from connectors.base import (
     PatientRef,
     Progress,
     Sink,
+    checkpoints,
 )
 
 log = logging.getLogger(__name__)
 
 STREAM = "media"
+#: Files per part of a pull's checkpoint (see ``_Pull._checkpoint``).
+CHECKPOINT_PART = 500
 HEAD = 8192
 #: A zip inside a zip is opened; a zip inside that is not (depth counts archives opened).
 MAX_ARCHIVE_DEPTH = 2
@@ -455,11 +460,12 @@ class MediaConnector(Connector):
         if not root.exists():
             raise ConfigError("media path does not exist", item=display_path(root.name))
         sink.set_method("media")
-        previous = {}
-        if since and isinstance(since.get(STREAM), dict):
-            files = since[STREAM].get("files")
+        previous: dict[str, str] = {}
+        # the last finished pull's cursor, then what interrupted pulls since got through
+        for value in [(since or {}).get(STREAM) or {}, *checkpoints(since, STREAM)]:
+            files = value.get("files") if isinstance(value, dict) else None
             if isinstance(files, dict):
-                previous = {str(k): str(v) for k, v in files.items()}
+                previous.update((str(k), str(v)) for k, v in files.items())
         run = _Pull(sink, progress, self.limits(), previous, tmp_dir=self.config.tmp_dir,
                     max_json_bytes=self.config.max_json_bytes, max_xml_bytes=self.config.max_xml_bytes)
         if root.is_dir():
@@ -512,6 +518,9 @@ class _Pull:
     counts: Counter[str] = field(default_factory=Counter)
     total: int = 0
     budget: ByteBudget = field(init=False)
+    read: dict[str, str] = field(default_factory=dict)
+    """Files read by this pull in the current checkpoint part (see :meth:`_checkpoint`)."""
+    part: int = 0
 
     def __post_init__(self) -> None:
         self.budget = ByteBudget(self.limits.max_total_bytes)
@@ -573,6 +582,19 @@ class _Pull:
                              meta={"error": exc.__class__.__name__})
             return
         self.files[f.rel] = digest
+        self._checkpoint(f.rel, digest)
+
+    def _checkpoint(self, rel: str, digest: str) -> None:
+        """After each file read: the files read so far, so a resumed pull does not read them again.
+
+        In parts of :data:`CHECKPOINT_PART` files (``media.00000``, ``media.00001``...), so a
+        checkpoint writes at most one part however many files the download holds; the sink
+        writes it in the same transaction as the file's rows (``aligned``).
+        """
+        if len(self.read) >= CHECKPOINT_PART:
+            self.part, self.read = self.part + 1, {}
+        self.read[rel] = digest
+        self.sink.checkpoint({f"{STREAM}.{self.part:05d}": {"files": dict(self.read)}}, aligned=True)
 
     def _carry_members(self, rel: str) -> None:
         """An unchanged zip: keep its members' cursor entries without opening it."""

@@ -1,7 +1,10 @@
 """Run a connector's pull for one source: ledger, heartbeat, cursor, final state.
 
 The cursor is written in the same transaction as the last ledger rows and the pull's final
-state, so a crash can cause a re-fetch but never a gap. While a pull runs, a heartbeat thread
+state, so a crash can cause a re-fetch but never a gap. Connectors that checkpoint (media,
+DIMSE; :meth:`connectors.base.Sink.checkpoint`) also leave, with each batch of rows, a partial
+cursor that an interrupted pull's successor resumes from; the finished pull's cursor replaces
+those. While a pull runs, a heartbeat thread
 touches ``pulls.heartbeat_at``; any pull whose heartbeat is older than ``STALE_AFTER`` is
 marked failed ("interrupted") by the next command that looks, so no pull stays "running"
 forever after its process died.
@@ -29,10 +32,19 @@ from aggregator.cases import connector_config, get_case
 from aggregator.errors import AggregatorError, NotFound, is_retriable
 from aggregator.jobs import lock as case_lock
 from aggregator.jobs.hints import study_hints
-from aggregator.ledger import FAILED, SKIPPED, LedgerSink, entries_for_case, skipped_rows
+from aggregator.ledger import FAILED, SKIPPED, LedgerSink, entries_for_case, save_cursor, skipped_rows
 from aggregator.store.models import Cursor as CursorRow
 from aggregator.store.models import LedgerItem, Pull, Source, utcnow
-from connectors.base import KIND_DICOM, KIND_QUERY, Cursor, NullProgress, PatientRef, Progress, create_connector
+from connectors.base import (
+    CHECKPOINT_PREFIX,
+    KIND_DICOM,
+    KIND_QUERY,
+    Cursor,
+    NullProgress,
+    PatientRef,
+    Progress,
+    create_connector,
+)
 
 log = logging.getLogger(__name__)
 
@@ -131,16 +143,6 @@ def load_cursor(app: App, source_id: int) -> Cursor:
         return {r.stream: dict(r.value) for r in rows}
 
 
-def _save_cursor(s: Any, source_id: int, cursor: Cursor) -> None:
-    for stream, value in cursor.items():
-        row = s.get(CursorRow, (source_id, stream))
-        if row is None:
-            s.add(CursorRow(source_id=source_id, stream=stream, value=value))
-        else:
-            row.value = value
-            row.updated_at = utcnow()
-
-
 def _patient_ref(app: App, src: Source) -> PatientRef:
     case = get_case(app, src.case_id)
     return PatientRef(
@@ -237,8 +239,12 @@ def run_pull(app: App, source_id: int, progress: Progress | None = None, *, lock
             connector.close()
         state = "partial" if sink.counts.get("failed") else "done"
         with app.db.session() as s:
+            sink.drop_checkpoint()
             sink.flush(s)
-            _save_cursor(s, source_id, new_cursor)
+            save_cursor(s, source_id, new_cursor)
+            # the finished pull's cursor covers what interrupted pulls had checkpointed
+            s.execute(delete(CursorRow).where(CursorRow.source_id == source_id,
+                                              CursorRow.stream.startswith(CHECKPOINT_PREFIX)))
             # Queries run again on every pull: an earlier query failure this pull did not
             # repeat has been resolved, so it must stop showing up as a gap.
             s.execute(

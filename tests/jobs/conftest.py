@@ -51,6 +51,20 @@ def ledger_of(app: App, case_id: str) -> list[tuple[str, str, str, int, Any, str
         return [tuple(r) for r in s.execute(q)]  # type: ignore[misc]
 
 
+def checkpointed_files(app: App, case_id: str) -> set[str]:
+    """The files that interrupted media pulls of the case checkpointed (read with their rows)."""
+    from aggregator.jobs.pull import load_cursor
+    from connectors.base import checkpoints
+
+    files: set[str] = set()
+    with app.db.session() as s:
+        sources = list(s.scalars(select(Source.id).where(Source.case_id == case_id)))
+    for sid in sources:
+        for part in checkpoints(load_cursor(app, sid), "media"):
+            files.update(part.get("files", {}))
+    return files
+
+
 def wait_for(cond: Callable[[], Any], timeout: float, what: str, every: float = 0.1) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -28,7 +28,15 @@ from aggregator.jobs.dispatch import InProcessDispatcher, JobService
 from aggregator.jobs.records import Timing
 from aggregator.jobs.view import job_detail
 from aggregator.store.models import Cursor, Pull
-from tests.jobs.conftest import ROOT, ledger_of, media_case, media_folder, progress_done, wait_for
+from tests.jobs.conftest import (
+    ROOT,
+    checkpointed_files,
+    ledger_of,
+    media_case,
+    media_folder,
+    progress_done,
+    wait_for,
+)
 
 FAST = Timing(dead_after=6.0, max_attempts=3, backoff=0.5)
 
@@ -79,20 +87,24 @@ def test_cancel_mid_pull_stops_within_seconds_and_leaves_a_consistent_ledger(
     assert not case_lock.is_held(core, "c1")
     with core.db.session() as s:
         assert list(s.scalars(select(Pull.state))) == ["failed"]
-        assert list(s.scalars(select(Cursor.stream))) == []  # no cursor without all of its data
+        streams = list(s.scalars(select(Cursor.stream)))
+        assert streams and all(c.startswith("partial:") for c in streams)  # checkpoints only, no final cursor
     rows = ledger_of(core, "c1")
     done = [r for r in rows if r[2] == "done"]
     assert 0 < len(done) < 10000
     blobs = core.blobs("c1")
     assert all(blobs.path(r[6]).is_file() for r in done)  # every done row has its bytes
-    # the next pull completes it and fetches nothing that was already done
+    # the checkpoint covers exactly the files whose rows are written: none ahead of its data
+    assert checkpointed_files(core, "c1") == {r[1].removeprefix("file:").split("#")[0] for r in done}
+    # the next pull completes it and reads nothing that was already done
     again = service.wait(service.submit("pull", "c1", owner="nina", params={}).id, 120)
     assert again.state == "done", again
     rows = ledger_of(core, "c1")
     assert len(rows) == len({r[1] for r in rows}) == 10000 and {r[2] for r in rows} == {"done"}
-    # the media connector resumes from its cursor (committed only at the end), so it reads the
-    # local files of the cancelled pull once more: each row is upserted, never duplicated
-    assert {r[3] for r in rows} <= {1, 2}
+    assert {r[3] for r in rows} == {1}  # no row written twice: no file read twice
+    assert again.result["pulls"][0]["items"]["done"] == 10000 - len(done)
+    with core.db.session() as s:
+        assert [c for c in s.scalars(select(Cursor.stream))] == ["media"]  # the final cursor replaced them
 
 
 def test_cancel_of_a_queued_job_is_at_once(core: App, tmp_path: Path) -> None:
@@ -189,7 +201,8 @@ def test_sigkill_mid_pull_then_the_next_runner_resumes_from_the_ledger(core: App
     assert resumed_in <= FAST.dead_after, resumed_in
     rows = ledger_of(core, "c1")
     assert len(rows) == len({r[1] for r in rows}) == 8000 and {r[2] for r in rows} == {"done"}
-    assert before and {r[3] for r in rows} <= {1, 2}  # media re-reads local files after its cursor: upserts
+    assert before and {r[3] for r in rows} == {1}  # resumed from the checkpoint: no file read twice
+    assert done.result["pulls"][0]["items"]["done"] == 8000 - len(before)
     with core.db.session() as s:
         pulls = list(s.execute(select(Pull.state, Pull.error, Pull.job_id).order_by(Pull.id)))
     assert [(p[0], p[2]) for p in pulls] == [("failed", job_id), ("done", job_id)] and "gone" in (pulls[0][1] or "")
