@@ -64,21 +64,32 @@ class JobProgress:
         self.total: int | None = None
         self.done = 0
         self.note = ""
+        self.stops_itself = False
+
+    def _check(self) -> None:
+        # a connector with a stop of its own (DIMSE: C-CANCEL-RQ) is left to end its operation
+        # cleanly; raising in the middle of it would only abort the association
+        if not self.stops_itself:
+            self.ctx.check()
 
     def set_total(self, total: int | None) -> None:
         self.total = total
-        self.ctx.check()
+        self._check()
 
     def advance(self, n: int = 1) -> None:
         self.done += n
-        self.ctx.check()
+        self._check()
 
     def message(self, text: str) -> None:
         self.note = text[:80]
-        self.ctx.check()
+        self._check()
 
     def on_cancel(self, hook: Callable[[], None]) -> None:
-        """Call ``hook`` (from the watcher thread) when the job is asked to stop."""
+        """Call ``hook`` (from the watcher thread) when the job is asked to stop.
+
+        The connector then stops by itself when told; progress calls no longer raise.
+        """
+        self.stops_itself = True
         self.ctx.add_stop_hook(hook)
 
 

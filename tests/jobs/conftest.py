@@ -10,6 +10,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,9 @@ from aggregator.cases import add_source, create_case
 from aggregator.jobs import records
 from aggregator.store.models import LedgerItem, Pull, Source
 from tests.conftest import PG_ADMIN, _pg_up
+from tests.integration.orthanc import CLIENT_AET, Orthanc, orthanc_server, rehome
+
+__all__ = ["orthanc_server"]
 
 ROOT = Path(__file__).resolve().parents[2]
 MAIN = "import sys; from aggregator.cli import main; sys.exit(main(sys.argv[1:]))"
@@ -39,6 +43,51 @@ def media_folder(path: Path, n: int) -> Path:
 def media_case(app: App, case_id: str, folder: Path) -> None:
     create_case(app, case_id, "oncology", case_date="2024-05-01")
     add_source(app, case_id, media=str(folder))
+
+
+JOBS_PATIENT = "AGG-JOBS"
+
+
+@dataclass
+class BigStudy:
+    """One study of many small instances on the session's Orthanc (patient ``AGG-JOBS``)."""
+
+    server: Orthanc
+    study_uid: str
+    sizes: dict[str, int]
+    """SOP Instance UID -> size of the archive's file."""
+
+
+@pytest.fixture(scope="session")
+def big_study(orthanc_server: Orthanc, tmp_path_factory: pytest.TempPathFactory) -> BigStudy:
+    """150 copies of pydicom's CT_small (39 KiB) in one study: about 6 MiB, a C-GET of seconds when throttled."""
+    from pydicom.data import get_testdata_file
+
+    src = Path(str(get_testdata_file("CT_small.dcm")))
+    out = tmp_path_factory.mktemp("jobs-study")
+    study = "2.25.4711000000000000000000000000000000001"
+    paths = [p for i in range(150) if (p := rehome(src, out / f"ct{i:03d}.dcm", patient_id=JOBS_PATIENT, issuer=None,
+                                                   salt=f"jobs-{i}", study_uid=study))]
+    ids = orthanc_server.upload(paths)
+    sizes = {orthanc_server.sop_uid(i): len(orthanc_server.file(i)) for i in ids}
+    return BigStudy(orthanc_server, study, sizes)
+
+
+def dimse_case(app: App, case_id: str, host: str, port: int, aet: str, *, endpoint: str = "pacs") -> int:
+    """A case with one DIMSE (C-GET) source for the jobs patient; the endpoint is made once per home."""
+    from aggregator.cases import add_endpoint
+    from aggregator.errors import AlreadyExists
+
+    try:
+        add_endpoint(app, endpoint, "dimse", {"host": host, "port": port, "called_ae": aet,
+                                              "calling_ae": CLIENT_AET})
+    except AlreadyExists:
+        pass
+    try:
+        create_case(app, case_id, "oncology", case_date="2024-05-01")
+    except AlreadyExists:
+        pass
+    return int(add_source(app, case_id, endpoint=endpoint, patient_id=JOBS_PATIENT)["id"])
 
 
 def ledger_of(app: App, case_id: str) -> list[tuple[str, str, str, int, Any, str | None, Any]]:
