@@ -239,6 +239,9 @@ class DimseConnector(Connector):
 
     kind: ClassVar[str] = "dimse"
     config_type: ClassVar[type[ConnectorConfig]] = DimseConfig
+    #: told to cancel, the pull ends by itself (C-CANCEL-RQ, then the peer's Cancel status);
+    #: a caller's progress must not raise in the middle of a C-GET, which would abort it
+    stops_itself_on_cancel: ClassVar[bool] = True
 
     def __init__(self, config: ConnectorConfig) -> None:
         if not isinstance(config, DimseConfig):

@@ -31,6 +31,7 @@ Attachments and referenced resources are then fetched through the REST API like 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -114,6 +115,10 @@ class ExportFailed(ConnectorError):
     """The server failed or expired the export job (not our request's fault)."""
 
 
+class ExportCancelled(ExportFailed):
+    """We cancelled the export (the pull's job was cancelled); the server was told with DELETE."""
+
+
 class FhirBulkConnector(FhirConnector):
     """``fhir-bulk``: Bulk Data ``$export`` plus REST hydration and attachments."""
 
@@ -125,6 +130,17 @@ class FhirBulkConnector(FhirConnector):
         if not isinstance(config, FhirBulkConfig):
             raise ConfigError("FhirBulkConnector needs a FhirBulkConfig")
         super().__init__(config)
+        self._cancel = threading.Event()
+
+    def cancel(self) -> None:
+        """Stop waiting for the export, from another thread (a cancelled job).
+
+        The wait between two status polls can last minutes (the server's ``Retry-After``); it
+        ends at once, and the export job is deleted on the server (``DELETE`` on its status
+        URL, which the Bulk Data spec defines as cancelling it). Downloads stop at their next
+        progress step, through the job's own progress.
+        """
+        self._cancel.set()
 
     def _strategy_name(self, caps: Any) -> str:
         return "$export"
@@ -263,6 +279,8 @@ class FhirBulkConnector(FhirConnector):
         interval = 1.0
         transient = 0
         while True:
+            if self._cancel.is_set():
+                raise ExportCancelled("the export was cancelled", item=mask_url(status_url), status="cancelled")
             resp = self.client.request("GET", status_url, headers={"Accept": "application/json"},
                                        ok_statuses=frozenset(range(400, 600)))
             status = resp.status_code
@@ -301,7 +319,8 @@ class FhirBulkConnector(FhirConnector):
             if time.monotonic() + wait > deadline:
                 raise ExportFailed(f"the export did not finish within {self.config.poll_max_seconds:.0f} s",
                                    item=mask_url(status_url), status="timeout")
-            time.sleep(wait)
+            if pause(wait, self._cancel):
+                raise ExportCancelled("the export was cancelled", item=mask_url(status_url), status="cancelled")
 
     def delete_job(self, status_url: str) -> None:
         """Tell the server it may drop the job and its files (best effort, never fatal)."""
@@ -415,6 +434,14 @@ class FhirBulkConnector(FhirConnector):
                 sink.failed(KIND_QUERY, f"$export-error:{mask_url(url)}#{n}", text, status="export-error")
         except ConnectorError as exc:
             sink.failed(KIND_FILE, mask_url(url), f"export error file: {exc.message}", status=exc.status)
+
+
+def pause(seconds: float, cancel: threading.Event) -> bool:
+    """Wait between two status polls, or less when ``cancel`` is set; True when it was.
+
+    Looked up at call time, so tests can replace the wait as they replace ``time.sleep``.
+    """
+    return cancel.wait(seconds)
 
 
 def iter_ndjson(resp: requests.Response) -> Iterator[bytes]:

@@ -232,7 +232,7 @@ def run_pull(app: App, source_id: int, progress: Progress | None = None, *, lock
         on_cancel = getattr(progress, "on_cancel", None)
         connector_cancel = getattr(connector, "cancel", None)
         if callable(on_cancel) and callable(connector_cancel):
-            on_cancel(connector_cancel)
+            on_cancel(connector_cancel, stops_itself=bool(getattr(connector, "stops_itself_on_cancel", False)))
         try:
             new_cursor = connector.pull(_patient_ref(app, src), since or None, sink, progress)
         finally:

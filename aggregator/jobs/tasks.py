@@ -11,8 +11,9 @@ and writes the outcome:
 * a retriable error of the one exception tree (:func:`aggregator.errors.is_retriable`), with
   attempts left: back to the queue after an exponential backoff (the dispatcher waits);
 * a fatal error, or retries used up: ``failed`` at once with the error's (PHI-free) message;
-* a cancel: ``cancelled``. The connector stops at its next progress step (and a connector with
-  a ``cancel()`` of its own, DIMSE, is told at once so it sends C-CANCEL-RQ).
+* a cancel: ``cancelled``. The connector stops at its next progress step, and a connector with
+  a ``cancel()`` of its own is told at once: DIMSE sends C-CANCEL-RQ and ends its retrieve
+  cleanly, Bulk Data stops waiting for its export and deletes it on the server.
 
 A pull that stops half way, for any reason, leaves the ledger consistent: each item's row is
 written with its data, the cursor only at the end (see :mod:`aggregator.jobs.pull`), so the
@@ -84,12 +85,14 @@ class JobProgress:
         self.note = text[:80]
         self._check()
 
-    def on_cancel(self, hook: Callable[[], None]) -> None:
+    def on_cancel(self, hook: Callable[[], None], *, stops_itself: bool = False) -> None:
         """Call ``hook`` (from the watcher thread) when the job is asked to stop.
 
-        The connector then stops by itself when told; progress calls no longer raise.
+        ``stops_itself``: the connector ends its pull by itself once told, so progress calls
+        no longer raise (DIMSE); otherwise the hook only cuts a wait short (Bulk Data's
+        polls) and the next progress call stops the pull.
         """
-        self.stops_itself = True
+        self.stops_itself = stops_itself
         self.ctx.add_stop_hook(hook)
 
 

@@ -286,8 +286,9 @@ class FakeFhirServer:
                 if m:
                     job = server.jobs[m.group(1)]
                     job["polls"] += 1
-                    if job["polls"] == 1:
-                        self._send(202, b"", headers={"Retry-After": "1", "X-Progress": "50%"})
+                    if job["polls"] <= server.export_polls:
+                        self._send(202, b"", headers={"Retry-After": str(server.export_retry_after),
+                                                      "X-Progress": "50%"})
                         return
                     files = [{"type": t, "url": f"{server.url}/bulkfiles/{m.group(1)}-{t}.ndjson"}
                              for t in job["types"]]
@@ -364,6 +365,9 @@ class FakeFhirServer:
             "scopes_supported": scopes}
     #: where $export is served (and declared in /metadata)
     export_levels: tuple[str, ...] = ("Patient", "Group")
+    #: status polls answered "in progress" (202) before the manifest, and their Retry-After
+    export_polls: int = 1
+    export_retry_after: int = 1
 
     @property
     def groups(self) -> dict[str, list[str]]:

@@ -32,6 +32,7 @@ TYPES = "Patient,Observation,DiagnosticReport,DocumentReference,ImagingStudy,Con
 def slept(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     waits: list[float] = []
     monkeypatch.setattr("time.sleep", waits.append)
+    monkeypatch.setattr("connectors.fhir_bulk.pause", lambda seconds, cancel: waits.append(seconds) or cancel.is_set())
     return waits
 
 

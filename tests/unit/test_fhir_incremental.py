@@ -33,6 +33,7 @@ def stamp(when: datetime) -> str:
 def slept(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     waits: list[float] = []
     monkeypatch.setattr("time.sleep", waits.append)
+    monkeypatch.setattr("connectors.fhir_bulk.pause", lambda seconds, cancel: waits.append(seconds) or cancel.is_set())
     return waits
 
 
