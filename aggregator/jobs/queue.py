@@ -203,7 +203,7 @@ def worker_app(core: Any, name: str, timing: Timing) -> Any:
 
 def run_worker(core: Any, *, concurrency: int = 2, timing: Timing | None = None) -> None:
     """``aggregator worker``: run jobs until SIGINT/SIGTERM (running jobs go back to the queue)."""
-    from aggregator.jobs.tasks import worker_name
+    from aggregator.jobs.tasks import warm_up, worker_name
 
     if core.db.engine.dialect.name != "postgresql":
         raise ConfigError("workers need PostgreSQL: set AGGREGATOR_DATABASE_URL to a postgresql:// URL "
@@ -214,6 +214,7 @@ def run_worker(core: Any, *, concurrency: int = 2, timing: Timing | None = None)
     stop = threading.Event()
     reaper = threading.Thread(target=_reaper, args=(dispatcher, timing, stop), name="job-reaper", daemon=True)
     try:
+        warm_up()  # before the worker registers: its first job does not pay for the imports
         dispatcher.reap(timing)
         reaper.start()
         papp = worker_app(core, name, timing)
