@@ -25,6 +25,8 @@ def _enter_home(home: str | Path | None, database_url: str | None) -> Settings:
     restrict_umask()
     settings = load_settings(home, database_url)
     make_private_dir(settings.home)
+    if settings.blob_root is not None:
+        make_private_dir(settings.blob_root)
     return settings
 
 

@@ -98,6 +98,10 @@ class StoreError(AggregatorError):
     """Database or blob-store failure."""
 
 
+class DatabaseUnavailable(StoreError, Retriable):
+    """The database connection was lost (a restart, a failover, a dropped backend): try again later."""
+
+
 class UnsafePath(AggregatorError, Fatal):
     """A path would escape the folder it must stay in (zip slip, hostile file name)."""
 

@@ -131,7 +131,7 @@ def clean_dead_temp(app: App, case_id: str) -> None:
     case_dir = app.case_dir(case_id)
     for d in (case_dir / "tmp").glob("aggregator-media-*"):
         shutil.rmtree(d, ignore_errors=True)
-    raw_tmp = case_dir / "raw" / ".tmp"
+    raw_tmp = app.blobs(case_id).root / ".tmp"
     if raw_tmp.is_dir():
         for f in raw_tmp.glob("in-*"):
             f.unlink(missing_ok=True)

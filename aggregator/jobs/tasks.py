@@ -32,7 +32,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from aggregator.errors import AggregatorError, NotImplementedYet, TransientConnectorError, is_retriable
+from aggregator.errors import (
+    AggregatorError,
+    DatabaseUnavailable,
+    NotImplementedYet,
+    TransientConnectorError,
+    is_retriable,
+)
 from aggregator.jobs import records
 from aggregator.jobs.records import CANCELLED, DONE, FAILED, PARTIAL, Job, LeaseLost, Timing
 
@@ -350,7 +356,8 @@ def _run(ctx: JobContext) -> Outcome:
     except WorkerStopping:
         records.release(app, job.id, lease, "its worker shut down; resumed from the ledger")
         return Outcome("released", retry_in=0.0)
-    except BaseException as exc:
+    except BaseException as raised:
+        exc = _translated(raised)
         if ctx.stop_reason == "cancelled":
             records.finish(app, job.id, lease, CANCELLED, error="cancelled on request", result=result,
                            progress=ctx.snapshot())
@@ -378,6 +385,25 @@ def _run(ctx: JobContext) -> Outcome:
         if not isinstance(exc, Exception):
             raise
         return Outcome(FAILED)
+
+
+def _translated(exc: BaseException) -> BaseException:
+    """A lost database connection as our retriable :class:`DatabaseUnavailable`; anything else as is.
+
+    The driver's error is not ours to classify elsewhere, but a job must not fail for good
+    because the database restarted under it: the next attempt resumes from the ledger.
+    """
+    from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
+
+    seen: BaseException | None = exc
+    for _ in range(5):  # the error raised while handling the first one carries it as its context
+        if seen is None:
+            break
+        if isinstance(seen, DisconnectionError | OperationalError | InterfaceError) or (
+                isinstance(seen, DBAPIError) and seen.connection_invalidated):
+            return DatabaseUnavailable("the database connection was lost during the job")
+        seen = seen.__cause__ or seen.__context__
+    return exc
 
 
 def run_scheduled(app: Any) -> Any:

@@ -206,3 +206,24 @@ def test_sigkill_mid_pull_then_the_next_runner_resumes_from_the_ledger(core: App
     with core.db.session() as s:
         pulls = list(s.execute(select(Pull.state, Pull.error, Pull.job_id).order_by(Pull.id)))
     assert [(p[0], p[2]) for p in pulls] == [("failed", job_id), ("done", job_id)] and "gone" in (pulls[0][1] or "")
+
+
+def test_blob_root_keeps_case_folders_on_shared_storage_apart_from_the_home(
+        tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    shared = tmp_path / "shared" / "blobs"
+    monkeypatch.setenv("AGGREGATOR_BLOB_ROOT", str(shared))
+    app = App.open(tmp_path / "home2", database_url=db_url)
+    svc = JobService(app, InProcessDispatcher(app, 1, timing=FAST))
+    try:
+        media_case(app, "c1", media_folder(tmp_path / "m", 30))
+        assert svc.wait(svc.submit("pull", "c1", owner="nina", params={}).id, 60).state == "done"
+        done = [r for r in ledger_of(app, "c1") if r[2] == "done"]
+        assert len(done) == 30
+        blobs = app.blobs("c1")
+        assert blobs.root == shared / "c1" / "raw"
+        assert all(blobs.path(r[6]).is_file() for r in done)
+        assert not (tmp_path / "home2" / "cases").exists()  # nothing of the case in the home
+        assert (shared.stat().st_mode & 0o777) == 0o700  # PHI: owner-only, whatever the umask
+    finally:
+        svc.shutdown(wait=False)
+        app.close()

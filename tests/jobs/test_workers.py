@@ -97,15 +97,24 @@ def test_two_workers_share_twenty_cases(tmp_path: Path, pg_url: str, workers: Ca
         core.close()
 
 
+def _package_bytes(app: App, case_id: str, out: Path) -> bytes:
+    from aggregator.pipeline import package_case
+
+    path, _ = package_case(app, case_id, out, as_zip=True)
+    return path.read_bytes()
+
+
 def test_sigkill_mid_pull_resumes_on_the_other_worker_within_the_bound(
-        tmp_path: Path, pg_url: str, workers: Callable[..., Workers]) -> None:
+        tmp_path: Path, pg_url: str, workers: Callable[..., Workers], monkeypatch: pytest.MonkeyPatch) -> None:
     home = tmp_path / "home"
+    shared = tmp_path / "shared-blobs"  # the workers' blob root on "shared storage", apart from the home
+    monkeypatch.setenv("AGGREGATOR_BLOB_ROOT", str(shared))
     core, svc = _service(home, pg_url)
     folder = media_folder(tmp_path / "m", 3000)
     try:
         media_case(core, "big", folder)
         media_case(core, "ref", folder)
-        w = workers(home)
+        w = workers(home, AGGREGATOR_BLOB_ROOT=str(shared))
         w.start(2, concurrency=1)
         job = svc.submit("pull", "big", owner="nina", params={})
         wait_for(lambda: progress_done(core, job.id) > 300, 120, "the pull to be under way")
@@ -126,8 +135,24 @@ def test_sigkill_mid_pull_resumes_on_the_other_worker_within_the_bound(
         got = sorted((r[0], r[1], r[6]) for r in ledger_of(core, "big"))
         want = sorted((r[0], r[1], r[6]) for r in ledger_of(core, "ref"))
         assert got == want and len(got) == 3000
+        assert {r[3] for r in ledger_of(core, "big")} == {1}  # resumed from the checkpoint: no file read twice
         spans = sorted(_intervals(ledger_of(core, "big")).values())
         assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans)), spans
+        # the blobs are on the blob root, not in the home
+        assert (shared / "big" / "raw").is_dir() and not (home / "cases").exists()
+        # the package of the resumed case is byte for byte that of an uninterrupted pull of the same
+        # case (same id, so a home of its own: the package names its case)
+        monkeypatch.delenv("AGGREGATOR_BLOB_ROOT")
+        plain = App.open(tmp_path / "plain")
+        try:
+            media_case(plain, "big", folder)
+            from aggregator.jobs.pull import pull_case
+
+            assert [p.state for p in pull_case(plain, "big")] == ["done"]
+            resumed = _package_bytes(core, "big", tmp_path / "resumed.zip")
+            assert resumed == _package_bytes(plain, "big", tmp_path / "plain.zip")
+        finally:
+            plain.close()
     finally:
         svc.shutdown()
         core.close()
@@ -185,4 +210,30 @@ def test_periodic_task_runs_the_due_syncs(tmp_path: Path, pg_url: str) -> None:
     try:
         run_scheduled(core)  # nothing scheduled: runs, returns, raises nothing
     finally:
+        core.close()
+
+
+def test_database_connections_dropped_mid_pull_leave_no_job_running(
+        tmp_path: Path, pg_url: str, workers: Callable[..., Workers]) -> None:
+    """Every backend of the worker is terminated in the middle of a pull (a database restart or
+    failover, as the worker sees it): the job ends, resumes from the ledger, and completes."""
+    home = tmp_path / "home"
+    core, svc = _service(home, pg_url)
+    try:
+        media_case(core, "c1", media_folder(tmp_path / "m", 8000))
+        w = workers(home)
+        w.start(1)
+        job = svc.submit("pull", "c1", owner="nina", params={})
+        wait_for(lambda: progress_done(core, job.id) > 300, 120, "the pull to be under way")
+        with core.db.engine.connect() as c:
+            killed = c.execute(text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                    "WHERE datname = current_database() AND pid <> pg_backend_pid()")).scalar()
+        assert killed and killed >= 2
+        done = svc.wait(job.id, 180)
+        assert done.state == "done", (done, w.output())
+        rows = ledger_of(core, "c1")
+        assert len(rows) == len({r[1] for r in rows}) == 8000 and {r[2] for r in rows} == {"done"}
+        assert done.attempts >= 2
+    finally:
+        svc.shutdown()
         core.close()
