@@ -27,7 +27,18 @@ from aggregator.jobs import records
 from aggregator.jobs.dispatch import JobService
 from aggregator.jobs.lock import CaseBusy
 from aggregator.jobs.queue import QueueDispatcher
-from tests.jobs.conftest import MAIN, ROOT, Workers, ledger_of, media_case, media_folder, progress_done, wait_for
+from tests.jobs.conftest import (
+    MAIN,
+    ROOT,
+    BigStudy,
+    Workers,
+    dimse_case,
+    ledger_of,
+    media_case,
+    media_folder,
+    progress_done,
+    wait_for,
+)
 
 pytestmark = pytest.mark.postgres
 
@@ -234,6 +245,37 @@ def test_database_connections_dropped_mid_pull_leave_no_job_running(
         rows = ledger_of(core, "c1")
         assert len(rows) == len({r[1] for r in rows}) == 8000 and {r[2] for r in rows} == {"done"}
         assert done.attempts >= 2
+    finally:
+        svc.shutdown()
+        core.close()
+
+
+@pytest.mark.orthanc
+def test_two_workers_share_cases_with_media_and_orthanc_sources(
+        tmp_path: Path, pg_url: str, workers: Callable[..., Workers], big_study: BigStudy) -> None:
+    """Each case has a media folder and a DIMSE (C-GET) source on the real Orthanc; no case is pulled
+    by two workers at once and no item is fetched twice."""
+    home = tmp_path / "home"
+    core, svc = _service(home, pg_url)
+    folder = media_folder(tmp_path / "m", 50)
+    cases = [f"c{i}" for i in range(4)]
+    try:
+        for c in cases:
+            media_case(core, c, folder)
+            dimse_case(core, c, "127.0.0.1", big_study.server.dicom_port, big_study.server.aet)
+        w = workers(home)
+        w.start(2, concurrency=1)
+        jobs = [svc.submit("pull", c, owner="nina", params={}) for c in cases]
+        ended = [svc.wait(j.id, 300) for j in jobs]
+        assert [j.state for j in ended] == ["done"] * len(cases), w.output()
+        assert len({j.worker for j in ended}) == 2
+        for c in cases:
+            rows = ledger_of(core, c)
+            assert {r[1] for r in rows if r[0] == "dicom"} == set(big_study.sizes)
+            assert len(rows) == 50 + len(big_study.sizes) and {r[2] for r in rows} == {"done"}
+            assert {r[3] for r in rows} == {1}
+            spans = sorted(_intervals(rows).values())
+            assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans)), (c, spans)
     finally:
         svc.shutdown()
         core.close()
