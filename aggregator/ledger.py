@@ -241,19 +241,29 @@ class LedgerSink:
             self.flush()
 
     def flush(self, session: Session | None = None) -> None:
-        """Write pending rows and a heartbeat; pass ``session`` to join a larger transaction."""
-        rows, self._pending = self._pending, []
-        self._last_flush = time.monotonic()
-        if session is not None:
-            self._write(session, rows)
-            return
-        with self.db.session() as s:
-            self._write(s, rows)
+        """Write pending rows and a heartbeat; pass ``session`` to join a larger transaction.
 
-    def _write(self, s: Session, rows: list[Row]) -> None:
+        When the write fails (the database went away), the rows and the checkpoint are kept
+        for the next flush: a checkpoint written later without the rows it covers would be a
+        gap (a resumed pull skips what the checkpoint names).
+        """
+        rows, self._pending = self._pending, []
+        checkpoint, self._checkpoint = self._checkpoint, {}
+        self._last_flush = time.monotonic()
+        try:
+            if session is not None:
+                self._write(session, rows, checkpoint)
+                return
+            with self.db.session() as s:
+                self._write(s, rows, checkpoint)
+        except BaseException:
+            self._pending[:0] = rows
+            self._checkpoint = {**checkpoint, **self._checkpoint}
+            raise
+
+    def _write(self, s: Session, rows: list[Row], checkpoint: Cursor) -> None:
         _upsert(s, self.source_id, self.pull_id, rows)
-        if self._checkpoint:
-            checkpoint, self._checkpoint = self._checkpoint, {}
+        if checkpoint:
             save_cursor(s, self.source_id, {checkpoint_name(self.pull_id, k): v for k, v in checkpoint.items()})
         if self.pull_id is not None:
             pull = s.get(Pull, self.pull_id)
