@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from aggregator.errors import (
     AccessDenied,
@@ -72,6 +72,10 @@ from connectors.dimse_link import (
     DimseLink,
     PeerProtocolError,
 )
+from connectors.parallel import LockedProgress, TurnedAway, run_units
+
+if TYPE_CHECKING:
+    from connectors.storescp import StorageSCP
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +149,8 @@ class DimseConfig(ConnectorConfig):
     acse_timeout: float = option(30, help="Association timeout in seconds.")
     dimse_timeout: float = option(120, help="DIMSE response timeout in seconds.", aliases=("timeout",))
     network_timeout: float = option(60, help="Network idle timeout in seconds.", aliases=("timeout",))
+    max_associations: int = option(4, help="Associations retrieving a study's series at once (C-GET/C-MOVE); "
+                                   "fewer when the archive turns one away for now.")
     modalities: str | None = option(None, help="Only these modalities, e.g. CT,MR.")
     date_from: str | None = option(None, help="Only studies on or after YYYYMMDD.")
     date_to: str | None = option(None, help="Only studies on or before YYYYMMDD.")
@@ -163,6 +169,8 @@ class DimseConfig(ConnectorConfig):
                 raise ConfigError("an AE title has 1 to 16 characters", item=name)
         if not (0 < int(self.port) < 65536):
             raise ConfigError("port must be 1-65535", item="port")
+        if int(self.max_associations) < 1:
+            raise ConfigError("max_associations must be at least 1", item="max_associations")
 
 
 # --- what the archive told us -------------------------------------------------------------------
@@ -183,6 +191,19 @@ class StudyInfo:
     instances: dict[str, InstanceInfo] = field(default_factory=dict)
     series: dict[str, list[str]] = field(default_factory=dict)
     enumerated: bool = False
+    #: the study's series and their instance counts (SERIES-level C-FIND), for retrieving
+    #: them in parallel before the instances are enumerated
+    series_counts: dict[str, int | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """One retrieve request: a study, a series, or a list of instances (IMAGE level)."""
+
+    level: str
+    series_uid: str | None
+    sops: tuple[str, ...] = ()
+    classes: tuple[str, ...] = ()
 
 
 @dataclass
@@ -196,6 +217,22 @@ class _Retrieval:
     received: set[str] = field(default_factory=set)
     final_status: str = "0xA702"
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: why a unit that failed did (its error), by series UID (None: the whole study) ...
+    failed_series: dict[str | None, ConnectorError] = field(default_factory=dict)
+    #: ... and by SOP Instance UID for IMAGE-level units
+    failed_sops: dict[str, ConnectorError] = field(default_factory=dict)
+
+    def missing_reason(self, sop_uid: str) -> tuple[str, str | int | None]:
+        """Reason and status for an instance that did not arrive: its unit's error when it failed."""
+        info = self.study.instances.get(sop_uid)
+        err = self.failed_sops.get(sop_uid)
+        if err is None and info is not None:
+            err = self.failed_series.get(info.series_uid)
+        if err is None:
+            err = self.failed_series.get(None)
+        if err is not None:
+            return f"its retrieve failed: {err.message}", err.status
+        return "the archive did not send this instance", self.final_status
 
     def run(self, job: Callable[[], None], size: int = 0) -> None:
         if self.writer is not None:
@@ -368,19 +405,23 @@ class DimseConnector(Connector):
         if hints:
             found += self._find_hinted(patient, hints, {s.study_uid for s in found}, sink)
         studies = [s for s in found if not (s.count is not None and done_before.get(s.study_uid) == s.count)]
+        progress = LockedProgress(progress)  # lanes of a parallel retrieve advance it at once
         progress.set_total(sum(s.count or 0 for s in studies) or None)
         sink.set_method("C-GET" if self.cfg.retrieve == "get" else "C-MOVE")
         complete = dict(done_before)
         # from the first batch of rows on, a resumed pull has a cursor: it enumerates a study
         # and fetches only what the ledger lacks, instead of the whole study again
         sink.checkpoint({"studies": {"studies": dict(complete)}})
+        sink.is_done(KIND_DICOM, "")  # the ledger's done set is loaded here, not raced for by lanes
+        optimistic = {s.study_uid for s in studies if since is None and (
+            self.cfg.retrieve == "move" or 0 < len(s.sop_classes) <= _classes_per_association())}
+        if self._lanes() > 1:
+            self._find_series([s for s in studies if s.study_uid in optimistic and (s.count is None or s.count > 1)])
         with BackgroundWriter() as writer:
             for study in studies:
                 self._check_cancelled()
                 retrieval = _Retrieval(sink, progress, study, writer)
-                optimistic = since is None and (
-                    self.cfg.retrieve == "move" or 0 < len(study.sop_classes) <= _classes_per_association())
-                if optimistic:
+                if study.study_uid in optimistic:
                     self._retrieve_then_verify(study, retrieval)
                 else:
                     self._enumerate(study)
@@ -392,7 +433,7 @@ class DimseConnector(Connector):
                 if study.enumerated:
                     for sop in study.instances:
                         if sop not in retrieval.received and not sink.is_done(KIND_DICOM, sop):
-                            retrieval.fail(sop, "the archive did not send this instance", retrieval.final_status)
+                            retrieval.fail(sop, *retrieval.missing_reason(sop))
                     writer.drain()
                     if all(sink.is_done(KIND_DICOM, u) for u in study.instances):
                         complete[study.study_uid] = len(study.instances)
@@ -407,14 +448,59 @@ class DimseConnector(Connector):
         """Retrieve the whole study; enumerate its instances only if fewer arrived than announced.
 
         The IMAGE-level C-FIND costs the archive about as much as sending the study, so it is
-        skipped when the study-level count already shows that everything came.
+        skipped when the study-level count already shows that everything came. A study of
+        several series (known from :meth:`_find_series`) is retrieved series by series over
+        up to ``max_associations`` associations at once.
         """
-        self._retrieve_unit(study, "STUDY", None, [], study.sop_classes, retrieval)
+        classes = tuple(study.sop_classes)
+        if self._lanes() > 1 and len(study.series_counts) > 1:
+            by_size = sorted(study.series_counts, key=lambda s: -(study.series_counts[s] or 0))
+            units = [_Unit("SERIES", series_uid, (), classes) for series_uid in by_size]
+        else:
+            units = [_Unit("STUDY", None, (), classes)]
+        self._run_units(study, units, retrieval)
         if study.count is None or len(retrieval.received) < study.count:
             try:
                 self._enumerate(study)
             except ConnectorError as exc:
+                if retrieval.failed_series:
+                    # a series failed and its instances cannot be named: the pull fails, not silently
+                    raise next(iter(retrieval.failed_series.values())) from exc
                 log.info("instance enumeration not available for %s: %s", study.study_uid, exc.message)
+
+    def _lanes(self) -> int:
+        return max(1, int(self.cfg.max_associations))
+
+    def _find_series(self, studies: Sequence[StudyInfo]) -> None:
+        """Each study's series with their instance counts: one SERIES-level C-FIND per study.
+
+        Costs one association and a round trip per study; a study found to hold several series
+        is then retrieved series by series in parallel. An archive that does not answer at
+        SERIES level only loses the parallelism (the study is retrieved whole, as before).
+        """
+        if not studies:
+            return
+        try:
+            link = self._open_link([(STUDY_ROOT_FIND, UNCOMPRESSED)])
+        except ConnectorError as exc:
+            log.info("no SERIES-level query (%s): studies are retrieved whole", exc.message)
+            return
+        ok = False
+        try:
+            for study in studies:
+                sq = _query("SERIES", StudyInstanceUID=study.study_uid, SeriesInstanceUID="",
+                            NumberOfSeriesRelatedInstances="")
+                counts = {str(ds.get("SeriesInstanceUID") or ""): _int(ds.get("NumberOfSeriesRelatedInstances"))
+                          for ds in _find(link, sq, STUDY_ROOT_FIND)}
+                counts.pop("", None)
+                known = [c for c in counts.values() if c is not None]
+                if study.count is None or len(known) < len(counts) or sum(known) == study.count:
+                    study.series_counts = counts  # else the answer is incomplete: retrieve the study whole
+            ok = True
+        except ConnectorError as exc:
+            log.info("SERIES-level query failed (%s): studies are retrieved whole", exc.message)
+        finally:
+            link.release() if ok else link.abort()
 
     def _find_studies(self, patient: PatientRef, sink: Sink) -> list[StudyInfo]:
         """The patient's studies (PATIENT then STUDY level C-FIND), issuer and filters applied.
@@ -508,10 +594,13 @@ class DimseConnector(Connector):
     # -- retrieve --------------------------------------------------------------------------
 
     def _retrieve_study(self, study: StudyInfo, missing: list[str], retrieval: _Retrieval) -> None:
-        """Retrieve what is missing: the study, whole series, or lists of instances."""
-        units: list[tuple[str, str | None, list[str]]] = []  # (level, series uid, sop uids)
+        """Retrieve what is missing: the study (or its series in parallel), whole series, or lists of instances."""
+        units: list[_Unit] = []
         if len(missing) == len(study.instances):
-            units.append(("STUDY", None, missing))
+            if self._lanes() > 1 and len(study.series) > 1:
+                units += [_Unit("SERIES", series_uid, tuple(sops)) for series_uid, sops in study.series.items()]
+            else:
+                units.append(_Unit("STUDY", None, tuple(missing)))
         else:
             missing_set = set(missing)
             for series_uid, sops in study.series.items():
@@ -519,39 +608,79 @@ class DimseConnector(Connector):
                 if not todo:
                     continue
                 if len(todo) == len(sops):
-                    units.append(("SERIES", series_uid, todo))
+                    units.append(_Unit("SERIES", series_uid, tuple(todo)))
                 else:
                     for i in range(0, len(todo), 200):
-                        units.append(("IMAGE", series_uid, todo[i : i + 200]))
-        for level, unit_series, sops in units:
-            classes = sorted({study.instances[s].sop_class_uid for s in sops if s in study.instances} - {""})
-            if self.cfg.retrieve == "move":
-                self._retrieve_unit(study, level, unit_series, sops, [], retrieval)
-                continue
+                        units.append(_Unit("IMAGE", series_uid, tuple(todo[i : i + 200])))
+        if self.cfg.retrieve == "move":
+            self._run_units(study, units, retrieval)
+            return
+        planned: list[_Unit] = []
+        for unit in units:
+            classes = sorted({study.instances[s].sop_class_uid for s in unit.sops if s in study.instances} - {""})
             batches = _class_batches(classes or study.sop_classes or COMMON_STORAGE_CLASSES)
             if len(batches) == 1:
-                self._retrieve_unit(study, level, unit_series, sops, batches[0], retrieval)
+                planned.append(_Unit(unit.level, unit.series_uid, unit.sops, tuple(batches[0])))
                 continue
             # too many SOP classes for one association (128 contexts): instance lists per class group
             for n, batch in enumerate(batches):
                 by_series: dict[str, list[str]] = {}
-                for sop in sops:
+                for sop in unit.sops:
                     info = study.instances[sop]
                     if info.sop_class_uid in batch or (n == 0 and not info.sop_class_uid):
                         by_series.setdefault(info.series_uid, []).append(sop)
                 for series, items in by_series.items():
                     for i in range(0, len(items), 200):
-                        self._retrieve_unit(study, "IMAGE", series, items[i : i + 200], batch, retrieval)
+                        planned.append(_Unit("IMAGE", series, tuple(items[i : i + 200]), tuple(batch)))
+        self._run_units(study, planned, retrieval)
 
-    def _retrieve_unit(self, study: StudyInfo, level: str, series_uid: str | None, sops: list[str],
-                       classes: list[str], retrieval: _Retrieval) -> None:
-        ds = _query(level, StudyInstanceUID=study.study_uid)
-        if level in ("SERIES", "IMAGE") and series_uid:
-            ds["SeriesInstanceUID"] = series_uid
-        if level == "IMAGE":
-            ds["SOPInstanceUID"] = sops if len(sops) > 1 else sops[0]
+    def _run_units(self, study: StudyInfo, units: Sequence[_Unit], retrieval: _Retrieval) -> None:
+        """Run the retrieve units over up to ``max_associations`` associations at once.
+
+        A unit that fails (its association aborted, a failure status with nothing sent) is
+        remembered with its error, so its instances become ``failed`` ledger rows with that
+        reason while the other units' instances are kept; only when every unit failed does the
+        study's first error end the pull, as a single whole-study retrieve always did. A cancel
+        (``cancel()`` or the job's) ends every association and the pull.
+        """
+        def work(unit: _Unit) -> None:
+            try:
+                self._retrieve_unit(study, unit, retrieval)
+            except TransientConnectorError as exc:
+                if isinstance(exc.__cause__, AssociationRejected) and exc.__cause__.transient:
+                    raise TurnedAway(exc) from exc
+                raise
+
+        lanes = min(self._lanes(), len(units))
+        if self.cfg.retrieve == "move":
+            with self._storage_scp(retrieval):
+                errors = run_units(units, work, lanes=lanes, stop=self._cancel, name="dimse-move")
+        else:
+            errors = run_units(units, work, lanes=lanes, stop=self._cancel, name="dimse-get")
+        self._check_cancelled()
+        failed = [(u, e) for u, e in zip(units, errors, strict=True) if e is not None]
+        for _, err in failed:
+            if not isinstance(err, ConnectorError):
+                raise err  # our own fault, not the archive's: never recorded as an item failure
+        if failed and len(failed) == len(units):
+            raise failed[0][1]
+        for unit, err in failed:
+            assert isinstance(err, ConnectorError)
+            log.warning("retrieve of %s %s of study %s failed: %s", unit.level.lower(), unit.series_uid or "",
+                        study.study_uid, err.message)
+            if unit.level == "IMAGE":
+                retrieval.failed_sops.update((sop, err) for sop in unit.sops)
+            else:
+                retrieval.failed_series[unit.series_uid] = err
+
+    def _retrieve_unit(self, study: StudyInfo, unit: _Unit, retrieval: _Retrieval) -> None:
+        ds = _query(unit.level, StudyInstanceUID=study.study_uid)
+        if unit.level in ("SERIES", "IMAGE") and unit.series_uid:
+            ds["SeriesInstanceUID"] = unit.series_uid
+        if unit.level == "IMAGE":
+            ds["SOPInstanceUID"] = list(unit.sops) if len(unit.sops) > 1 else unit.sops[0]
         if self.cfg.retrieve == "get":
-            self._c_get(ds, classes or COMMON_STORAGE_CLASSES, retrieval)
+            self._c_get(ds, list(unit.classes) or COMMON_STORAGE_CLASSES, retrieval)
         else:
             self._c_move(ds, retrieval)
 
@@ -591,22 +720,32 @@ class DimseConnector(Connector):
         link = self._open_link(contexts, classes)
         self._retrieve_on(link, "C-GET", STUDY_ROOT_GET, ds, retrieval, None)
 
-    def _c_move(self, ds: Keys, retrieval: _Retrieval) -> None:
+    def _storage_scp(self, retrieval: _Retrieval) -> StorageSCP:
+        """Our storage SCP for a study's C-MOVEs: one listener, whatever number of associations."""
         from connectors.storescp import StorageSCP
 
         dest = self.cfg.move_ae or self.cfg.calling_ae
-        scp = StorageSCP(ae_title=dest, host=self.cfg.store_host, port=int(self.cfg.store_port or 0),
-                         handler=retrieval.on_instance, allowed_calling_ae=self.cfg.called_ae,
-                         acse_timeout=self.cfg.acse_timeout, dimse_timeout=self.cfg.dimse_timeout,
-                         network_timeout=self.cfg.network_timeout)
-        with scp:
-            link = self._open_link([(STUDY_ROOT_MOVE, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])])
-            self._retrieve_on(link, "C-MOVE", STUDY_ROOT_MOVE, ds, retrieval, dest)
+        return StorageSCP(ae_title=dest, host=self.cfg.store_host, port=int(self.cfg.store_port or 0),
+                          handler=retrieval.on_instance, allowed_calling_ae=self.cfg.called_ae,
+                          acse_timeout=self.cfg.acse_timeout, dimse_timeout=self.cfg.dimse_timeout,
+                          network_timeout=self.cfg.network_timeout)
+
+    def _c_move(self, ds: Keys, retrieval: _Retrieval) -> None:
+        """One C-MOVE association; the study's storage SCP (see :meth:`_run_units`) is listening."""
+        dest = self.cfg.move_ae or self.cfg.calling_ae
+        link = self._open_link([(STUDY_ROOT_MOVE, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])])
+        self._retrieve_on(link, "C-MOVE", STUDY_ROOT_MOVE, ds, retrieval, dest)
 
     def _retrieve_on(self, link: DimseLink, op: str, model: str, ds: Keys, retrieval: _Retrieval,
                      dest: str | None) -> None:
         study_uid = retrieval.study.study_uid
         ok = False
+        sent_here = [0]  # instances this C-GET brought (C-MOVE's arrive at the SCP: the study's count)
+
+        def on_instance(sop_class: str, sop_uid: str, ts: str, source_ae: str, data: SpoolBuffer) -> int:
+            sent_here[0] += 1
+            return retrieval.on_instance(sop_class, sop_uid, ts, source_ae, data)
+
         try:
             try:
                 _, ts = link.context_for(model)
@@ -617,7 +756,7 @@ class DimseConnector(Connector):
             except ValueError as exc:
                 raise ProtocolError(f"cannot encode the {op} identifier", item=study_uid) from exc
             try:
-                final, data, rsp_ts = link.retrieve(op, model, identifier, retrieval.on_instance, dest)
+                final, data, rsp_ts = link.retrieve(op, model, identifier, on_instance, dest)
             except AssociationAborted as exc:
                 raise TransientConnectorError(f"{op} interrupted: {exc.message}", item=study_uid) from exc
             except PeerProtocolError as exc:
@@ -631,7 +770,8 @@ class DimseConnector(Connector):
                     failed_ds = decode_identifier(data, rsp_ts)
                 except ValueError:
                     log.warning("%s final identifier of study %s could not be decoded", op, study_uid)
-            self._conclude(final, failed_ds, retrieval, op)
+            self._conclude(final, failed_ds, retrieval, op,
+                           sent_here[0] if op == "C-GET" else len(retrieval.received))
             ok = True
         finally:
             if ok:
@@ -639,33 +779,38 @@ class DimseConnector(Connector):
             else:
                 link.abort()
 
-    def _conclude(self, final: int, identifier: Keys | None, retrieval: _Retrieval, op: str) -> None:
-        """Classify the final C-GET/C-MOVE status; record failed SOP instances with it."""
+    def _conclude(self, final: int, identifier: Keys | None, retrieval: _Retrieval, op: str, received: int) -> None:
+        """Classify the final C-GET/C-MOVE status; record failed SOP instances with it.
+
+        ``received`` is how many instances this retrieve brought: a failure status with none
+        is the retrieve's failure, with some it is a partial success.
+        """
         study_uid = retrieval.study.study_uid
         failed_list: list[str] = []
         if identifier is not None and "FailedSOPInstanceUIDList" in identifier:
             value = identifier["FailedSOPInstanceUIDList"]
             failed_list = [str(v) for v in ([value] if isinstance(value, str) else list(value)) if v]
         st = classify_status(final)
-        if op == "C-MOVE" and not st.ok and not retrieval.received and (final == 0xA801 or not failed_list):
+        if op == "C-MOVE" and not st.ok and not received and (final == 0xA801 or not failed_list):
             # 0xA801 is "move destination unknown"; Orthanc and others answer a bare 0xC000
             dest = self.cfg.move_ae or self.cfg.calling_ae
             raise AccessDenied(
                 f"the archive refused the C-MOVE (status {st.hex}): it must know move destination AE "
                 f"{dest!r} at host {self.cfg.store_host} port {self.cfg.store_port}",
                 item=study_uid, status=st.hex)
-        if final in REFUSED_STATUSES and not retrieval.received:
+        if final in REFUSED_STATUSES and not received:
             raise AccessDenied(f"the archive refused the {op} (status {st.hex})", item=study_uid, status=st.hex)
         if not st.ok or st.category == "Warning":
             retrieval.final_status = st.hex
         for sop in failed_list:
-            if sop in retrieval.received:
-                continue
+            with retrieval.lock:
+                if sop in retrieval.received:
+                    continue
+                retrieval.received.add(sop)  # recorded: not reported again as "not sent"
             retrieval.fail(sop, f"the archive reported this instance failed in {op}", st.hex)
-            retrieval.received.add(sop)  # recorded: not reported again as "not sent"
         if st.category == "Warning":
             log.warning("%s of study %s completed with warning %s", op, study_uid, st.hex)
-        elif not st.ok and not retrieval.received:
+        elif not st.ok and not received:
             raise ConnectorError(f"{op} failed (status {st.hex})", item=study_uid, status=st.hex)
 
 
