@@ -20,6 +20,7 @@ import http.client
 import logging
 import re
 import struct
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -28,7 +29,7 @@ from urllib.parse import quote
 import requests
 import urllib3
 
-from aggregator.errors import ConfigError, ProtocolError, TransientConnectorError, UsageError
+from aggregator.errors import ConfigError, ConnectorError, ProtocolError, TransientConnectorError, UsageError
 from connectors.base import (
     KIND_DICOM,
     CheckResult,
@@ -55,6 +56,7 @@ from connectors.dicom_stream import (
     split_part10,
 )
 from connectors.http import AuthStrategy, HttpClient, StaticAuth, mask_url
+from connectors.parallel import LockedProgress, run_units
 from connectors.secrets import read_secret
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,7 @@ class DicomwebConfig(ConnectorConfig):
     password_env: str | None = option(None, help="Environment variable holding the basic-auth password.")
     password_file: str | None = option(None, help="File holding the basic-auth password.")
     timeout: float = option(120, help="Read timeout in seconds.")
+    concurrency: int = option(4, help="Requests in flight at once (WADO-RS: a study's series in parallel).")
     modalities: str | None = option(None, help="Only these modalities, e.g. CT,MR.")
     date_from: str | None = option(None, help="Only studies on or after YYYYMMDD.")
     date_to: str | None = option(None, help="Only studies on or before YYYYMMDD.")
@@ -89,6 +92,8 @@ class DicomwebConfig(ConnectorConfig):
             raise ConfigError("auth must be none, bearer or basic", item="auth")
         if not re.match(r"^https?://", self.url or ""):
             raise ConfigError("url must start with http:// or https://", item="url")
+        if int(self.concurrency) < 1:
+            raise ConfigError("concurrency must be at least 1", item="concurrency")
 
 
 class DicomwebConnector(Connector):
@@ -109,14 +114,28 @@ class DicomwebConnector(Connector):
                 raise ConfigError("basic auth needs --username", item="username")
             auth = StaticAuth.basic(config.username, read_secret(env=config.password_env, file=config.password_file,
                                                                  what="password"))
-        # One request at a time: studies are retrieved one after another.
-        self.client = HttpClient(self.base, auth=auth, concurrency=1, timeout=float(config.timeout),
-                                 connect_timeout=CONNECT_TIMEOUT)
+        # Studies are retrieved one after another, a study's series up to ``concurrency`` at once.
+        self.client = HttpClient(self.base, auth=auth, concurrency=int(config.concurrency),
+                                 timeout=float(config.timeout), connect_timeout=CONNECT_TIMEOUT)
+        self._cancel = threading.Event()
+        self._lock = threading.Lock()
         # WADO-RS bodies are read straight from the socket (see response_blocks): no gzip.
         self.client.session.headers["Accept-Encoding"] = "identity"
 
     def close(self) -> None:
         self.client.close()
+
+    def cancel(self) -> None:
+        """Stop the running pull from another thread: every request ends at its next instance.
+
+        What was stored stays stored (and in the ledger); the pull ends with a
+        :class:`TransientConnectorError` saying it was cancelled.
+        """
+        self._cancel.set()
+
+    def _check_cancelled(self) -> None:
+        if self._cancel.is_set():
+            raise TransientConnectorError("the pull was cancelled", item=mask_url(self.base), status="cancelled")
 
     # -- HTTP ------------------------------------------------------------------------------
 
@@ -203,53 +222,115 @@ class DicomwebConnector(Connector):
     def _retrieve_studies(self, studies: list[tuple[str, int | None]], done_before: dict[str, int],
                           since: Cursor | None, sink: Sink, progress: Progress) -> Cursor:
         todo = [(uid, count) for uid, count in studies if not (count is not None and done_before.get(uid) == count)]
+        progress = LockedProgress(progress)  # the requests of a study's series advance it at once
         progress.set_total(sum(c or 0 for _, c in todo) or None)
         sink.set_method("WADO-RS")
+        sink.is_done(KIND_DICOM, "")  # the ledger's done set is loaded here, not raced for by the requests
         complete = dict(done_before)
         with BackgroundWriter() as writer:
             for uid, count in todo:
+                self._check_cancelled()
                 got: set[str] = set()
                 members: dict[str, str] = {}
+                failed: dict[str | None, ConnectorError] = {}
                 if since is None:
-                    # first pull: the whole study at once; enumerate only if some did not come
-                    self._retrieve(f"/studies/{quote(uid)}", uid, members, sink, progress, got, writer)
+                    # first pull: the whole study at once (its series in parallel when there are
+                    # several); enumerate only if some did not come
+                    series = self._series_of(uid, count) if self.cfg.concurrency > 1 and count != 1 else []
+                    units: list[tuple[str, str | None]] = [(f"/studies/{quote(uid)}", None)]
+                    if len(series) > 1:
+                        units = [(f"/studies/{quote(uid)}/series/{quote(s)}", s) for s in series]
+                    failed = self._run_units(units, uid, members, sink, progress, got, writer)
                     writer.drain()
                     if count is None or len(got) < count:
                         members = self._enumerate(uid)
                 else:
                     members = self._enumerate(uid)
-                    self._retrieve_missing(uid, members, sink, progress, got, writer)
+                    failed = self._retrieve_missing(uid, members, sink, progress, got, writer)
                 writer.drain()
-                for sop, series in members.items():
+                for sop, series_uid in members.items():
                     if sop not in got and not sink.is_done(KIND_DICOM, sop):
-                        record_failure(sink, sop, "WADO-RS did not return this instance", "missing",
-                                       {"study_uid": uid, "series_uid": series})
+                        err = failed.get(sop) or failed.get(series_uid) or failed.get(None)
+                        reason, status = (f"its retrieve failed: {err.message}", _status_text(err)) if err else \
+                            ("WADO-RS did not return this instance", "missing")
+                        record_failure(sink, sop, reason, status, {"study_uid": uid, "series_uid": series_uid})
                 if members and all(sink.is_done(KIND_DICOM, s) for s in members):
                     complete[uid] = len(members)
                 elif not members and count is not None and len(got) >= count:
                     complete[uid] = count
         return {"studies": {"studies": complete}}
 
+    def _series_of(self, study_uid: str, count: int | None) -> list[str]:
+        """The study's series (QIDO-RS), largest first, or [] when they cannot be listed.
+
+        A listing whose counts do not add up to the study's is not trusted (the study is then
+        retrieved whole, as one request): a series it left out would never be asked for.
+        """
+        try:
+            found = self._qido(f"/studies/{quote(study_uid)}/series", {"includefield": "00201209"})
+        except ConnectorError as exc:
+            log.info("no series listing for study %s (%s): retrieved whole", study_uid, exc.message)
+            return []
+        sizes: dict[str, int | None] = {}
+        for item in found:
+            uid, n = _value(item, "0020000E"), _value(item, "00201209")
+            if uid:
+                sizes[uid] = int(n) if n and n.isdigit() else None
+        known = [n for n in sizes.values() if n is not None]
+        if count is not None and len(known) == len(sizes) and sum(known) != count:
+            return []
+        return sorted(sizes, key=lambda s: -(sizes[s] or 0))
+
+    def _run_units(self, units: list[tuple[str, str | None]], study_uid: str, members: Mapping[str, str],
+                   sink: Sink, progress: Progress, got: set[str],
+                   writer: BackgroundWriter) -> dict[str | None, ConnectorError]:
+        """GET each WADO-RS path, up to ``concurrency`` at once; the errors by unit key.
+
+        A unit's key is its series UID (an instance's SOP UID for single instances; None for
+        the whole study). A failed unit's instances become ``failed`` rows with its error and
+        the others are kept; when every unit failed, the first error ends the pull as a
+        whole-study request always did.
+        """
+        def work(unit: tuple[str, str | None]) -> None:
+            with self.client.slots.hold():  # the cap counts the whole body, not just the headers
+                self._retrieve(unit[0], study_uid, members, sink, progress, got, writer)
+
+        errors = run_units(units, work, lanes=self.cfg.concurrency, stop=self._cancel, name="wado")
+        self._check_cancelled()
+        failed = [(u, e) for u, e in zip(units, errors, strict=True) if e is not None]
+        for _, err in failed:
+            if not isinstance(err, ConnectorError):
+                raise err  # our own fault, not the archive's: never recorded as an item failure
+        if failed and len(failed) == len(units):
+            raise failed[0][1]
+        out: dict[str | None, ConnectorError] = {}
+        for (path, key), err in failed:
+            assert isinstance(err, ConnectorError)
+            log.warning("WADO-RS %s failed: %s", path, err.message)
+            out[key] = err
+        return out
+
     def _retrieve_missing(self, uid: str, members: Mapping[str, str], sink: Sink, progress: Progress,
-                          got: set[str], writer: BackgroundWriter) -> None:
-        """Fetch what the ledger lacks: the study, whole series, or single instances."""
+                          got: set[str], writer: BackgroundWriter) -> dict[str | None, ConnectorError]:
+        """Fetch what the ledger lacks: the study (its series in parallel), whole series, or single instances."""
         missing = [s for s in members if not sink.is_done(KIND_DICOM, s)]
         progress.advance(len(members) - len(missing))
         if not missing:
-            return
-        if len(missing) == len(members):
-            self._retrieve(f"/studies/{quote(uid)}", uid, members, sink, progress, got, writer)
-            return
+            return {}
         by_series: dict[str, list[str]] = {}
         for sop in missing:
             by_series.setdefault(members[sop], []).append(sop)
-        for series, sops in by_series.items():
-            base = f"/studies/{quote(uid)}/series/{quote(series)}"
-            if len(sops) == sum(1 for s in members.values() if s == series):
-                self._retrieve(base, uid, members, sink, progress, got, writer)
-            else:
-                for sop in sops:
-                    self._retrieve(f"{base}/instances/{quote(sop)}", uid, members, sink, progress, got, writer)
+        units: list[tuple[str, str | None]] = []
+        if len(missing) == len(members) and (len(by_series) == 1 or self.cfg.concurrency == 1):
+            units.append((f"/studies/{quote(uid)}", None))
+        else:
+            for series, sops in by_series.items():
+                base = f"/studies/{quote(uid)}/series/{quote(series)}"
+                if len(sops) == sum(1 for s in members.values() if s == series):
+                    units.append((base, series))
+                else:
+                    units += [(f"{base}/instances/{quote(sop)}", sop) for sop in sops]
+        return self._run_units(units, uid, members, sink, progress, got, writer)
 
     def _enumerate(self, study_uid: str) -> dict[str, str]:
         """SOP Instance UID -> Series Instance UID for one study (QIDO series, then instances)."""
@@ -300,12 +381,14 @@ class DicomwebConnector(Connector):
         if not sop:
             part.close()
             raise ProtocolError("a WADO-RS part has no MediaStorageSOPInstanceUID", item=study_uid)
-        if sop in got or sink.is_done(KIND_DICOM, sop):
+        self._check_cancelled()
+        with self._lock:
+            seen = sop in got or sink.is_done(KIND_DICOM, sop)
             got.add(sop)
+        if seen:
             part.close()
             progress.advance(1)
             return
-        got.add(sop)
         meta = {"study_uid": study_uid, "series_uid": members.get(sop), "sop_class_uid": sop_class,
                 "transfer_syntax": ts}
 
@@ -543,3 +626,8 @@ def _meta_of(head: bytes) -> tuple[int, str, str, str]:
             sop_class = value
         pos = start + length
     return offset, ts, sop, sop_class
+
+
+def _status_text(err: ConnectorError) -> str | None:
+    """An HTTP status as the ledger shows it ("500"), not as a DIMSE code."""
+    return None if err.status is None else str(err.status)

@@ -3,7 +3,7 @@
 Every GET is forwarded to one upstream (Orthanc, the Medplum FHIR peer) unless a fault is
 queued for its path, in which case the proxy answers that status itself (429/503 with
 ``Retry-After``, 401, 403). ``log`` holds (path with query, status) of every request, so tests
-can count what a pull asked for.
+can count what a pull asked for; ``peak`` is the most requests that were in flight at once.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import http.client
 import json
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,9 +25,13 @@ class FaultProxy:
         parts = urlsplit(upstream)
         self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
         self.faults: list[tuple[re.Pattern[str], int, dict[str, str]]] = []
+        #: (pattern, seconds): matching requests are forwarded that much later (overlap on demand)
+        self.holds: list[tuple[re.Pattern[str], float]] = []
         self.log: list[tuple[str, int]] = []
         self.authorization: list[str | None] = []
         self.lock = threading.Lock()
+        self.active = 0
+        self.peak = 0
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
@@ -42,6 +47,10 @@ class FaultProxy:
     def inject(self, pattern: str, status: int, retry_after: int | None = None, times: int = 1) -> None:
         headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
         self.faults += [(re.compile(pattern), status, headers)] * times
+
+    def hold(self, pattern: str, seconds: float) -> None:
+        """Forward every request matching ``pattern`` ``seconds`` late, so concurrent ones overlap."""
+        self.holds.append((re.compile(pattern), seconds))
 
     def _take(self, path: str) -> tuple[int, dict[str, str]] | None:
         with self.lock:
@@ -64,6 +73,16 @@ class FaultProxy:
                 pass
 
             def do_GET(self) -> None:  # http.server's method name
+                with proxy.lock:
+                    proxy.active += 1
+                    proxy.peak = max(proxy.peak, proxy.active)
+                try:
+                    self._forward()
+                finally:
+                    with proxy.lock:
+                        proxy.active -= 1
+
+            def _forward(self) -> None:
                 proxy.authorization.append(self.headers.get("Authorization"))
                 fault = proxy._take(self.path)
                 if fault is not None:
@@ -77,6 +96,9 @@ class FaultProxy:
                     self.end_headers()
                     self.wfile.write(body)
                     return
+                for rx, seconds in proxy.holds:
+                    if rx.search(self.path):
+                        time.sleep(seconds)
                 conn = http.client.HTTPConnection(proxy.host, proxy.port, timeout=60)
                 try:
                     # Host stays the proxy's, so the links a server builds lead back through it

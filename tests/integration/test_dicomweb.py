@@ -164,6 +164,10 @@ def test_a_server_with_wrong_part_lengths_is_read_again_by_delimiters(tmp_path: 
                                     "00100020": {"vr": "LO", "Value": ["P1"]},
                                     "00201208": {"vr": "IS", "Value": [2]}}]).encode()
                 ctype = "application/dicom+json"
+            elif "/series?" in self.path:  # the series listing: one series, so one study request
+                data = json.dumps([{"0020000E": {"vr": "UI", "Value": ["1.2.3.9"]},
+                                    "00201209": {"vr": "IS", "Value": [2]}}]).encode()
+                ctype = "application/dicom+json"
             else:
                 wado_requests.append(self.path)
                 data, ctype = body, 'multipart/related; type="application/dicom"; boundary=XyZ'
