@@ -6,6 +6,14 @@ from ``wait4``. Prints medians, ratios against the named peer (>1.0 means we are
 MB/s, and checks that what we stored is byte-identical to Orthanc's copies.
 
     .venv/bin/python bench/bench_imaging.py [--instances 300] [--rows 512] [--repeat 3]
+    .venv/bin/python bench/bench_imaging.py --instances 600 --series 4 --cli --repeat 3   # several series
+
+``--series N`` splits the study over N series, which our clients retrieve in parallel (up to 4
+associations or requests; DCMTK and curl fetch the study as one request, as a user would run
+them). ``--cli`` also times the real ``aggregator pull`` command, ``--repeat`` times, interleaved
+with the peers: the whole-command ratio the issue measures. Every process's CPU time (user +
+system) is printed beside its wall time, and so is Orthanc's CPU time during it, so that a win
+that only moved work onto Orthanc's (or another process's) cores is visible on a 2-core machine.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -73,23 +82,49 @@ def _proc_status_kib(field: str) -> int:
     return 0
 
 
+#: the archive's process, whose CPU time is read around every timed run (0: not known)
+ORTHANC_PID = 0
+#: CPU seconds of the last :func:`run`: (the command's user + system, Orthanc's during it)
+LAST_CPU: tuple[float, float] = (0.0, 0.0)
+
+
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds of a running process, from /proc (0.0 when not readable)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int, str]:
     """Run a command; return (wall seconds, peak RSS in KiB of that process, stdout).
 
     Peak RSS comes from GNU ``time`` when present: a child forked from this (large) Python
-    process would otherwise report the parent's RSS at fork time as its own maximum.
+    process would otherwise report the parent's RSS at fork time as its own maximum. CPU time
+    (the command's, all its threads, and Orthanc's meanwhile) is left in :data:`LAST_CPU`.
     """
-    wrapped = ["/usr/bin/time", "-f", "MAXRSS %M", *cmd] if Path("/usr/bin/time").exists() else cmd
+    global LAST_CPU
+    timed = Path("/usr/bin/time").exists()
+    wrapped = ["/usr/bin/time", "-f", "MAXRSS %M CPU %U %S", *cmd] if timed else cmd
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    archive0 = process_cpu(ORTHANC_PID) if ORTHANC_PID else 0.0
     t0 = time.perf_counter()
     proc = subprocess.run(wrapped, capture_output=True, env=env)
     wall = time.perf_counter() - t0
+    archive = (process_cpu(ORTHANC_PID) - archive0) if ORTHANC_PID else 0.0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     err = proc.stderr.decode(errors="replace")
     if proc.returncode != 0:
         raise RuntimeError(f"{cmd[0]} failed ({proc.returncode}): {err[-800:]}")
     rss = 0
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     for line in err.splitlines():
         if line.startswith("MAXRSS "):
-            rss = int(line.split()[1])
+            parts = line.split()
+            rss = int(parts[1])
+            cpu = float(parts[3]) + float(parts[4])
+    LAST_CPU = (cpu, archive)
     return wall, rss, proc.stdout.decode()
 
 
@@ -105,16 +140,17 @@ def release_pages(folder: Path) -> None:
                 os.close(fd)
 
 
-def generate(out: Path, n: int, rows: int) -> list[Path]:
+def generate(out: Path, n: int, rows: int, series: int = 1) -> list[Path]:
     from fixtures.dicom import generate_ct_study
 
-    return generate_ct_study(out, n_instances=n, rows=rows, cols=rows)
+    return generate_ct_study(out, n_instances=n, rows=rows, cols=rows, series=series)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--instances", type=int, default=300)
     ap.add_argument("--rows", type=int, default=512)
+    ap.add_argument("--series", type=int, default=1, help="split the study over this many series")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--only", default="get,move,wado", help="our methods to run")
     ap.add_argument("--verbose", action="store_true", help="print every run as it ends")
@@ -131,6 +167,7 @@ def main() -> None:
         child(args)
         return
 
+    global ORTHANC_PID
     from connectors.dicom_stream import split_part10
     from tests.integration.orthanc import orthanc_available, start_orthanc
     from tests.support import make_sink
@@ -141,14 +178,16 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-imaging-"))
     server = None
     try:
-        files = generate(tmp / "study", args.instances, args.rows)
+        files = generate(tmp / "study", args.instances, args.rows, args.series)
         total_mb = sum(p.stat().st_size for p in files) / 1e6
         server = start_orthanc(tmp / "orthanc")
         server.upload(files)
+        ORTHANC_PID = server.proc.pid if server.proc is not None else 0
         copies = {}
         for iid in server.instances():
             copies[server.sop_uid(iid)] = server.file(iid)
-        print(f"study: {len(files)} instances, {total_mb:.1f} MB; Orthanc on {server.dicom_port}")
+        print(f"study: {len(files)} instances in {args.series} series, {total_mb:.1f} MB; Orthanc on"
+              f" {server.dicom_port}")
         env = {**os.environ, "TCP_NODELAY": "1"}
         study_uid = None
         import pydicom
@@ -188,6 +227,11 @@ def main() -> None:
         for method in methods:
             for i in range(args.repeat):
                 make_sink(out / f"ours-{method}-{i}", kind=method).db.dispose()
+                if args.cli:
+                    cli_setup(method, out / f"cli-{method}-{i}", server, env)
+        # CPU seconds per client and run: (the client's own, Orthanc's meanwhile)
+        cpu_pairs: dict[str, list[tuple[float, float]]] = {}
+        cli_runs: dict[str, list[tuple[float, int]]] = {}
         for i in range(args.repeat):
             for name, make_cmd in peers.items():
                 out_dir = out / f"{name}-{i}"
@@ -197,8 +241,9 @@ def main() -> None:
                 if name != "curl" and len(list(out_dir.iterdir())) < len(files):
                     raise RuntimeError(f"{name} retrieved fewer than {len(files)} files")
                 results.setdefault(name, []).append((wall, rss))
+                cpu_pairs.setdefault(name, []).append(LAST_CPU)
                 if args.verbose:
-                    print(f"  round {i} {name}: {wall:.3f} s")
+                    print(f"  round {i} {name}: {wall:.3f} s, CPU {LAST_CPU[0]:.3f} s, Orthanc CPU {LAST_CPU[1]:.3f} s")
             # our methods take turns at running first: on this VM the first writer after curl's
             # single large file was released paid ~2 s of extra system time on a 1 GB study
             for method in methods[i % len(methods):] + methods[: i % len(methods)]:
@@ -215,15 +260,24 @@ def main() -> None:
                 before.setdefault(ours[method], []).append(info["rss_before_kib"])
                 inner.setdefault(method, []).append(wall)
                 cpu.setdefault(ours[method], []).append(info["user_seconds"] + info["sys_seconds"])
+                cpu_pairs.setdefault("process " + ours[method], []).append(LAST_CPU)
                 if args.verbose:
                     print(f"  round {i} {ours[method]}: {info['seconds']:.3f} s, user {info['user_seconds']:.3f} s,"
                           f" sys {info['sys_seconds']:.3f} s, {info['page_faults']} page faults")
+                if args.cli:
+                    home = out / f"cli-{method}-{i}"
+                    wall, rss = cli_pull(method, home, len(files), env)
+                    cli_runs.setdefault(ours[method], []).append((wall, rss))
+                    cpu_pairs.setdefault("aggregator pull " + ours[method], []).append(LAST_CPU)
+                    if args.verbose:
+                        print(f"  round {i} aggregator pull {ours[method]}: {wall:.3f} s, CPU {LAST_CPU[0]:.3f} s,"
+                              f" Orthanc CPU {LAST_CPU[1]:.3f} s")
         for method in methods:
             check_identity(out / f"ours-{method}-0", copies, split_part10, whole_file=(method == "wado"))
+            if args.cli:
+                check_cli_identity(out / f"cli-{method}-0", copies, split_part10, whole_file=(method == "wado"))
 
         find_ms = cfind_round_trip_ms(server.dicom_port)
-        cli_runs = {ours[m]: cli_pull(m, out / f"cli-{m}", server, len(files), env)
-                    for m in methods} if args.cli else {}
 
         def med(name: str) -> float:
             return statistics.median(t for t, _ in results[name])
@@ -251,12 +305,27 @@ def main() -> None:
         print(f"  C-FIND round trip (STUDY level, one match, association open): median {find_ms:.2f} ms"
               " (target <= 5 ms)")
         if cli_runs:
-            print("\nthe real command, 'aggregator pull CASE' (one run each; whole process: start-up, imports,"
-                  " the pull job, ledger and progress):")
+            print(f"\nthe real command, 'aggregator pull CASE' ({args.repeat} runs each, interleaved with the peers;"
+                  " whole process: start-up, imports, the pull job, ledger and progress):")
             for mine, ref in pairs:
-                if mine in cli_runs:
-                    wall, rss = cli_runs[mine]
-                    print(f"  {mine:8} {wall:7.3f} s  peak RSS {rss / 1024:5.1f} MiB  vs {ref} {med(ref) / wall:.2f}x")
+                if mine in cli_runs and ref in results:
+                    wall = statistics.median(w for w, _ in cli_runs[mine])
+                    rss = max(r for _, r in cli_runs[mine])
+                    print(f"  {mine:8} {wall:7.3f} s  peak RSS {rss / 1024:5.1f} MiB  vs {ref} {med(ref):.3f} s:"
+                          f" {med(ref) / wall:.2f}x")
+
+        def cpu_med(name: str, k: int) -> float:
+            return statistics.median(c[k] for c in cpu_pairs[name])
+
+        print("\nCPU time beside wall time (medians, seconds; 'own' is the client process, all its threads;"
+              " 'Orthanc' is the archive's CPU during the same run):")
+        print(f"  {'client':28} {'wall':>7} {'own CPU':>8} {'Orthanc CPU':>12} {'sum':>7}")
+        walls = {**{n: med(n) for n in results if n in cpu_pairs},
+                 **{"process " + ours[m]: statistics.median(inner[m]) for m in methods},
+                 **{"aggregator pull " + k: statistics.median(w for w, _ in v) for k, v in cli_runs.items()}}
+        for name, wall in walls.items():
+            own, archive = cpu_med(name, 0), cpu_med(name, 1)
+            print(f"  {name:28} {wall:7.3f} {own:8.3f} {archive:12.3f} {own + archive:7.3f}")
         print("(our times are the pull() call inside the child process; process start-up and imports are"
               " excluded, DCMTK/curl times are whole-process wall times. 'CPU s' is user + system time of"
               " our process during pull(), all threads. 'RSS before pull' is what the imports"
@@ -268,8 +337,8 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def cli_pull(method: str, home: Path, server: object, expected: int, env: dict[str, str]) -> tuple[float, int]:
-    """Set up a case with the CLI (untimed), then time one ``aggregator pull``; (wall s, peak RSS KiB)."""
+def cli_setup(method: str, home: Path, server: object, env: dict[str, str]) -> None:
+    """Create the endpoint, case and source of one ``aggregator pull`` run (untimed)."""
     cli = str(Path(sys.executable).with_name("aggregator"))
     srv: Any = server
     if method == "wado":
@@ -282,12 +351,32 @@ def cli_pull(method: str, home: Path, server: object, expected: int, env: dict[s
     for cmd in (["endpoint", "add", "pacs", *endpoint], ["case", "create", "bench", "--checklist", "general"],
                 ["source", "add", "bench", "--endpoint", "pacs", "--patient-id", "BENCH001"]):
         run([cli, "--home", str(home), *cmd], env)
+
+
+def cli_pull(method: str, home: Path, expected: int, env: dict[str, str]) -> tuple[float, int]:
+    """Time one ``aggregator pull`` in a home set up by :func:`cli_setup`; (wall s, peak RSS KiB)."""
+    cli = str(Path(sys.executable).with_name("aggregator"))
     wall, rss, text = run([cli, "--home", str(home), "pull", "bench", "--json"], env)
     release_pages(home)
     (pulled,) = json.loads(text)
     if pulled["items"].get("done", 0) != expected:
         raise RuntimeError(f"aggregator pull ({method}) stored {pulled['items']} of {expected}")
     return wall, rss
+
+
+def check_cli_identity(home: Path, copies: dict[str, bytes], split_part10: object, *, whole_file: bool) -> None:
+    """What ``aggregator pull`` stored in ``home`` equals Orthanc's copies (see :func:`check_identity`)."""
+    from aggregator.app import App
+    from aggregator.ledger import entries_for_case, stored_path
+
+    app = App.open(home)
+    try:
+        rows = [e for e in entries_for_case(app.db, "bench") if e.state == "done"]
+        compare([(e.key, stored_path(app.blobs("bench"), e).read_bytes()) for e in rows], copies, split_part10,
+                whole_file=whole_file)
+    finally:
+        app.close()
+    print(f"  aggregator pull in {home.name}: {len(rows)} instances byte-identical to Orthanc's copies")
 
 
 def cfind_round_trip_ms(port: int, repeat: int = 50) -> float:
@@ -317,10 +406,17 @@ def check_identity(work: Path, copies: dict[str, bytes], split_part10: object, *
     db = Database(f"sqlite:///{work / 'test.db'}")
     blobs = BlobStore(work / "blobs")
     rows = [e for e in entries_for_case(db, "test-case") if e.state == "done"]
-    assert {e.key for e in rows} == set(copies), "stored SOP instances differ from the archive's"
-    for e in rows:
-        got = stored_path(blobs, e).read_bytes()
-        orig = copies[e.key]
+    compare([(e.key, stored_path(blobs, e).read_bytes()) for e in rows], copies, split_part10, whole_file=whole_file)
+    print(f"  {work.name}: {len(rows)} instances byte-identical to Orthanc's copies")
+
+
+def compare(stored: list[tuple[str, bytes]], copies: dict[str, bytes], split_part10: object, *,
+            whole_file: bool) -> None:
+    """Every instance equals Orthanc's copy: the whole file (WADO-RS), or the dataset (DIMSE)."""
+    if {key for key, _ in stored} != set(copies):
+        raise RuntimeError("stored SOP instances differ from the archive's")
+    for key, got in stored:
+        orig = copies[key]
         if whole_file:
             same = got == orig
         else:
@@ -328,8 +424,7 @@ def check_identity(work: Path, copies: dict[str, bytes], split_part10: object, *
             b, tb = split_part10(orig)  # type: ignore[operator]
             same = ta == tb and got[a:] == orig[b:]
         if not same:
-            raise RuntimeError(f"instance {e.key} is not byte-identical to Orthanc's copy")
-    print(f"  {work.name}: {len(rows)} instances byte-identical to Orthanc's copies")
+            raise RuntimeError(f"instance {key} is not byte-identical to Orthanc's copy")
 
 
 if __name__ == "__main__":
