@@ -26,8 +26,11 @@ import base64
 import errno
 import hashlib
 import logging
+import queue
 import re
 import tempfile
+import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -580,19 +583,22 @@ class FhirConnector(Connector):
                     if supported is None
                     or (rtype in supported and (not supported[rtype] or param in supported[rtype]))]
         state.planned = {rtype for rtype, _ in searches} | {"Patient"}
+        pagers: list[tuple[str, Paginator]] = []
         for rtype, param in searches:
             params = [(param, pid), ("_count", str(self.config.page_size))]
             since = state.since_for(rtype)
             if since:
                 params.insert(1, ("_lastUpdated", f"ge{since}"))
-            try:
-                for page in Paginator(self.client, rtype, params):
-                    self._take_page(page, state, sink, progress)
+            pagers.append((rtype, Paginator(self.client, rtype, params)))
+        for rtype, page, error in crawl_pages(pagers, self.config.concurrency):
+            if page is not None:
+                self._take_page(page, state, sink, progress)
+            elif error is None:
                 state.covered_types.add(rtype)
-            except ConnectorError as exc:
+            else:
                 state.failed_types.add(rtype)
-                sink.failed(KIND_QUERY, f"query:{rtype}", exc.message, status=exc.status)
-                log.warning("search for %s failed: %s", rtype, exc.message)
+                sink.failed(KIND_QUERY, f"query:{rtype}", error.message, status=error.status)
+                log.warning("search for %s failed: %s", rtype, error.message)
 
     def _read_patient(self, pid: str, state: PullState, sink: Sink) -> None:
         """Read the Patient; on re-pulls with ``If-None-Match`` so an unchanged one costs a 304."""
@@ -822,6 +828,82 @@ class FhirConnector(Connector):
             return Download(job, resp_file, ctype, sha1)
         except ConnectorError as exc:
             return Download(job, error=exc)
+
+
+#: Pages fetched ahead per search lane while the calling thread hands earlier ones to the sink.
+PAGES_AHEAD = 2
+
+
+def crawl_pages(pagers: list[tuple[str, Paginator]], lanes: int
+                ) -> Iterator[tuple[str, Page | None, ConnectorError | None]]:
+    """The pages of every type search, the searches run up to ``lanes`` at once.
+
+    Yields ``(type, page, None)`` for each page, then ``(type, None, None)`` when that search
+    ended, or ``(type, None, error)`` when it failed: the same events a plain loop over the
+    searches gives, one search's pages in their order, the searches interleaved. Only the
+    network runs in the lanes; every page is handed over to the calling thread, which alone
+    calls the sink. Memory stays bounded: a lane waits once ``PAGES_AHEAD`` pages per lane
+    are unread. When the caller stops early (an error, a job's cancel), the lanes stop before
+    their next page.
+    """
+    lanes = max(1, min(lanes, len(pagers)))
+    if lanes == 1:
+        for rtype, pager in pagers:
+            try:
+                for page in pager:
+                    yield rtype, page, None
+            except ConnectorError as exc:
+                yield rtype, None, exc
+                continue
+            yield rtype, None, None
+        return
+    events: queue.Queue[tuple[str, Page | None, BaseException | None]] = queue.Queue(maxsize=lanes * PAGES_AHEAD)
+    todo = deque(pagers)
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def put(event: tuple[str, Page | None, BaseException | None]) -> bool:
+        while not stop.is_set():
+            try:
+                events.put(event, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def lane() -> None:
+        while not stop.is_set():
+            with lock:
+                if not todo:
+                    return
+                rtype, pager = todo.popleft()
+            try:
+                for page in pager:
+                    if not put((rtype, page, None)):
+                        return
+            except Exception as exc:  # handed to the calling thread: a ConnectorError is the type's failure
+                put((rtype, None, exc))
+                continue
+            put((rtype, None, None))
+
+    threads = [threading.Thread(target=lane, name=f"fhir-crawl-{n}", daemon=True) for n in range(lanes)]
+    for t in threads:
+        t.start()
+    try:
+        ended = 0
+        while ended < len(pagers):
+            rtype, got, error = events.get()
+            if got is not None:
+                yield rtype, got, None
+                continue
+            ended += 1
+            if error is not None and not isinstance(error, ConnectorError):
+                raise error  # our own fault, not the server's
+            yield rtype, None, error if isinstance(error, ConnectorError) else None
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
 
 
 class _EverythingUnsupported(Exception):

@@ -132,3 +132,47 @@ def test_three_incremental_crawls_ask_only_for_changes(medplum: str, tmp_path: P
     observations = [e for e in h.entries() if e.key.startswith("Observation/")]
     assert sorted(e.key for e in observations if e.attempts == 2) == ["Observation/agg-obs-17",
                                                                        "Observation/agg-obs-3"]
+
+
+def test_concurrent_crawl_gives_the_sequential_result_within_the_cap(medplum: str, tmp_path: Path) -> None:
+    """The type searches run together (at most ``concurrency`` requests in flight), same ledger."""
+    pid = "agg-pat-2"
+    put(medplum, {"resourceType": "Patient", "id": pid, "name": [{"family": "Peer", "given": ["Two"]}]})
+    put(medplum, {"resourceType": "Practitioner", "id": "agg-dr-2", "name": [{"family": "Doc"}]})
+    for i in range(12):
+        obs = observation(100 + i, 80 + i)
+        obs["subject"] = {"reference": f"Patient/{pid}"}
+        obs["performer"] = [{"reference": "Practitioner/agg-dr-2"}]
+        put(medplum, obs)
+    for rtype, n in (("Condition", 3), ("Encounter", 2)):  # types the peer declares (it searches those)
+        for i in range(n):
+            res: dict = {"resourceType": rtype, "id": f"agg-{rtype.lower()}-{i}",
+                         "subject": {"reference": f"Patient/{pid}"}}
+            if rtype == "Condition":
+                res["code"] = {"text": "x"}
+            else:
+                res.update(status="finished", **{"class": {"code": "AMB"}})
+            put(medplum, res)
+
+    def crawl(concurrency: int, where: Path) -> tuple[set[tuple[str, str, str]], Cursor, int]:
+        h = make_sink(where, kind="fhir")
+        with FaultProxy(medplum.rsplit("/fhir", 1)[0]) as proxy:
+            proxy.hold(r"^/fhir/[A-Za-z]+\?", 0.05)  # searches sent together are sure to overlap
+            c = FhirConnector(FhirConfig(url=proxy.url("/fhir"), strategy="crawl", page_size=5,
+                                         concurrency=concurrency))
+            try:
+                cursor = c.pull(PatientRef(id=pid), None, h.sink, NullProgress())
+            finally:
+                c.close()
+            peak = proxy.peak
+        rows = {(e.kind, e.key, e.state) for e in h.entries()}
+        return rows, cursor, peak
+
+    one, cursor_one, peak_one = crawl(1, tmp_path / "one")
+    many, cursor_many, peak_many = crawl(4, tmp_path / "many")
+    assert one == many
+    expected = {f"Patient/{pid}", "Practitioner/agg-dr-2", "Encounter/agg-encounter-1",
+                "Condition/agg-condition-2", *(f"Observation/agg-obs-{100 + i}" for i in range(12))}
+    assert {k for _, k, s in one if s == "done"} >= expected
+    assert sorted(cursor_one) == sorted(cursor_many)
+    assert peak_one == 1 and 2 <= peak_many <= 4
