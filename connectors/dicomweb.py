@@ -8,6 +8,10 @@ connectors' do: (connect, read) timeouts, retries of 429/502-504 and dropped con
 ``Retry-After``, statuses classified in one place (401 auth, 403 access denied, 404 not found),
 and query values (PatientIDs) masked wherever a URL is logged or reported.
 
+A study of several series (QIDO-RS lists them with their counts) is retrieved with one WADO-RS
+request per series, up to ``concurrency`` at once, each holding the endpoint's slot until its
+body is read (:mod:`connectors.parallel`); a failed series fails only its instances.
+
 Report to study: with ``study_hints`` (from the case's FHIR reports, see
 ``aggregator.jobs.hints``) each hint is also looked up with QIDO-RS, by StudyInstanceUID, accession
 number or date + modality, and its matches are retrieved with the patient's studies; the rule
@@ -381,7 +385,9 @@ class DicomwebConnector(Connector):
         if not sop:
             part.close()
             raise ProtocolError("a WADO-RS part has no MediaStorageSOPInstanceUID", item=study_uid)
-        self._check_cancelled()
+        if self._cancel.is_set():
+            part.close()
+            self._check_cancelled()
         with self._lock:
             seen = sop in got or sink.is_done(KIND_DICOM, sop)
             got.add(sop)

@@ -15,8 +15,14 @@ instance; association PDUs are :mod:`connectors.acse`'s and identifiers
 :mod:`connectors.dicom_identifier`'s, so the connector imports neither pydicom (~11 MiB) nor
 pynetdicom. pynetdicom is the tests' peer only.
 
-``cancel()`` (from another thread, e.g. a job being cancelled) sends C-CANCEL-RQ for the
-running query or retrieve and stops the pull before its next study.
+Parallel series: a study of several series (SERIES-level C-FIND, one round trip) is retrieved
+series by series, each on its own association, up to ``max_associations`` at once (default 4:
+Orthanc's ``DicomThreadsCount``), all feeding one background writer whose queue bounds memory
+(:mod:`connectors.parallel`). One series' failure becomes ``failed`` rows for its instances;
+an archive that turns an association away for now leaves fewer lanes, never more than it takes.
+
+``cancel()`` (from another thread, e.g. a job being cancelled) sends C-CANCEL-RQ on every
+running query or retrieve and stops the pull before its next series or study.
 """
 
 from __future__ import annotations
@@ -364,7 +370,7 @@ class DimseConnector(Connector):
         return not (code in REFUSED_STATUSES or 0xA800 <= code <= 0xA8FF)
 
     def cancel(self) -> None:
-        """Cancel the running pull from another thread: C-CANCEL-RQ now, no further study after.
+        """Cancel the running pull from another thread: C-CANCEL-RQ on every association, nothing after.
 
         The pull then ends with a :class:`TransientConnectorError` saying it was cancelled;
         what was stored before stays stored (and in the ledger).

@@ -187,3 +187,43 @@ def test_wado_failed_series_fails_only_its_instances(study: Study, proxy: FaultP
     failed = {e.key: e for e in h.entries("failed")}
     assert set(failed) == study.series[broken]
     assert {e.status for e in failed.values()} == {"500"}
+
+
+def test_a_job_cancel_raised_in_one_lane_ends_the_pull(study: Study, relay: CountingRelay, tmp_path: Path) -> None:
+    """The job engine's cancel is a BaseException raised at a progress step, in whichever lane."""
+
+    class JobStopped(BaseException):
+        pass
+
+    class StopAtFive(RecordingProgress):
+        def advance(self, n: int = 1) -> None:
+            super().advance(n)
+            if self.done >= 5:
+                raise JobStopped
+
+    h = make_sink(tmp_path, kind="dimse")
+    with pytest.raises(JobStopped):
+        dimse(study, relay).pull(PATIENT, None, h.sink, StopAtFive())
+    assert len(h.entries("done")) < len(study.copies)
+    deadline = time.monotonic() + 5
+    while relay.active and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert relay.active == 0
+    assert not [t for t in threading.enumerate() if t.name.startswith("dimse-get")]
+
+
+def test_wado_cancel_stops_every_request(study: Study, proxy: FaultProxy, tmp_path: Path) -> None:
+    h = make_sink(tmp_path, kind="dicomweb")
+    conn = DicomwebConnector(DicomwebConfig(url=proxy.url("/dicom-web")))
+
+    class CancelAtThree(RecordingProgress):
+        def advance(self, n: int = 1) -> None:
+            super().advance(n)
+            if self.done >= 3:
+                conn.cancel()
+
+    with pytest.raises(TransientConnectorError, match="cancelled"):
+        conn.pull(PATIENT, None, h.sink, CancelAtThree())
+    conn.close()
+    assert 3 <= len(h.entries("done")) < len(study.copies)
+    assert h.entries("failed") == []  # a cancel is not the archive's failure
