@@ -45,14 +45,14 @@ def child(args: argparse.Namespace) -> None:
     if args.method == "wado":
         from connectors.dicomweb import DicomwebConfig, DicomwebConnector
 
-        conn: object = DicomwebConnector(DicomwebConfig(url=args.url))
+        conn: object = DicomwebConnector(DicomwebConfig(url=args.url, concurrency=args.lanes))
     else:
         from connectors.dimse import DimseConfig, DimseConnector
 
         conn = DimseConnector(DimseConfig(
             host="127.0.0.1", port=args.port, called_ae="ORTHANC", calling_ae="AGGREGATOR",
             retrieve=args.method, move_ae="AGGMOVE" if args.method == "move" else None,
-            store_port=args.store_port if args.method == "move" else None))
+            store_port=args.store_port if args.method == "move" else None, max_associations=args.lanes))
     rss_before = _proc_status_kib("VmRSS")
     import resource
 
@@ -151,6 +151,8 @@ def main() -> None:
     ap.add_argument("--instances", type=int, default=300)
     ap.add_argument("--rows", type=int, default=512)
     ap.add_argument("--series", type=int, default=1, help="split the study over this many series")
+    ap.add_argument("--lanes", type=int, default=4,
+                    help="our associations (DIMSE) or requests (WADO-RS) at once; 1 = one series after another")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--only", default="get,move,wado", help="our methods to run")
     ap.add_argument("--verbose", action="store_true", help="print every run as it ends")
@@ -187,7 +189,7 @@ def main() -> None:
         for iid in server.instances():
             copies[server.sop_uid(iid)] = server.file(iid)
         print(f"study: {len(files)} instances in {args.series} series, {total_mb:.1f} MB; Orthanc on"
-              f" {server.dicom_port}")
+              f" {server.dicom_port}; our clients use up to {args.lanes} associations/requests at once")
         env = {**os.environ, "TCP_NODELAY": "1"}
         study_uid = None
         import pydicom
@@ -228,7 +230,7 @@ def main() -> None:
             for i in range(args.repeat):
                 make_sink(out / f"ours-{method}-{i}", kind=method).db.dispose()
                 if args.cli:
-                    cli_setup(method, out / f"cli-{method}-{i}", server, env)
+                    cli_setup(method, out / f"cli-{method}-{i}", server, env, args.lanes)
         # CPU seconds per client and run: (the client's own, Orthanc's meanwhile)
         cpu_pairs: dict[str, list[tuple[float, float]]] = {}
         cli_runs: dict[str, list[tuple[float, int]]] = {}
@@ -248,8 +250,9 @@ def main() -> None:
             # single large file was released paid ~2 s of extra system time on a 1 GB study
             for method in methods[i % len(methods):] + methods[: i % len(methods)]:
                 work = out / f"ours-{method}-{i}"
-                cmd = [sys.executable, __file__, "--child", method, "--work", str(work), "--port",
-                       str(server.dicom_port), "--store-port", str(server.store_port), "--url", server.dicomweb]
+                cmd = [sys.executable, __file__, "--child", method, "--lanes", str(args.lanes), "--work", str(work),
+                       "--port", str(server.dicom_port), "--store-port", str(server.store_port),
+                       "--url", server.dicomweb]
                 wall, rss, text = run(cmd, env)
                 release_pages(work)
                 info = json.loads(text.strip().splitlines()[-1])
@@ -337,15 +340,15 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def cli_setup(method: str, home: Path, server: object, env: dict[str, str]) -> None:
+def cli_setup(method: str, home: Path, server: object, env: dict[str, str], lanes: int) -> None:
     """Create the endpoint, case and source of one ``aggregator pull`` run (untimed)."""
     cli = str(Path(sys.executable).with_name("aggregator"))
     srv: Any = server
     if method == "wado":
-        endpoint = ["--kind", "dicomweb", "--url", srv.dicomweb]
+        endpoint = ["--kind", "dicomweb", "--url", srv.dicomweb, "--concurrency", str(lanes)]
     else:
         endpoint = ["--kind", "dimse", "--host", "127.0.0.1", "--port", str(srv.dicom_port), "--called-ae", "ORTHANC",
-                    "--calling-ae", "AGGREGATOR", "--retrieve", method]
+                    "--calling-ae", "AGGREGATOR", "--retrieve", method, "--max-associations", str(lanes)]
         if method == "move":
             endpoint += ["--move-ae", "AGGMOVE", "--store-port", str(srv.store_port)]
     for cmd in (["endpoint", "add", "pacs", *endpoint], ["case", "create", "bench", "--checklist", "general"],
