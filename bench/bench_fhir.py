@@ -9,7 +9,14 @@ the connector's own overhead can be read off.
 
 Memory: ``FhirBulkConnector`` streams a ``--lines``-line NDJSON export (its own process, fresh
 server); current RSS is sampled at 50k, 100k, 250k and 500k lines (``/proc/self/statm``).
-Run: ``.venv/bin/python bench/bench_fhir.py [--obs 5000] [--lines 500000] [--repeat 3]``.
+Crawl (``--only crawl``): the per-type crawl (``strategy=crawl``) over a patient with data in
+several compartment types, against a raw loop that runs the same type searches one after
+another and follows their ``next`` links; ours with ``concurrency`` 1 and 4 (the type searches
+run concurrently under that cap). The resources ours stored must be the set the server's
+``$everything`` returns (plus the Practitioner a hydration read adds). Wall and CPU time of
+both sides and of the server process are printed.
+
+Run: ``.venv/bin/python bench/bench_fhir.py [--obs 5000] [--lines 500000] [--repeat 3] [--only crawl]``.
 """
 
 from __future__ import annotations
@@ -38,8 +45,17 @@ from tests.support import make_sink
 CHECKPOINTS = (50_000, 100_000, 250_000, 500_000)
 
 
-def _serve(kwargs: dict[str, Any], urls: Any, stop: Any) -> None:
+#: compartment types given resources for the crawl benchmark, with how many each
+CRAWL_TYPES = {"Condition": 300, "Procedure": 300, "Encounter": 300, "MedicationRequest": 300,
+               "DiagnosticReport": 300, "Immunization": 300, "CarePlan": 300}
+
+
+def _serve(kwargs: dict[str, Any], urls: Any, stop: Any, extra: dict[str, int] | None = None) -> None:
     with FakeFhirServer(**kwargs) as srv:
+        for rtype, n in (extra or {}).items():
+            for i in range(n):
+                srv._put({"resourceType": rtype, "id": f"{rtype.lower()}-{i}", "subject": {"reference": "Patient/p0"},
+                          "note": [{"text": "x" * 200}]})
         urls.put(srv.url)
         stop.wait()
 
@@ -47,11 +63,16 @@ def _serve(kwargs: dict[str, Any], urls: Any, stop: Any) -> None:
 class ServerProcess:
     """A FakeFhirServer in a child process (its CPU is not ours)."""
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, extra: dict[str, int] | None = None, **kwargs: Any) -> None:
         ctx = mp.get_context("fork")
         self._urls: Any = ctx.Queue()
         self._stop = ctx.Event()
-        self._proc = ctx.Process(target=_serve, args=(kwargs, self._urls, self._stop), daemon=True)
+        self._proc = ctx.Process(target=_serve, args=(kwargs, self._urls, self._stop, extra), daemon=True)
+
+    def cpu(self) -> float:
+        """User + system CPU seconds the server process has used so far."""
+        fields = Path(f"/proc/{self._proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def __enter__(self) -> str:
         self._proc.start()
@@ -123,6 +144,88 @@ def throughput(obs: int, page: int, repeat: int) -> None:
     print(f"  connector without the sink: {rest:.2f}s -> ratio to raw loop {rest / t_raw:.2f}x")
 
 
+def raw_crawl(url: str, page: int, types: list[str]) -> set[str]:
+    """The peer of a crawl: the Patient, then each type search in turn, following next links."""
+    keys: set[str] = set()
+    with requests.Session() as s:
+        keys.add("Patient/" + s.get(f"{url}/Patient/p0", timeout=60).json()["id"])
+        for rtype in types:
+            next_url: str | None = f"{url}/{rtype}?patient=p0&_count={page}"
+            while next_url:
+                b = s.get(next_url, timeout=60).json()
+                keys |= {f"{e['resource']['resourceType']}/{e['resource']['id']}" for e in b.get("entry", [])}
+                next_url = next((link["url"] for link in b.get("link", []) if link["relation"] == "next"), None)
+    return keys
+
+
+def everything_keys(url: str, page: int) -> set[str]:
+    keys: set[str] = set()
+    next_url: str | None = f"{url}/Patient/p0/$everything?_count={page}"
+    with requests.Session() as s:
+        while next_url:
+            b = s.get(next_url, timeout=60).json()
+            keys |= {f"{e['resource']['resourceType']}/{e['resource']['id']}" for e in b.get("entry", [])}
+            next_url = next((link["url"] for link in b.get("link", []) if link["relation"] == "next"), None)
+    return keys
+
+
+def our_crawl(url: str, page: int, concurrency: int) -> tuple[float, set[str]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        h = make_sink(Path(tmp), kind="fhir")
+        c = FhirConnector(FhirConfig(url=url, strategy="crawl", page_size=page, concurrency=concurrency))
+        t0 = time.perf_counter()
+        c.pull(PatientRef(id="p0"), None, h.sink, NullProgress())
+        h.sink.flush()
+        dt = time.perf_counter() - t0
+        c.close()
+        return dt, {e.key for e in h.entries("done") if e.kind == "resource"}
+
+
+def crawl(obs: int, page: int, repeat: int) -> None:
+    """Per-type crawl: ours (concurrency 1 and 4) against a sequential raw loop of the same searches."""
+    import resource
+
+    def cpu_self() -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    server = ServerProcess(extra=CRAWL_TYPES, n_obs=obs, obs_size=200)
+    with server as url:
+        cs = requests.get(f"{url}/metadata", timeout=60).json()
+        declared = {r["type"] for r in cs["rest"][0]["resource"]}
+        from connectors.fhir_rest import COMPARTMENT
+
+        types = [t for t in COMPARTMENT if t in declared]
+        expected = everything_keys(url, page)
+        raw_crawl(url, page, types)  # warm-up
+        runs: dict[str, list[tuple[float, float, float]]] = {}
+        for i in range(repeat):
+            order = ["raw", "ours-1", "ours-4"]
+            for name in order[i % 3:] + order[: i % 3]:
+                c0, s0, t0 = cpu_self(), server.cpu(), time.perf_counter()
+                if name == "raw":
+                    got = raw_crawl(url, page, types)
+                    dt = time.perf_counter() - t0
+                else:
+                    dt, got = our_crawl(url, page, int(name.split("-")[1]))
+                    got = {k for k in got if not k.startswith("Practitioner/")}  # hydration adds it
+                if got != expected:
+                    raise RuntimeError(f"{name} fetched {len(got)} resources, $everything has {len(expected)}")
+                runs.setdefault(name, []).append((dt, cpu_self() - c0, server.cpu() - s0))
+    n = len(expected)
+    print(f"per-type crawl: {n} resources in {len(types)} type searches, {page} per page, median of {repeat} runs"
+          " (every run fetched the set $everything returns)")
+    print(f"  {'client':30} {'wall s':>7} {'own CPU s':>10} {'server CPU s':>13}")
+    med = {k: tuple(statistics.median(r[j] for r in v) for j in range(3)) for k, v in runs.items()}
+    labels = {"raw": "raw requests loop (sequential)", "ours-1": "FhirConnector crawl, 1 lane",
+              "ours-4": "FhirConnector crawl, 4 lanes"}
+    for k, (wall, own, srv) in med.items():
+        print(f"  {labels[k]:30} {wall:7.2f} {own:10.2f} {srv:13.2f}")
+    print(f"  ratio raw/ours (>= 1.0: ours at least as fast): 1 lane {med['raw'][0] / med['ours-1'][0]:.2f}x,"
+          f" 4 lanes {med['raw'][0] / med['ours-4'][0]:.2f}x (ours also stores every resource, reads the"
+          " Practitioner and downloads the attachment)")
+
+
 def rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -169,8 +272,11 @@ def main() -> None:
     ap.add_argument("--page", type=int, default=100)
     ap.add_argument("--lines", type=int, default=500_000)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--only", choices=("throughput", "memory"))
+    ap.add_argument("--only", choices=("throughput", "memory", "crawl"))
     args = ap.parse_args()
+    if args.only == "crawl":
+        crawl(args.obs, args.page, args.repeat)
+        return
     if args.only != "memory":
         throughput(args.obs, args.page, args.repeat)
     if args.only != "throughput":
