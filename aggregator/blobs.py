@@ -99,13 +99,17 @@ class BlobStore:
         if digest[:2] not in self._dirs:
             final.parent.mkdir(parents=True, exist_ok=True)
             self._dirs.add(digest[:2])
+        self._write_new(final, (data,))
+        return BlobRef(digest, len(data))
+
+    def _write_new(self, final: Path, chunks: Iterable[bytes | memoryview]) -> int:
+        """Write ``chunks`` to a fresh temporary file and rename it to ``final`` (whose folder
+        exists); returns the size. Nothing is left under either name if it fails."""
         tmp_name = self._tmp_name()
         fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
         try:
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
+                size = _write_gathered(fd, chunks)
             finally:
                 os.close(fd)
             os.replace(tmp_name, final)
@@ -113,7 +117,7 @@ class BlobStore:
             if os.path.exists(tmp_name):
                 os.unlink(tmp_name)
             raise
-        return BlobRef(digest, len(data))
+        return size
 
     def _tmp_name(self) -> str:
         """A temporary file name no other writer uses: this process, a random tag of this store
@@ -168,18 +172,7 @@ class BlobStore:
         if folder not in self._dirs:
             final.parent.mkdir(parents=True, exist_ok=True)
             self._dirs.add(folder)
-        fd, tmp_name = self._new_tmp()
-        try:
-            try:
-                size = _write_gathered(fd, chunks)
-            finally:
-                os.close(fd)
-            os.replace(tmp_name, final)
-        except BaseException:
-            if os.path.exists(tmp_name):
-                os.unlink(tmp_name)
-            raise
-        return size
+        return self._write_new(final, chunks)
 
     def adopt_instance(self, source_id: int, sop_uid: str) -> BlobRef:
         """Hash a stored instance and make it a content-addressed blob too (a hard link).
